@@ -1,0 +1,130 @@
+"""The `vlmtune` command: parse arguments into dataclasses, call one function per command."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+from transformers import HfArgumentParser
+
+from .config import arg
+
+USAGE = """usage: vlmtune <command> [options]
+
+Fine-tune vision-language models on your own image+text data.
+
+commands:
+  train        fine-tune a model (LoRA by default) on a dataset; `vlmtune train --help`
+  predict      answer a prompt about one or more images with a base model and optional adapter
+  tiny-model   write a tiny random model of a real architecture (offline, for trying things out)
+  demo         fine-tune a tiny Qwen2-VL on bundled synthetic data, offline, in about a minute
+
+Config files: `vlmtune train config.yaml [--flag value ...]` (flags override the file).
+"""
+
+
+@dataclass
+class TinyModelArguments:
+    family: str = arg("qwen2_vl", "Architecture to build (e.g. qwen2_vl, llava).")
+    output_dir: str = arg(None, "Folder to write the model and processor to.")
+    seed: int = arg(0, "Seed for the random weights.")
+
+
+@dataclass
+class PredictArguments:
+    model_name_or_path: str | None = arg(None, "Base model (read from the adapter if omitted).")
+    adapter: str | None = arg(None, "A vlmtune/PEFT adapter folder.")
+    image: list[str] = arg(None, "Image path(s) or URL(s), in prompt order.", default_factory=list)
+    prompt: str = arg(None, "The question or instruction.")
+    system_prompt: str | None = arg(None, "Optional system message.")
+    max_new_tokens: int = arg(128, "Longest answer to generate.")
+    do_sample: bool = arg(False, "Sample instead of greedy decoding.")
+    temperature: float = arg(1.0, "Sampling temperature (with --do_sample).")
+    top_p: float = arg(1.0, "Nucleus sampling mass (with --do_sample).")
+
+
+def _parse(classes, argv: list[str], prog: str):
+    return HfArgumentParser(classes, prog=prog).parse_args_into_dataclasses(args=argv)
+
+
+def cmd_train(argv: list[str]) -> None:
+    from .config import make_parser, parse_args
+    from .train.run import run_training
+
+    if any(a in ("-h", "--help") for a in argv):
+        make_parser(prog="vlmtune train").print_help()
+        return
+    model_args, data_args, finetune_args, training_args = parse_args(argv)
+    result = run_training(model_args, data_args, finetune_args, training_args)
+    print(f"Saved to {result.output_dir}")
+    for key in sorted(result.metrics):
+        print(f"  {key}: {result.metrics[key]}")
+
+
+def cmd_tiny_model(argv: list[str]) -> None:
+    from .models.tiny import build_tiny_model
+
+    (args,) = _parse(TinyModelArguments, argv, "vlmtune tiny-model")
+    if not args.output_dir:
+        raise SystemExit("vlmtune tiny-model: --output_dir is required")
+    print(f"Wrote a tiny {args.family} model to {build_tiny_model(args.family, args.output_dir, args.seed)}")
+
+
+def cmd_predict(argv: list[str]) -> None:
+    from pathlib import Path
+
+    from .data.collate import ImageOptions
+    from .data.schema import Conversation
+    from .eval.generate import generate_answers
+    from .models.loading import load_for_inference
+
+    (args,) = _parse(PredictArguments, argv, "vlmtune predict")
+    if not args.prompt:
+        raise SystemExit("vlmtune predict: --prompt is required")
+    loaded = load_for_inference(args.model_name_or_path, args.adapter)
+    images = args.image if loaded.spec.multi_image else args.image[:1]
+    messages = [
+        {"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]}
+    ]
+    if args.system_prompt:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": args.system_prompt}]})
+    pixels = ImageOptions(base_dirs=(Path.cwd(),)).load(images, "--image")
+    sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
+    (answer,) = generate_answers(
+        loaded.model,
+        loaded.processor,
+        [Conversation(messages=messages, images=images)],
+        [pixels],
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        **sampling,
+    )
+    print(answer)
+
+
+def cmd_demo(argv: list[str]) -> None:
+    from .demo import DemoArguments, run_demo
+
+    (args,) = _parse(DemoArguments, argv, "vlmtune demo")
+    run_demo(args)
+
+
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "tiny-model": cmd_tiny_model, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    command = argv.pop(0)
+    if command not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        raise SystemExit(f"vlmtune: unknown command {command!r}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    COMMANDS[command](argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Command-line and config-file arguments, as dataclasses parsed by transformers' `HfArgumentParser`.
+
+One definition serves `--flags`, YAML and JSON files and `--help`. Every `transformers.TrainingArguments`
+field passes through by name; vlmtune's own fields are grouped ahead of them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+
+def arg(default, help: str, **kwargs):  # noqa: A002 - argparse's own word
+    """A dataclass field with its `--help` text (default_factory given: `default` is ignored)."""
+    if "default_factory" in kwargs:
+        return field(metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelArguments:
+    _argument_group_name = "model"
+
+    model_name_or_path: str = arg(
+        None, "Base model: a local folder or a Hugging Face hub id (e.g. Qwen/Qwen2-VL-2B-Instruct)."
+    )
+    adapter_name_or_path: str | None = arg(
+        None, "A PEFT adapter to load on top of the base model (inference, or to continue training)."
+    )
+    attn_implementation: str = arg(
+        "sdpa", "Attention kernel: sdpa (default), eager, or flash_attention_2 (GPU, if installed)."
+    )
+    trust_remote_code: bool = arg(False, "Allow model code from the hub checkpoint.")
+
+
+@dataclass
+class DataArguments:
+    _argument_group_name = "data"
+
+    dataset_name: str = arg(
+        None, "Training data: a CSV/TSV/JSON/JSONL/Parquet file, a folder of them, a save_to_disk folder, or a hub id."
+    )
+    eval_dataset_name: str | None = arg(None, "Separate evaluation data (same forms as --dataset_name).")
+    dataset_config: str | None = arg(None, "Hub dataset configuration name.")
+    image_column: str | None = arg(
+        None, "Column with the image(s); detected if omitted (image_path, image, images...)."
+    )
+    prompt_column: str | None = arg(None, "Column with the prompt; detected if omitted (prompt, question, query...).")
+    response_column: str | None = arg(None, "Column with the answer; detected if omitted (response, answer, label...).")
+    dataset_text_field: str | None = arg(None, "Column with OpenAI-style `messages` (role + content parts).")
+    dataset_image_field: str | None = arg(None, "Column with the images for --dataset_text_field (one or a list).")
+    image_root: str | None = arg(
+        None, "Folder that relative image paths are resolved against (default: the data file's folder)."
+    )
+    image_max_pixels: int | None = arg(
+        None, "Shrink larger images (aspect kept) to at most this many pixels before the processor."
+    )
+    image_min_pixels: int | None = arg(None, "Enlarge smaller images (aspect kept) to at least this many pixels.")
+    system_prompt: str | None = arg(None, "System message added to every conversation that has none.")
+    train_on_prompt: bool = arg(False, "Also train on prompt tokens (default: assistant turns only).")
+    max_train_samples: int | None = arg(None, "Use at most this many training rows.")
+    max_eval_samples: int | None = arg(None, "Use at most this many evaluation rows.")
+    val_split_ratio: float = arg(0.1, "Held-out fraction (seeded) when the data has no validation split; 0 disables.")
+
+
+@dataclass
+class FinetuneArguments:
+    _argument_group_name = "fine-tuning"
+
+    finetuning_type: str = arg("lora", "lora (default) or full.")
+    lora_r: int = arg(16, "LoRA rank.")
+    lora_alpha: int = arg(32, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = arg(0.05, "Dropout on the LoRA path.")
+    lora_target_modules: list[str] | None = arg(
+        None, "Modules to adapt: names, one regex, or all-linear (the language model's linear layers, the default)."
+    )
+    freeze_vision_tower: bool = arg(True, "Keep the vision encoder frozen (default on).")
+    freeze_projector: bool | None = arg(
+        None, "Freeze the vision-to-text projector (default: on for LoRA, off for full)."
+    )
+    freeze_language_model: bool = arg(False, "Freeze the language model (train only what else is unfrozen).")
+    max_new_tokens: int = arg(32, "Longest generated answer when evaluating accuracy.")
+    eval_accuracy: bool = arg(True, "After training, generate answers for the eval split and report exact match.")
+
+
+@dataclass
+class VlmTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments with defaults that suit VLM fine-tuning."""
+
+    output_dir: str = arg(None, "Where the adapter/model, processor, config and logs are written.")
+    overwrite_output_dir: bool = arg(False, "Replace a trained model already in --output_dir.")
+    remove_unused_columns: bool = arg(False, "Keep raw columns: the collator needs them.")
+    learning_rate: float = arg(1e-4, "Peak learning rate.")
+    logging_steps: float = arg(10, "Log every N steps.")
+    per_device_eval_batch_size: int = arg(8, "Batch size for evaluation and generation.")
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, FinetuneArguments, VlmTrainingArguments)
+
+
+def make_parser(classes=ARGUMENT_CLASSES, **kwargs) -> HfArgumentParser:
+    return HfArgumentParser(classes, **kwargs)
+
+
+def _file_to_argv(path: str) -> list[str]:
+    """Turn a YAML/JSON config into `--key value` pairs placed before the command line's own."""
+    text = Path(path).read_text()
+    values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping of argument names to values")
+    argv: list[str] = []
+    for key, value in values.items():
+        if isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def parse_args(argv: list[str], classes=ARGUMENT_CLASSES) -> tuple:
+    """Parse `argv`; a leading `.yaml`/`.yml`/`.json` path (or `--config FILE`) supplies defaults."""
+    argv = list(argv)
+    files = []
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+        files.append(argv.pop(0))
+    while "--config" in argv:
+        i = argv.index("--config")
+        files.append(argv[i + 1])
+        del argv[i : i + 2]
+    for f in reversed(files):
+        argv = _file_to_argv(f) + argv
+    parsed = make_parser(classes).parse_args_into_dataclasses(args=argv)
+    return parsed
+
+
+def to_dict(*dataclass_objects) -> dict:
+    """All arguments of a run as one JSON-safe dict (saved next to the model as the resolved config)."""
+    out: dict = {}
+    for obj in dataclass_objects:
+        data = obj.to_dict() if hasattr(obj, "to_dict") else vars(obj)
+        out.update({k: v for k, v in data.items() if not k.startswith("_")})
+    return json.loads(json.dumps(out, default=str))

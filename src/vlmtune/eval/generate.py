@@ -1,0 +1,61 @@
+"""Batched answer generation for evaluation and `vlmtune predict`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from ..data.collate import Preparer, processor_inputs
+from ..data.schema import Conversation
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    processor,
+    conversations: Iterable[Conversation],
+    images: Iterable[list],
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    **generate_kwargs,
+) -> list[str]:
+    """Generate the assistant's reply to each conversation's prompt (greedy unless told otherwise).
+
+    Prompts are left-padded, so every row's new tokens start at the same column.
+    """
+    pairs = list(zip(conversations, images))
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    generate_kwargs.setdefault("do_sample", False)
+    answers: list[str] = []
+    try:
+        for batch in _batches(pairs, batch_size):
+            texts = [
+                processor.apply_chat_template(conv.prompt_messages(), tokenize=False, add_generation_prompt=True)
+                for conv, _ in batch
+            ]
+            bos = tokenizer.bos_token
+            inputs = processor_inputs(
+                processor, texts, [imgs for _, imgs in batch], not (bos and texts[0].startswith(bos))
+            ).to(model.device)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+            new = out[:, inputs["input_ids"].shape[1] :]
+            answers += [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def answer_rows(
+    model, processor, preparer: Preparer, rows: Iterable[dict], **kwargs
+) -> tuple[list[Conversation], list[str]]:
+    """Conversations for `rows` and the model's answers to them."""
+    convs = [preparer.conversation(row, row.get("__index__", i)) for i, row in enumerate(rows)]
+    images = [preparer.load_images(c) for c in convs]
+    return convs, generate_answers(model, processor, convs, images, **kwargs)

@@ -1,0 +1,104 @@
+"""`vlmtune train`: data → model → transformers.Trainer → adapter (or full model) in output_dir."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import Trainer, set_seed
+
+from ..config import to_dict
+from ..data.collate import VlmCollator
+from ..data.splits import Splits, build_splits
+from ..eval.evaluate import evaluate_generation
+from ..models.loading import apply_finetuning, load_model, trainable_table
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "vlmtune_config.json"
+# Files whose presence means output_dir already holds a trained model we must not clobber.
+_RESULT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json", CONFIG_FILE)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: dict
+    trainer: Trainer
+
+
+def check_output_dir(training_args) -> Path:
+    """Refuse to overwrite a previous run's results unless asked (or resuming)."""
+    if not training_args.output_dir:
+        raise ValueError("--output_dir is required")
+    out = Path(training_args.output_dir)
+    existing = [f for f in _RESULT_FILES if (out / f).exists()]
+    if existing and not (training_args.overwrite_output_dir or training_args.resume_from_checkpoint):
+        raise FileExistsError(
+            f"{out} already holds a trained model ({', '.join(existing)}); pass --overwrite_output_dir "
+            "to replace it, --resume_from_checkpoint to continue, or choose another --output_dir"
+        )
+    return out
+
+
+def _dtype(training_args) -> torch.dtype:
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def run_training(model_args, data_args, finetune_args, training_args) -> TrainResult:
+    """Fine-tune as the arguments say, save everything a user needs, and return the final metrics."""
+    out = check_output_dir(training_args)
+    set_seed(training_args.seed)
+    loaded = load_model(
+        model_args.model_name_or_path,
+        dtype=_dtype(training_args),
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    splits: Splits = build_splits(data_args, loaded.spec, seed=training_args.seed)
+    print(splits.schema.describe())
+    model = apply_finetuning(loaded.model, loaded.spec, finetune_args)
+    print(trainable_table(model, loaded.spec))
+    if training_args.label_names is None:
+        training_args.label_names = ["labels"]
+    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if splits.eval is None and training_args.eval_strategy != "no":
+        raise ValueError("--eval_strategy needs evaluation data: add --eval_dataset_name or --val_split_ratio")
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=splits.train,
+        eval_dataset=splits.eval,
+        data_collator=VlmCollator(loaded.processor, splits.preparer, data_args.train_on_prompt),
+        processing_class=loaded.processor,
+    )
+    resume = training_args.resume_from_checkpoint
+    train_output = trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    metrics = dict(train_output.metrics)
+
+    trainer.save_model(str(out))
+    loaded.processor.save_pretrained(str(out))
+    trainer.save_state()
+    (out / CONFIG_FILE).write_text(json.dumps(to_dict(model_args, data_args, finetune_args, training_args), indent=2))
+
+    if splits.eval is not None and finetune_args.eval_accuracy:
+        result = evaluate_generation(
+            model,
+            loaded.processor,
+            splits.preparer,
+            splits.eval,
+            batch_size=training_args.per_device_eval_batch_size,
+            max_new_tokens=finetune_args.max_new_tokens,
+        )
+        metrics.update({f"eval_{k}": v for k, v in result.metrics.items()})
+        result.write(out)
+    trainer.save_metrics("all", metrics)
+    return TrainResult(output_dir=out, metrics=metrics, trainer=trainer)

@@ -1,0 +1,30 @@
+"""Small builders the tests share."""
+
+from __future__ import annotations
+
+from vlmtune.config import DataArguments, FinetuneArguments, ModelArguments, VlmTrainingArguments
+
+
+def train_args(model_dir: str, dataset: str, output_dir: str, eval_dataset: str | None = None, **overrides):
+    """Arguments for a short CPU run; `overrides` go to whichever dataclass has the field."""
+    model = ModelArguments(model_name_or_path=model_dir)
+    data = DataArguments(dataset_name=dataset, eval_dataset_name=eval_dataset)
+    finetune = FinetuneArguments(lora_dropout=0.0)
+    training = dict(
+        output_dir=output_dir,
+        max_steps=20,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        logging_steps=5,
+        use_cpu=True,
+        seed=0,
+        save_strategy="no",
+    )
+    for key, value in overrides.items():
+        for obj in (model, data, finetune):
+            if hasattr(obj, key):
+                setattr(obj, key, value)
+                break
+        else:
+            training[key] = value
+    return model, data, finetune, VlmTrainingArguments(**training)
