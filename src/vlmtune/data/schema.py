@@ -135,11 +135,14 @@ class Schema:
             conv.messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
         return conv
 
-    def _images(self, row: dict, where: str) -> list[Any]:
+    def _images(self, row: dict, where: str, required: bool = True) -> list[Any]:
+        """The row's images; `required` False lets conversations be text-only (placeholders still checked)."""
         if not self.image_column:
             return []
         value = row.get(self.image_column)
-        if value is None or (isinstance(value, str) and not value.strip()) or value == []:
+        if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value):
+            if not required:
+                return []
             raise DataError(f"{where}, field {self.image_column!r}: empty (expected an image)")
         return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -175,7 +178,7 @@ class Schema:
             messages.append(_message(message, f"{where}, field {name!r}, message {turn}", inline_images))
         if messages[-1]["role"] != "assistant" or not text_of(messages[-1]).strip():
             raise DataError(f"{where}, field {name!r}: the last message must be a non-empty assistant turn")
-        images = inline_images + self._images(row, where)
+        images = inline_images + self._images(row, where, required=False)
         placeholders = sum(p["type"] == "image" for m in messages for p in m["content"])
         if placeholders == 0 and images:
             _put_images_first(messages, len(images))

@@ -127,9 +127,7 @@ def build_splits(data_args, spec: FamilySpec, seed: int = 42, need_train: bool =
     base_dirs = (Path(data_args.image_root),) if data_args.image_root else ()
     images = ImageOptions(base_dirs, data_args.image_max_pixels, data_args.image_min_pixels, folders)
     preparer = Preparer(schema=schema, spec=spec, images=images)
-    checker = Checker(
-        preparer, processor, data_args.max_seq_length, data_args.on_bad_sample, data_args.train_on_prompt
-    )
+    checker = Checker(preparer, processor, data_args.max_seq_length, data_args.on_bad_sample, data_args.train_on_prompt)
     checked, reports = {}, {}
     for split, rows in (("train", train), ("eval", eval_rows), ("test", test)):
         if rows is not None:

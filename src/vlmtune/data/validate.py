@@ -97,7 +97,9 @@ class Checker:
         if cut == SKIP:
             report.too_long += 1
             where = f"{conv.meta['source']}, row {conv.meta['row']}"
-            return report.skip(f"{where}: {length} tokens even with the prompt cut, over --max_seq_length")
+            return report.skip(
+                f"{where}: {length} tokens; cutting the prompt cannot fit --max_seq_length {self.max_seq_length}"
+            )
         report.shortened += 1
         report.lengths.append(length)
         return cut
