@@ -64,7 +64,7 @@ def describe_sample(processor, preparer: Preparer, row: dict, marks: tuple[str, 
     return "\n".join(lines)
 
 
-def inspect_data(model_args, data_args, args: InspectArguments, out: TextIO = sys.stdout) -> Splits:
+def inspect_data(model_args, data_args, args: InspectArguments, out: TextIO | None = None) -> Splits:
     """Print the first `args.num_examples` samples of a split and the check's summary; return the splits."""
     if not model_args.model_name_or_path:
         raise SystemExit("vlmtune data inspect: --model_name_or_path is required (its processor and chat template)")
@@ -77,6 +77,7 @@ def inspect_data(model_args, data_args, args: InspectArguments, out: TextIO = sy
     rows = {"train": splits.train, "eval": splits.eval, "test": splits.test}.get(args.inspect_split)
     if rows is None:
         raise SystemExit(f"vlmtune data inspect: no {args.inspect_split!r} split (have: {', '.join(splits.reports)})")
+    out = out or sys.stdout
     tty = out.isatty() if args.color == "auto" else args.color == "always"
     print(splits.schema.describe(), file=out)
     for row in islice(rows, args.num_examples):

@@ -35,6 +35,7 @@ class CheckReport:
     shortened: int = 0
     reasons: list[str] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
+    lazy: bool = False
 
     @property
     def kept(self) -> int:
@@ -46,6 +47,8 @@ class CheckReport:
         return SKIP
 
     def summary(self) -> str:
+        if self.lazy and not self.rows:
+            return f"{self.split}: streamed; samples are checked as they are read"
         parts = [f"{self.split}: {self.kept} of {self.rows} samples kept"]
         if self.bad:
             parts.append(f"{self.bad} bad samples skipped")
@@ -131,8 +134,8 @@ class Checker:
 
 def check_rows(rows: Rows, checker: Checker, split: str) -> tuple[Rows, CheckReport]:
     """Check `rows` now (a `Dataset`) or as they stream (an `IterableDataset`); drop skipped rows."""
-    report = CheckReport(split)
-    if isinstance(rows, datasets.IterableDataset):
+    report = CheckReport(split, lazy=isinstance(rows, datasets.IterableDataset))
+    if report.lazy:
         checked = rows.map(lambda row: {CUT: checker.check(row, report)})
         return checked.filter(lambda row: row[CUT] != SKIP), report
     cuts = [checker.check(row, report) for row in rows]

@@ -55,8 +55,12 @@ def _dtype(training_args) -> torch.dtype:
 def run_training(model_args, data_args, finetune_args, training_args) -> TrainResult:
     """Fine-tune as the arguments say, save everything a user needs, and return the final metrics."""
     out = check_output_dir(training_args)
-    if data_args.streaming and training_args.max_steps <= 0:
-        raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs by")
+    if data_args.streaming:
+        if training_args.max_steps <= 0:
+            raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs by")
+        # Accelerate would fetch streamed batches once and slice every tensor by batch rows, cutting
+        # pixel tensors whose first dimension is image patches; each process reads its own instead.
+        training_args.accelerator_config.dispatch_batches = False
     set_seed(training_args.seed)
     loaded = load_model(
         model_args.model_name_or_path,
