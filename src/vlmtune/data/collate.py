@@ -1,7 +1,8 @@
 """Raw rows → a padded training batch, using the model's own processor.
 
-Conversion happens here, per batch, rather than in a preprocessing pass: images are decoded only when
-needed, streaming datasets take the same path, and nothing large is cached to disk.
+Conversion happens here, per batch, rather than in a stored preprocessing pass: streaming datasets take
+the same path and nothing large is cached to disk. (The check in `validate.py` prepares every sample
+once before training but keeps only a verdict per row.)
 """
 
 from __future__ import annotations

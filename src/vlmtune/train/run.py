@@ -90,7 +90,7 @@ def run_training(model_args, data_args, finetune_args, training_args) -> TrainRe
     resume = training_args.resume_from_checkpoint
     train_output = trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
     metrics = dict(train_output.metrics)
-    if data_args.streaming:  # streamed samples are checked as they are read: the counts are final now
+    if data_args.streaming:  # streamed samples are checked as they are read: counts of the rows read
         print(splits.summary())
 
     trainer.save_model(str(out))
