@@ -28,6 +28,11 @@ def test_every_file_format_loads_with_its_file_and_row_numbers(tmp_path, suffix)
     assert loaded.folders == {str(path): tmp_path}
 
 
+def test_a_missing_file_is_named_not_looked_up_on_the_hub(tmp_path):
+    with pytest.raises(DataError, match=f"^{tmp_path / 'trian.csv'}: no such file or folder"):
+        load_splits(str(tmp_path / "trian.csv"))
+
+
 def test_a_single_file_is_training_data_whatever_its_name(tmp_path):
     path = write_rows(tmp_path / "test.csv", shapes_rows(tmp_path, n=2))
     assert list(load_splits(str(path)).splits) == ["train"]

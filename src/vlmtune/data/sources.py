@@ -124,4 +124,6 @@ def load_splits(name: str, config: str | None = None, streaming: bool = False) -
         if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
             return _load_saved(path, streaming)
         return _load_folder_of_files(path, streaming)
+    if path.suffix.lower() in BUILDERS or name.startswith((".", "/", "~")):
+        raise DataError(f"{name}: no such file or folder")  # a path, not a hub id: say so, not "not on the hub"
     return load_hub(name, config, streaming)
