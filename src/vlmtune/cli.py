@@ -19,6 +19,7 @@ commands:
   predict      answer a prompt about one or more images with a base model and optional adapter
   tiny-model   write a tiny random model of a real architecture (offline, for trying things out)
   demo         fine-tune a tiny Qwen2-VL on bundled synthetic data, offline, in about a minute
+  data inspect show the first samples as the model sees them (trained text marked) and check all of them
 
 Config files: `vlmtune train config.yaml [--flag value ...]` (flags override the file).
 """
@@ -110,7 +111,27 @@ def cmd_demo(argv: list[str]) -> None:
     run_demo(args)
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "tiny-model": cmd_tiny_model, "demo": cmd_demo}
+def cmd_data(argv: list[str]) -> None:
+    from .config import ARGUMENT_CLASSES, make_parser, parse_args
+    from .data.preview import InspectArguments, inspect_data
+
+    if not argv or argv[0] != "inspect":
+        raise SystemExit("usage: vlmtune data inspect --model_name_or_path MODEL --dataset_name DATA [options]")
+    classes = (*ARGUMENT_CLASSES, InspectArguments)  # the train command's flags and config files work too
+    if any(a in ("-h", "--help") for a in argv):
+        make_parser(classes, prog="vlmtune data inspect").print_help()
+        return
+    model_args, data_args, _, _, inspect_args = parse_args(argv[1:], classes)
+    inspect_data(model_args, data_args, inspect_args)
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "predict": cmd_predict,
+    "tiny-model": cmd_tiny_model,
+    "demo": cmd_demo,
+    "data": cmd_data,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -65,6 +65,23 @@ class DataArguments:
     max_train_samples: int | None = arg(None, "Use at most this many training rows.")
     max_eval_samples: int | None = arg(None, "Use at most this many evaluation rows.")
     val_split_ratio: float = arg(0.1, "Held-out fraction (seeded) when the data has no validation split; 0 disables.")
+    test_dataset_name: str | None = arg(None, "Separate test data (same forms as --dataset_name).")
+    train_split: str | None = arg(None, "Split to train on when the data has several (default: train).")
+    eval_split: str | None = arg(None, "Split to evaluate on (default: validation/val/valid/dev/eval).")
+    test_split: str | None = arg(None, "Split to test on (default: test).")
+    streaming: bool = arg(False, "Read the data as a stream (larger than memory); needs --max_steps.")
+    stream_buffer_size: int = arg(1000, "Shuffle buffer (rows) when streaming.")
+    max_seq_length: int | None = arg(
+        None, "Longest sample in tokens: longer ones lose prompt text from the start, or are skipped; images never cut."
+    )
+    on_bad_sample: str = arg(
+        "error", "error: stop at the first bad sample (file, row, reason); skip: drop bad samples and report them."
+    )
+    context_file: str | None = arg(None, "CSV of external knowledge joined into each prompt as a 'Context:' line.")
+    context_join_on: str | None = arg(
+        None, "Key for --context_file: a column both share, or data_column=csv_column (e.g. image=IMAGE_FILE)."
+    )
+    context_column: str | None = arg(None, "Column of --context_file with the text (detected if omitted).")
 
 
 @dataclass

@@ -7,7 +7,9 @@ placeholders appear, and the remaining columns as metadata (for per-group evalua
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Column names tried in order when the user does not name them.
@@ -15,6 +17,9 @@ IMAGE_COLUMNS = ("image_path", "image", "images", "img", "image_url", "file_name
 PROMPT_COLUMNS = ("prompt", "question", "query", "instruction", "input")
 RESPONSE_COLUMNS = ("response", "answer", "label", "output", "answers", "target")
 MESSAGES_COLUMNS = ("messages", "conversations", "conversation")
+# ShareGPT-style role names, mapped to OpenAI's.
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+SCALARS = (str, int, float, bool)
 
 
 class DataError(ValueError):
@@ -53,6 +58,35 @@ def text_of(message: dict) -> str:
 
 
 @dataclass
+class Context:
+    """External knowledge joined by key (the VizSage workflow), e.g. a painting's description.
+
+    The matched text goes before the first user turn's text as a ``Context: ...`` line, so the question
+    stays last, next to the answer; when a sample is too long, prompt shortening removes context first.
+    """
+
+    table: dict[str, str]
+    data_column: str
+    file: str
+
+    def lookup(self, value: Any) -> str | None:
+        """The text for `value`, matched exactly or, for file paths, by file name."""
+        if value is None:
+            return None
+        key = str(value)
+        return self.table.get(key) or self.table.get(Path(key).name)
+
+
+def _as_text(value: Any, name: str, where: str) -> str:
+    """`value` as non-empty text; numbers are fine (answers like 42), structures are not."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{where}, field {name!r}: empty")
+    if not isinstance(value, SCALARS):
+        raise DataError(f"{where}, field {name!r}: expected text, got {type(value).__name__}")
+    return str(value)
+
+
+@dataclass
 class Schema:
     """Which columns hold what. `kind` is "prompt_response" or "messages"."""
 
@@ -63,92 +97,141 @@ class Schema:
     messages_column: str | None = None
     system_prompt: str | None = None
     source: str = "dataset"
+    meta_columns: tuple[str, ...] = ()
+    context: Context | None = None
 
     def describe(self) -> str:
         if self.kind == "messages":
-            return f"Detected schema: messages ({self.messages_column}); image column: {self.image_column}"
-        return (
-            f"Detected schema: prompt/response ({self.prompt_column}/{self.response_column}); "
-            f"image column: {self.image_column}"
-        )
+            text = f"Detected schema: messages ({self.messages_column}); image column: {self.image_column}"
+        else:
+            text = (
+                f"Detected schema: prompt/response ({self.prompt_column}/{self.response_column}); "
+                f"image column: {self.image_column}"
+            )
+        if self.meta_columns:
+            text += f"; kept as metadata: {', '.join(self.meta_columns)}"
+        if self.context:
+            text += f"; context from {self.context.file} joined on {self.context.data_column}"
+        return text
 
     def used_columns(self) -> set[str]:
         cols = (self.image_column, self.prompt_column, self.response_column, self.messages_column)
         return {c for c in cols if c}
 
     def to_conversation(self, row: dict, index: int) -> Conversation:
-        """Turn one raw row into a `Conversation`, or raise `DataError` naming the row and field."""
-        where = f"{self.source}, row {index}"
+        """Turn one raw row into a `Conversation`, or raise `DataError` naming the file, row and field."""
+        source = row.get("__source__") or self.source
+        where = f"{source}, row {index}"
         if self.kind == "messages":
             conv = self._from_messages(row, where)
         else:
             conv = self._from_prompt_response(row, where)
-        conv.meta.update({k: v for k, v in row.items() if k not in self.used_columns()})
-        conv.meta.setdefault("row", index)
+        used = self.used_columns()
+        conv.meta.update({k: v for k, v in row.items() if k not in used and not k.startswith("__")})
+        conv.meta.update(row=index, source=source)
+        if self.context:
+            add_context(conv, self.context.lookup(row.get(self.context.data_column)))
         if self.system_prompt and conv.messages[0]["role"] != "system":
             conv.messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
         return conv
 
-    def _images(self, row: dict, where: str) -> list[Any]:
+    def _images(self, row: dict, where: str, required: bool = True) -> list[Any]:
+        """The row's images; `required` False lets conversations be text-only (placeholders still checked)."""
         if not self.image_column:
             return []
         value = row.get(self.image_column)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            raise DataError(f"{where}: field {self.image_column!r} is empty (expected an image)")
+        if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value):
+            if not required:
+                return []
+            raise DataError(f"{where}, field {self.image_column!r}: empty (expected an image)")
         return list(value) if isinstance(value, (list, tuple)) else [value]
 
     def _from_prompt_response(self, row: dict, where: str) -> Conversation:
-        prompt = row.get(self.prompt_column)
         response = row.get(self.response_column)
         references = None
         if isinstance(response, (list, tuple)):  # e.g. ChartQA's `label`: several acceptable answers
-            references = [str(r) for r in response]
+            references = [_as_text(r, self.response_column, where) for r in response]
             response = references[0] if references else None
-        for name, value in ((self.prompt_column, prompt), (self.response_column, response)):
-            if value is None or not str(value).strip():
-                raise DataError(f"{where}: field {name!r} is empty")
+        prompt = _as_text(row.get(self.prompt_column), self.prompt_column, where)
+        response = _as_text(response, self.response_column, where)
         images = self._images(row, where)
-        user = [{"type": "image"} for _ in images] + [{"type": "text", "text": str(prompt)}]
+        user = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
         messages = [
             {"role": "user", "content": user},
-            {"role": "assistant", "content": [{"type": "text", "text": str(response)}]},
+            {"role": "assistant", "content": [{"type": "text", "text": response}]},
         ]
         meta = {"references": references} if references else {}
         return Conversation(messages=messages, images=images, meta=meta)
 
     def _from_messages(self, row: dict, where: str) -> Conversation:
-        raw = row.get(self.messages_column)
+        name = self.messages_column
+        raw = row.get(name)
+        if isinstance(raw, str) and raw.lstrip().startswith("["):  # messages stored as JSON text (CSV)
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}, field {name!r}: not valid JSON: {err}") from err
         if not isinstance(raw, (list, tuple)) or not raw:
-            raise DataError(f"{where}: field {self.messages_column!r} must be a non-empty list of messages")
-        column_images = self._images(row, where) if self.image_column else []
+            raise DataError(f"{where}, field {name!r}: must be a non-empty list of messages")
         messages, inline_images = [], []
         for turn, message in enumerate(raw):
-            role = message.get("role") if isinstance(message, dict) else None
-            if role not in ("system", "user", "assistant"):
-                raise DataError(f"{where}: {self.messages_column}[{turn}] has role {role!r}")
-            content = message.get("content")
-            parts = [{"type": "text", "text": content}] if isinstance(content, str) else []
-            for part in content if isinstance(content, (list, tuple)) else []:
-                kind = part.get("type")
-                if kind == "text":
-                    parts.append({"type": "text", "text": part.get("text") or ""})
-                elif kind in ("image", "image_url"):
-                    ref = part.get("image") or part.get("image_url")
-                    if isinstance(ref, dict):  # OpenAI: {"image_url": {"url": ...}}
-                        ref = ref.get("url")
-                    if ref is not None:
-                        inline_images.append(ref)
-                    parts.append({"type": "image"})
-            messages.append({"role": role, "content": parts})
+            messages.append(_message(message, f"{where}, field {name!r}, message {turn}", inline_images))
         if messages[-1]["role"] != "assistant" or not text_of(messages[-1]).strip():
-            raise DataError(f"{where}: the last message of {self.messages_column!r} must be a non-empty assistant turn")
-        images = inline_images + column_images
+            raise DataError(f"{where}, field {name!r}: the last message must be a non-empty assistant turn")
+        images = inline_images + self._images(row, where, required=False)
         placeholders = sum(p["type"] == "image" for m in messages for p in m["content"])
-        if placeholders != len(images):
-            raise DataError(
-                f"{where}: {placeholders} image placeholder(s) in {self.messages_column!r} but {len(images)} image(s)"
-            )
+        if placeholders == 0 and images:
+            _put_images_first(messages, len(images))
+        elif placeholders != len(images):
+            raise DataError(f"{where}, field {name!r}: {placeholders} image placeholder(s) but {len(images)} image(s)")
         return Conversation(messages=messages, images=images)
+
+
+def _message(message: Any, where: str, inline_images: list) -> dict:
+    """One OpenAI- (or ShareGPT-) style message as ``{role, content: [parts]}``; inline images collected."""
+    if not isinstance(message, dict):
+        raise DataError(f"{where}: expected a {{role, content}} object, got {type(message).__name__}")
+    role = ROLES.get(message.get("role") or message.get("from") or "")
+    if role is None:
+        raise DataError(f"{where}: role {message.get('role') or message.get('from')!r} is not system/user/assistant")
+    content = message.get("content", message.get("value"))
+    if isinstance(content, str):
+        return {"role": role, "content": [{"type": "text", "text": content}]}
+    if not isinstance(content, (list, tuple)):
+        raise DataError(f"{where}: content must be text or a list of parts, got {type(content).__name__}")
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            parts.append({"type": "text", "text": part.get("text") or ""})
+        elif kind in ("image", "image_url"):
+            ref = part.get("image") or part.get("image_url")
+            if isinstance(ref, dict) and "url" in ref:  # OpenAI: {"image_url": {"url": ...}}
+                ref = ref["url"]
+            if ref is not None:
+                inline_images.append(ref)
+            parts.append({"type": "image"})
+        else:
+            raise DataError(f"{where}: content part {part!r:.80} is not a text or image part")
+    return {"role": role, "content": parts}
+
+
+def _put_images_first(messages: list[dict], n: int) -> None:
+    """Images given beside messages that have no placeholders go before the first user text."""
+    first_user = next(m for m in messages if m["role"] == "user")
+    first_user["content"] = [{"type": "image"} for _ in range(n)] + first_user["content"]
+
+
+def add_context(conv: Conversation, context: str | None) -> None:
+    """Put ``Context: <text>`` on its own line before the first user turn's text."""
+    if not context:
+        return
+    user = next(m for m in conv.messages if m["role"] == "user")
+    line = {"type": "text", "text": f"Context: {context}\n"}
+    texts = [i for i, p in enumerate(user["content"]) if p["type"] == "text"]
+    at = texts[0] if texts else len(user["content"])
+    user["content"] = user["content"][:at] + [line] + user["content"][at:]
+    conv.meta["context"] = True
 
 
 def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, source: str) -> str | None:
@@ -169,26 +252,44 @@ def detect_schema(
     system_prompt: str | None = None,
 ) -> Schema:
     """Work out which columns hold the image, prompt and answer (or messages); names override guesses."""
-    columns = list(columns)
+    columns = [c for c in columns if not c.startswith("__")]
     messages = _pick(columns, messages_column, MESSAGES_COLUMNS, "messages", source)
     image = _pick(columns, image_column, IMAGE_COLUMNS, "image", source)
     if messages:
-        return Schema(
-            "messages", image_column=image, messages_column=messages, system_prompt=system_prompt, source=source
-        )
-    prompt = _pick(columns, prompt_column, PROMPT_COLUMNS, "prompt", source)
-    response = _pick(columns, response_column, RESPONSE_COLUMNS, "response", source)
-    if not (prompt and response):
-        raise DataError(
-            f"{source}: cannot tell which columns hold the prompt and the answer; columns are: "
-            f"{', '.join(columns)}. Name them with --prompt_column/--response_column (and --image_column), "
-            f"or provide a {'/'.join(MESSAGES_COLUMNS)} column."
-        )
-    return Schema(
-        "prompt_response",
-        image_column=image,
-        prompt_column=prompt,
-        response_column=response,
-        system_prompt=system_prompt,
-        source=source,
-    )
+        schema = Schema("messages", image_column=image, messages_column=messages)
+    else:
+        prompt = _pick(columns, prompt_column, PROMPT_COLUMNS, "prompt", source)
+        response = _pick(columns, response_column, RESPONSE_COLUMNS, "response", source)
+        if not (prompt and response):
+            raise DataError(
+                f"{source}: cannot tell which columns hold the prompt and the answer; columns are: "
+                f"{', '.join(columns)}. Name them with --prompt_column/--response_column (and --image_column), "
+                f"or provide a {'/'.join(MESSAGES_COLUMNS)} column (--dataset_text_field)."
+            )
+        schema = Schema("prompt_response", image_column=image, prompt_column=prompt, response_column=response)
+    schema.system_prompt, schema.source = system_prompt, source
+    schema.meta_columns = tuple(c for c in columns if c not in schema.used_columns())
+    return schema
+
+
+def cut_prompt(conv: Conversation, n_chars: int) -> Conversation:
+    """Remove the first `n_chars` characters of user text (turn by turn), leaving images and answers intact.
+
+    This is how over-long samples are shortened: from the start of the prompt, where context and
+    earlier turns sit, keeping the question that the answer follows.
+    """
+    messages, left = [], n_chars
+    for message in conv.messages:
+        parts = []
+        for part in message["content"]:
+            if left and message["role"] == "user" and part["type"] == "text":
+                cut = min(left, len(part["text"]))
+                part, left = {**part, "text": part["text"][cut:]}, left - cut
+            parts.append(part)
+        messages.append({**message, "content": parts})
+    return Conversation(messages=messages, images=conv.images, meta={**conv.meta, "shortened_chars": n_chars})
+
+
+def user_text(conv: Conversation) -> str:
+    """All user text in order: what `cut_prompt` cuts from."""
+    return "".join(p["text"] for m in conv.messages if m["role"] == "user" for p in m["content"] if p["type"] == "text")

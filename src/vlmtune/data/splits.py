@@ -1,77 +1,86 @@
-"""From `DataArguments` to checked train and eval rows plus the `Preparer` that reads them."""
+"""From `DataArguments` to checked train, eval and test rows plus the `Preparer` that reads them."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 
 from ..models.registry import FamilySpec
 from .collate import ImageOptions, Preparer
+from .context import load_context
 from .schema import DataError, Schema, detect_schema
-from .sources import load_splits
+from .sources import Loaded, Rows, load_splits
+from .validate import Checker, CheckReport, check_rows
 
 logger = logging.getLogger(__name__)
-
-INDEX = "__index__"
 
 
 @dataclass
 class Splits:
-    train: datasets.Dataset | None
-    eval: datasets.Dataset | None
+    train: Rows | None
+    eval: Rows | None
     preparer: Preparer
+    test: Rows | None = None
+    reports: dict[str, CheckReport] = field(default_factory=dict)
 
     @property
     def schema(self) -> Schema:
         return self.preparer.schema
 
+    def summary(self) -> str:
+        """One paragraph per checked split (for streaming data, counts so far)."""
+        return "\n".join(report.summary() for report in self.reports.values())
 
-def _with_index(rows: datasets.Dataset) -> datasets.Dataset:
-    """Number rows as the user sees them (0-based, in file order), so errors can name them."""
-    if INDEX in rows.column_names:
+
+def _other(name: str | None, data_args, role: str, folders: dict) -> Rows | None:
+    """Rows of `--eval_dataset_name` / `--test_dataset_name`: the split named for `role`, else the first."""
+    if not name:
+        return None
+    loaded = load_splits(name, data_args.dataset_config, data_args.streaming)
+    folders.update(loaded.folders)
+    wanted = data_args.eval_split if role == "validation" else data_args.test_split
+    return loaded.pick(wanted, role, name) or next(iter(loaded.splits.values()))
+
+
+def _hold_out(train: Rows | None, eval_rows: Rows | None, data_args, seed: int) -> tuple[Rows | None, Rows | None]:
+    """Split validation rows off the training rows when the data has none (seeded)."""
+    if eval_rows is not None or train is None or data_args.val_split_ratio <= 0:
+        return train, eval_rows
+    if isinstance(train, datasets.IterableDataset):
+        if not data_args.max_eval_samples:
+            logger.info("Streaming data without a validation split: pass --max_eval_samples N to hold out N rows.")
+            return train, None
+        n = data_args.max_eval_samples
+        return train.skip(n), train.take(n)
+    if len(train) < 2:
+        return train, None
+    parts = train.train_test_split(test_size=data_args.val_split_ratio, seed=seed)
+    logger.info("No validation split: held out %d of %d rows (seed %d).", len(parts["test"]), len(train), seed)
+    return parts["train"], parts["test"]
+
+
+def _limit(rows: Rows | None, n: int | None) -> Rows | None:
+    if rows is None or not n:
         return rows
-    return rows.add_column(INDEX, list(range(len(rows))))
+    if isinstance(rows, datasets.IterableDataset):
+        return rows.take(n)
+    return rows.select(range(min(n, len(rows))))
 
 
-def check_rows(rows: datasets.Dataset, schema: Schema) -> None:
-    """Convert every row once (images not decoded) so bad rows fail before any training starts."""
-    for row in rows:
-        schema.to_conversation(row, row[INDEX])
+def _columns(rows: Rows) -> list[str]:
+    """Column names; a stream that does not know them yet shows its first row."""
+    if rows.column_names is not None:
+        return list(rows.column_names)
+    return list(next(iter(rows)))
 
 
-def _limit(rows: datasets.Dataset | None, n: int | None) -> datasets.Dataset | None:
-    return rows.select(range(min(n, len(rows)))) if rows is not None and n else rows
-
-
-def build_splits(data_args, spec: FamilySpec, seed: int = 42, need_train: bool = True) -> Splits:
-    """Load, detect the schema, split off validation data when there is none, number and check rows."""
-    if not data_args.dataset_name:
-        raise DataError("--dataset_name is required")
-    splits, base_dir = load_splits(data_args.dataset_name, data_args.dataset_config)
-    train = splits.get("train")
-    if need_train and train is None:
-        raise DataError(f"{data_args.dataset_name}: no training split (found: {', '.join(splits)})")
-    eval_rows = splits.get("validation")
-    if data_args.eval_dataset_name:
-        eval_splits, _ = load_splits(data_args.eval_dataset_name, data_args.dataset_config)
-        eval_rows = eval_splits.get("validation") or eval_splits.get("test") or next(iter(eval_splits.values()))
-    train = _with_index(train) if train is not None else None
-    if eval_rows is None and train is not None and data_args.val_split_ratio > 0 and len(train) > 1:
-        parts = train.train_test_split(test_size=data_args.val_split_ratio, seed=seed)
-        train, eval_rows = parts["train"], parts["test"]
-        logger.info(
-            "No validation split: held out %d of %d rows (seed %d).", len(eval_rows), len(train) + len(eval_rows), seed
-        )
-    eval_rows = _with_index(eval_rows) if eval_rows is not None else None
-    train = _limit(train, data_args.max_train_samples)
-    eval_rows = _limit(eval_rows, data_args.max_eval_samples)
-
-    columns = (train if train is not None else eval_rows).column_names
+def _schema(data_args, rows: Rows) -> Schema:
+    columns = _columns(rows)
     schema = detect_schema(
-        [c for c in columns if c != INDEX],
+        columns,
         source=data_args.dataset_name,
         image_column=data_args.image_column or data_args.dataset_image_field,
         prompt_column=data_args.prompt_column,
@@ -79,12 +88,48 @@ def build_splits(data_args, spec: FamilySpec, seed: int = 42, need_train: bool =
         messages_column=data_args.dataset_text_field,
         system_prompt=data_args.system_prompt,
     )
+    if data_args.context_file:
+        schema.context = load_context(data_args.context_file, data_args.context_join_on, data_args.context_column)
+        if schema.context.data_column not in columns:
+            raise DataError(
+                f"{data_args.dataset_name}: --context_join_on column {schema.context.data_column!r} not found; "
+                f"columns are: {', '.join(c for c in columns if not c.startswith('__'))}"
+            )
+    return schema
+
+
+def build_splits(data_args, spec: FamilySpec, seed: int = 42, need_train: bool = True, processor=None) -> Splits:
+    """Load, pick the splits, hold out validation rows when there are none, detect the schema and check.
+
+    With `processor`, each sample is also encoded once to measure it against `--max_seq_length`.
+    """
+    if not data_args.dataset_name:
+        raise DataError("--dataset_name is required")
+    loaded: Loaded = load_splits(data_args.dataset_name, data_args.dataset_config, data_args.streaming)
+    folders = dict(loaded.folders)
+    train = loaded.pick(data_args.train_split, "train", data_args.dataset_name)
+    if need_train and train is None:
+        raise DataError(f"{data_args.dataset_name}: no training split (found: {', '.join(loaded.splits)})")
+    eval_rows = _other(data_args.eval_dataset_name, data_args, "validation", folders)
+    if eval_rows is None:
+        eval_rows = loaded.pick(data_args.eval_split, "validation", data_args.dataset_name)
+    test = _other(data_args.test_dataset_name, data_args, "test", folders)
+    if test is None:
+        test = loaded.pick(data_args.test_split, "test", data_args.dataset_name)
+    train, eval_rows = _hold_out(train, eval_rows, data_args, seed)
+    train = _limit(train, data_args.max_train_samples)
+    eval_rows = _limit(eval_rows, data_args.max_eval_samples)
+    if isinstance(train, datasets.IterableDataset):
+        train = train.shuffle(seed=seed, buffer_size=data_args.stream_buffer_size)
+
+    schema = _schema(data_args, next(rows for rows in (train, eval_rows, test) if rows is not None))
     logger.info(schema.describe())
-    for rows in (train, eval_rows):
+    base_dirs = (Path(data_args.image_root),) if data_args.image_root else ()
+    images = ImageOptions(base_dirs, data_args.image_max_pixels, data_args.image_min_pixels, folders)
+    preparer = Preparer(schema=schema, spec=spec, images=images)
+    checker = Checker(preparer, processor, data_args.max_seq_length, data_args.on_bad_sample, data_args.train_on_prompt)
+    checked, reports = {}, {}
+    for split, rows in (("train", train), ("eval", eval_rows), ("test", test)):
         if rows is not None:
-            check_rows(rows, schema)
-    base_dirs = tuple(Path(p) for p in (data_args.image_root, base_dir) if p)
-    images = ImageOptions(
-        base_dirs=base_dirs, max_pixels=data_args.image_max_pixels, min_pixels=data_args.image_min_pixels
-    )
-    return Splits(train=train, eval=eval_rows, preparer=Preparer(schema=schema, spec=spec, images=images))
+            checked[split], reports[split] = check_rows(rows, checker, split)
+    return Splits(checked.get("train"), checked.get("eval"), preparer, checked.get("test"), reports)

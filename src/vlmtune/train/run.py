@@ -55,6 +55,12 @@ def _dtype(training_args) -> torch.dtype:
 def run_training(model_args, data_args, finetune_args, training_args) -> TrainResult:
     """Fine-tune as the arguments say, save everything a user needs, and return the final metrics."""
     out = check_output_dir(training_args)
+    if data_args.streaming:
+        if training_args.max_steps <= 0:
+            raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs by")
+        # Accelerate would fetch streamed batches once and slice every tensor by batch rows, cutting
+        # pixel tensors whose first dimension is image patches; each process reads its own instead.
+        training_args.accelerator_config.dispatch_batches = False
     set_seed(training_args.seed)
     loaded = load_model(
         model_args.model_name_or_path,
@@ -62,8 +68,9 @@ def run_training(model_args, data_args, finetune_args, training_args) -> TrainRe
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
     )
-    splits: Splits = build_splits(data_args, loaded.spec, seed=training_args.seed)
+    splits: Splits = build_splits(data_args, loaded.spec, seed=training_args.seed, processor=loaded.processor)
     print(splits.schema.describe())
+    print(splits.summary())
     model = apply_finetuning(loaded.model, loaded.spec, finetune_args)
     print(trainable_table(model, loaded.spec))
     if training_args.label_names is None:
@@ -83,6 +90,8 @@ def run_training(model_args, data_args, finetune_args, training_args) -> TrainRe
     resume = training_args.resume_from_checkpoint
     train_output = trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
     metrics = dict(train_output.metrics)
+    if data_args.streaming:  # streamed samples are checked as they are read: counts of the rows read
+        print(splits.summary())
 
     trainer.save_model(str(out))
     loaded.processor.save_pretrained(str(out))

@@ -1,0 +1,147 @@
+"""Check samples before they reach the model: bad ones stop the run or are skipped, over-long ones are
+shortened from the prompt side or skipped, and every decision is counted for the run's report.
+
+A sample is checked by preparing it exactly as training will (conversation, images decoded, chat template,
+processor), so what passes here trains. Non-streaming data is checked in one pass before training, so a
+bad row at 90% cannot end a run hours in; streaming data is checked lazily by the same function as it is
+read. The pass stores nothing but how many prompt characters to cut (`__cut__`); images are decoded again
+when batches are built, which keeps memory flat.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+import datasets
+
+from .collate import CUT, Preparer, encode_one
+from .encode import TemplateError
+from .schema import Conversation, DataError, cut_prompt, user_text
+from .sources import INDEX, Rows
+
+MAX_REASONS = 5
+SKIP = -1
+
+
+@dataclass
+class CheckReport:
+    """What the check did to one split."""
+
+    split: str
+    rows: int = 0
+    bad: int = 0
+    too_long: int = 0
+    shortened: int = 0
+    reasons: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    lazy: bool = False
+
+    @property
+    def kept(self) -> int:
+        return self.rows - self.bad - self.too_long
+
+    def skip(self, reason: str) -> int:
+        if len(self.reasons) < MAX_REASONS:
+            self.reasons.append(reason)
+        return SKIP
+
+    def summary(self) -> str:
+        if self.lazy and not self.rows:
+            return f"{self.split}: streamed; samples are checked as they are read"
+        parts = [f"{self.split}: {self.kept} of {self.rows} samples kept"]
+        if self.bad:
+            parts.append(f"{self.bad} bad samples skipped")
+        if self.shortened:
+            parts.append(f"{self.shortened} shortened from the prompt side to fit --max_seq_length")
+        if self.too_long:
+            parts.append(f"{self.too_long} longer than --max_seq_length skipped")
+        if self.lengths:
+            median = statistics.median(self.lengths)
+            parts.append(f"tokens min/median/max {min(self.lengths)}/{median:g}/{max(self.lengths)}")
+        return "; ".join(parts) + "".join(f"\n  skipped: {r}" for r in self.reasons)
+
+
+@dataclass
+class Checker:
+    """Prepares each row as training will and decides: keep (cutting how much prompt), or skip.
+
+    Without a processor only conversion and images are checked (no lengths).
+    """
+
+    preparer: Preparer
+    processor: object | None = None
+    max_seq_length: int | None = None
+    on_bad_sample: str = "error"
+    train_on_prompt: bool = False
+
+    def __post_init__(self) -> None:
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"--on_bad_sample must be error or skip, not {self.on_bad_sample!r}")
+
+    def check(self, row: dict, report: CheckReport) -> int:
+        """Characters to cut from the start of the prompt (0: fits as is), or `SKIP`."""
+        report.rows += 1
+        try:
+            conv = self.preparer.conversation(row, row.get(INDEX, report.rows - 1))
+            images = self.preparer.load_images(conv)
+            if self.processor is None:
+                return 0
+            length = self._length(conv, images)
+        except DataError as err:
+            if self.on_bad_sample == "error":
+                raise DataError(f"{err}\n(pass --on_bad_sample skip to drop bad samples instead)") from err
+            report.bad += 1
+            return report.skip(str(err))
+        if self.max_seq_length is None or length <= self.max_seq_length:
+            report.lengths.append(length)
+            return 0
+        cut, length = self._shorten(conv, images, length)
+        if cut == SKIP:
+            report.too_long += 1
+            where = f"{conv.meta['source']}, row {conv.meta['row']}"
+            return report.skip(
+                f"{where}: {length} tokens; cutting the prompt cannot fit --max_seq_length {self.max_seq_length}"
+            )
+        report.shortened += 1
+        report.lengths.append(length)
+        return cut
+
+    def _length(self, conv: Conversation, images: list) -> int:
+        try:
+            return len(encode_one(self.processor, conv, images, self.train_on_prompt).input_ids)
+        except TemplateError as err:
+            raise DataError(f"{conv.meta['source']}, row {conv.meta['row']}: {err}") from err
+
+    def _shorten(self, conv: Conversation, images: list, length: int) -> tuple[int, int]:
+        """Cut prompt text from the start until the sample fits; images and answers are never cut.
+
+        Token boundaries shift when text is cut, so the cut is re-measured and extended a few times.
+        A sample whose prompt would vanish entirely is skipped instead.
+        """
+        text, cut = user_text(conv), 0
+        for _ in range(4):
+            offsets = self.processor.tokenizer(text[cut:], add_special_tokens=False, return_offsets_mapping=True)
+            excess = length - self.max_seq_length
+            if excess >= len(offsets["offset_mapping"]):
+                return SKIP, length
+            cut += offsets["offset_mapping"][excess][0]
+            length = self._length(cut_prompt(conv, cut), images)
+            if length <= self.max_seq_length:
+                return cut, length
+        return SKIP, length
+
+
+def check_rows(rows: Rows, checker: Checker, split: str) -> tuple[Rows, CheckReport]:
+    """Check `rows` now (a `Dataset`) or as they stream (an `IterableDataset`); drop skipped rows."""
+    report = CheckReport(split, lazy=isinstance(rows, datasets.IterableDataset))
+    if report.lazy:
+        checked = rows.map(lambda row: {CUT: checker.check(row, report)})
+        return checked.filter(lambda row: row[CUT] != SKIP), report
+    cuts = [checker.check(row, report) for row in rows]
+    if any(c > 0 for c in cuts):
+        rows = rows.add_column(CUT, cuts)
+    keep = [i for i, c in enumerate(cuts) if c != SKIP]
+    if not keep:
+        raise DataError(f"no usable samples left in the {report.summary()}")
+    return (rows.select(keep) if len(keep) < len(rows) else rows), report
