@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data.collate import Preparer, processor_inputs
 from ..data.schema import Conversation
@@ -23,17 +24,20 @@ def generate_answers(
     images: Iterable[list],
     batch_size: int = 8,
     max_new_tokens: int = 32,
+    progress: bool = False,
     **generate_kwargs,
 ) -> list[str]:
     """Generate the assistant's reply to each conversation's prompt (greedy unless told otherwise).
 
-    Prompts are left-padded, so every row's new tokens start at the same column.
+    Prompts are left-padded, so every row's new tokens start at the same column. `progress` shows a
+    progress bar (samples answered).
     """
     pairs = list(zip(conversations, images))
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     generate_kwargs.setdefault("do_sample", False)
     answers: list[str] = []
+    bar = tqdm(total=len(pairs), desc="Generating", unit="sample", disable=not progress, leave=False)
     try:
         for batch in _batches(pairs, batch_size):
             texts = [
@@ -47,8 +51,10 @@ def generate_answers(
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
             new = out[:, inputs["input_ids"].shape[1] :]
             answers += [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)]
+            bar.update(len(batch))
     finally:
         tokenizer.padding_side = side
+        bar.close()
     return answers
 
 
