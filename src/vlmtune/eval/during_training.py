@@ -12,6 +12,7 @@ come from generation, not from the evaluation pass's logits.
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -41,7 +42,10 @@ class GenerationMetrics:
     ):
         self.processor = processor
         self.preparer = preparer
-        self.rows = rows.select(range(min(max_samples, len(rows)))) if max_samples else rows
+        if hasattr(rows, "select"):
+            self.rows = rows.select(range(min(max_samples, len(rows)))) if max_samples else rows
+        else:  # a streaming (iterable) eval set: take the first rows once
+            self.rows = list(itertools.islice(rows, max_samples or None))
         self.metrics = metrics
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens

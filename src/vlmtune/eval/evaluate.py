@@ -135,7 +135,7 @@ def evaluate_generation(
         if convs and column not in convs[0].meta:
             available = sorted(k for k in convs[0].meta if k not in ("references", "row", "__index__"))
             raise DataError(f"--group_by {column!r}: no such metadata column; available: {', '.join(available)}")
-    images = [preparer.load_images(c) for c in convs]
+    images = (preparer.load_images(c) for c in convs)  # loaded batch by batch, not all at once
     answers = generate_answers(
         model, processor, convs, images, batch_size=batch_size, progress=progress, **generate_kwargs
     )

@@ -32,14 +32,16 @@ def generate_answers(
     Prompts are left-padded, so every row's new tokens start at the same column. `progress` shows a
     progress bar (samples answered).
     """
-    pairs = list(zip(conversations, images))
+    convs = list(conversations)
+    image_lists = iter(images)  # may be lazy: each batch's images are loaded only when it is generated
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     generate_kwargs.setdefault("do_sample", False)
     answers: list[str] = []
-    bar = tqdm(total=len(pairs), desc="Generating", unit="sample", disable=not progress, leave=False)
+    bar = tqdm(total=len(convs), desc="Generating", unit="sample", disable=not progress, leave=False)
     try:
-        for batch in _batches(pairs, batch_size):
+        for batch_convs in _batches(convs, batch_size):
+            batch = [(conv, next(image_lists)) for conv in batch_convs]
             texts = [
                 processor.apply_chat_template(conv.prompt_messages(), tokenize=False, add_generation_prompt=True)
                 for conv, _ in batch
@@ -63,5 +65,5 @@ def answer_rows(
 ) -> tuple[list[Conversation], list[str]]:
     """Conversations for `rows` and the model's answers to them."""
     convs = [preparer.conversation(row, row.get("__index__", i)) for i, row in enumerate(rows)]
-    images = [preparer.load_images(c) for c in convs]
+    images = (preparer.load_images(c) for c in convs)
     return convs, generate_answers(model, processor, convs, images, **kwargs)
