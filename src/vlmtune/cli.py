@@ -16,7 +16,9 @@ Fine-tune vision-language models on your own image+text data.
 
 commands:
   train        fine-tune a model (LoRA by default) on a dataset; `vlmtune train --help`
-  predict      answer a prompt about one or more images with a base model and optional adapter
+  eval         generate answers for a dataset and score them: metrics.json, predictions.jsonl, report.html
+  predict      answer a prompt about one or more images (or a JSONL of requests) with a model and optional adapter
+  merge        merge a LoRA adapter into its base model and save a standalone checkpoint
   tiny-model   write a tiny random model of a real architecture (offline, for trying things out)
   demo         fine-tune a tiny Qwen2-VL on bundled synthetic data, offline, in about a minute
   data inspect show the first samples as the model sees them (trained text marked) and check all of them
@@ -43,6 +45,11 @@ class PredictArguments:
     do_sample: bool = arg(False, "Sample instead of greedy decoding.")
     temperature: float = arg(1.0, "Sampling temperature (with --do_sample).")
     top_p: float = arg(1.0, "Nucleus sampling mass (with --do_sample).")
+    requests: str | None = arg(
+        None, 'A JSONL file of requests ({"image": ..., "prompt": ...} per line) instead of --image/--prompt.'
+    )
+    output_file: str | None = arg(None, "Where --requests answers go as JSONL (default: printed).")
+    batch_size: int = arg(8, "Requests answered per batch (with --requests).")
 
 
 def _parse(classes, argv: list[str], prog: str):
@@ -81,9 +88,24 @@ def cmd_predict(argv: list[str]) -> None:
     from .models.loading import load_for_inference
 
     (args,) = _parse(PredictArguments, argv, "vlmtune predict")
-    if not args.prompt:
-        raise SystemExit("vlmtune predict: --prompt is required")
+    if not (args.prompt or args.requests):
+        raise SystemExit("vlmtune predict: --prompt (or --requests FILE.jsonl) is required")
     loaded = load_for_inference(args.model_name_or_path, args.adapter)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
+    if args.requests:
+        from .eval.predict import answer_requests
+
+        answer_requests(
+            loaded,
+            args.requests,
+            args.output_file,
+            args.batch_size,
+            system_prompt=args.system_prompt,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            **sampling,
+        )
+        return
     images = args.image if loaded.spec.multi_image else args.image[:1]
     messages = [
         {"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]}
@@ -91,7 +113,6 @@ def cmd_predict(argv: list[str]) -> None:
     if args.system_prompt:
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": args.system_prompt}]})
     pixels = ImageOptions(base_dirs=(Path.cwd(),)).load(images, "--image")
-    sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
     (answer,) = generate_answers(
         loaded.model,
         loaded.processor,
@@ -125,12 +146,31 @@ def cmd_data(argv: list[str]) -> None:
     inspect_data(model_args, data_args, inspect_args)
 
 
+def cmd_eval(argv: list[str]) -> None:
+    from .config import make_parser, parse_args
+    from .eval.run import ARGUMENT_CLASSES, run_eval
+
+    if any(a in ("-h", "--help") for a in argv):
+        make_parser(ARGUMENT_CLASSES, prog="vlmtune eval").print_help()
+        return
+    run_eval(*parse_args(argv, ARGUMENT_CLASSES))
+
+
+def cmd_merge(argv: list[str]) -> None:
+    from .export import MergeArguments, merge_adapter
+
+    (args,) = _parse(MergeArguments, argv, "vlmtune merge")
+    print(f"Merged model written to {merge_adapter(args)}")
+
+
 COMMANDS = {
     "train": cmd_train,
+    "eval": cmd_eval,
     "predict": cmd_predict,
+    "merge": cmd_merge,
+    "data": cmd_data,
     "tiny-model": cmd_tiny_model,
     "demo": cmd_demo,
-    "data": cmd_data,
 }
 
 

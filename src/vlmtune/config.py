@@ -102,6 +102,13 @@ class FinetuneArguments:
     freeze_language_model: bool = arg(False, "Freeze the language model (train only what else is unfrozen).")
     max_new_tokens: int = arg(32, "Longest generated answer when evaluating accuracy.")
     eval_accuracy: bool = arg(True, "After training, generate answers for the eval split and report exact match.")
+    eval_metrics: list[str] | None = arg(
+        None,
+        "Generation metrics (exact_match, exact_match_raw, relaxed_accuracy, anls, token_f1, loss, or all) computed "
+        "at every evaluation during training, logged as eval_<metric> (usable by --metric_for_best_model and "
+        "early stopping), and after training (default after training: exact_match).",
+    )
+    eval_metrics_samples: int = arg(64, "Eval rows that --eval_metrics generates answers for at each evaluation.")
 
 
 @dataclass

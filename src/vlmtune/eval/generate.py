@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data.collate import Preparer, processor_inputs
 from ..data.schema import Conversation
@@ -23,19 +24,24 @@ def generate_answers(
     images: Iterable[list],
     batch_size: int = 8,
     max_new_tokens: int = 32,
+    progress: bool = False,
     **generate_kwargs,
 ) -> list[str]:
     """Generate the assistant's reply to each conversation's prompt (greedy unless told otherwise).
 
-    Prompts are left-padded, so every row's new tokens start at the same column.
+    Prompts are left-padded, so every row's new tokens start at the same column. `progress` shows a
+    progress bar (samples answered).
     """
-    pairs = list(zip(conversations, images))
+    convs = list(conversations)
+    image_lists = iter(images)  # may be lazy: each batch's images are loaded only when it is generated
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     generate_kwargs.setdefault("do_sample", False)
     answers: list[str] = []
+    bar = tqdm(total=len(convs), desc="Generating", unit="sample", disable=not progress, leave=False)
     try:
-        for batch in _batches(pairs, batch_size):
+        for batch_convs in _batches(convs, batch_size):
+            batch = [(conv, next(image_lists)) for conv in batch_convs]
             texts = [
                 processor.apply_chat_template(conv.prompt_messages(), tokenize=False, add_generation_prompt=True)
                 for conv, _ in batch
@@ -47,8 +53,10 @@ def generate_answers(
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
             new = out[:, inputs["input_ids"].shape[1] :]
             answers += [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)]
+            bar.update(len(batch))
     finally:
         tokenizer.padding_side = side
+        bar.close()
     return answers
 
 
@@ -57,5 +65,5 @@ def answer_rows(
 ) -> tuple[list[Conversation], list[str]]:
     """Conversations for `rows` and the model's answers to them."""
     convs = [preparer.conversation(row, row.get("__index__", i)) for i, row in enumerate(rows)]
-    images = [preparer.load_images(c) for c in convs]
+    images = (preparer.load_images(c) for c in convs)
     return convs, generate_answers(model, processor, convs, images, **kwargs)

@@ -13,7 +13,9 @@ from transformers import Trainer, set_seed
 from ..config import to_dict
 from ..data.collate import VlmCollator
 from ..data.splits import Splits, build_splits
-from ..eval.evaluate import evaluate_generation
+from ..eval.during_training import GenerationMetrics, attach
+from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
+from ..eval.plots import write_training_plots
 from ..models.loading import apply_finetuning, load_model, trainable_table
 
 logger = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ def run_training(model_args, data_args, finetune_args, training_args) -> TrainRe
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     if splits.eval is None and training_args.eval_strategy != "no":
         raise ValueError("--eval_strategy needs evaluation data: add --eval_dataset_name or --val_split_ratio")
+    generation_metrics = GenerationMetrics.from_args(loaded.processor, splits, finetune_args, training_args)
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -86,7 +89,9 @@ def run_training(model_args, data_args, finetune_args, training_args) -> TrainRe
         eval_dataset=splits.eval,
         data_collator=VlmCollator(loaded.processor, splits.preparer, data_args.train_on_prompt),
         processing_class=loaded.processor,
+        **(generation_metrics.trainer_kwargs() if generation_metrics else {}),
     )
+    attach(trainer, generation_metrics)
     resume = training_args.resume_from_checkpoint
     train_output = trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
     metrics = dict(train_output.metrics)
@@ -96,6 +101,7 @@ def run_training(model_args, data_args, finetune_args, training_args) -> TrainRe
     trainer.save_model(str(out))
     loaded.processor.save_pretrained(str(out))
     trainer.save_state()
+    write_training_plots(trainer.state.log_history, out)
     (out / CONFIG_FILE).write_text(json.dumps(to_dict(model_args, data_args, finetune_args, training_args), indent=2))
 
     if splits.eval is not None and finetune_args.eval_accuracy:
@@ -106,8 +112,11 @@ def run_training(model_args, data_args, finetune_args, training_args) -> TrainRe
             splits.eval,
             batch_size=training_args.per_device_eval_batch_size,
             max_new_tokens=finetune_args.max_new_tokens,
+            metrics=finetune_args.eval_metrics or DEFAULT_METRICS,
         )
         metrics.update({f"eval_{k}": v for k, v in result.metrics.items()})
         result.write(out)
     trainer.save_metrics("all", metrics)
+    if training_args.push_to_hub:  # the whole output_dir: adapter, processor, metrics, plots
+        trainer.push_to_hub(commit_message="vlmtune: end of training")
     return TrainResult(output_dir=out, metrics=metrics, trainer=trainer)

@@ -1,0 +1,126 @@
+"""`vlmtune eval`: a model (+ adapter) and a dataset in → metrics, predictions and report.html out."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+
+from ..config import DataArguments, ModelArguments, arg
+from ..data.splits import build_splits
+from ..models.loading import load_for_inference
+from .evaluate import EvalResult, debug_view, evaluate_generation, format_metrics
+from .metrics import ALL_METRICS, check_metric_names
+from .report import write_report
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalArguments:
+    _argument_group_name = "evaluation"
+
+    output_dir: str = arg(None, "Folder for predictions.jsonl, metrics.json and report.html.")
+    adapter: str | None = arg(None, "A vlmtune/PEFT adapter folder (same as --adapter_name_or_path).")
+    metrics: list[str] = arg(
+        None, f"Metrics to compute: {', '.join(ALL_METRICS)}, or all.", default_factory=lambda: ["exact_match"]
+    )
+    group_by: list[str] | None = arg(
+        None, "Metadata column(s) to break every metric down by (e.g. need_external_knowledge)."
+    )
+    per_device_eval_batch_size: int = arg(8, "Samples generated per batch.")
+    max_new_tokens: int = arg(32, "Longest answer to generate.")
+    do_sample: bool = arg(False, "Sample instead of greedy decoding.")
+    temperature: float = arg(1.0, "Sampling temperature (with --do_sample).")
+    top_p: float = arg(1.0, "Nucleus sampling mass (with --do_sample).")
+    num_beams: int = arg(1, "Beam search width (1: no beam search).")
+    debug_samples: int = arg(0, "Print the first N samples with raw and normalised forms side by side.")
+    report: bool = arg(True, "Write report.html (metrics, groups, gallery of samples, wrong ones first).")
+    report_samples: int = arg(100, "Samples shown in the report's gallery.")
+    device: str = arg("auto", "cpu, cuda, cuda:1, ... (auto: the GPU when there is one).")
+    dtype: str = arg("auto", "Weights dtype: auto (as saved), float32, bfloat16 or float16.")
+    seed: int = arg(42, "Seed (matters only with --do_sample).")
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, EvalArguments)
+
+
+def eval_data_args(data_args: DataArguments) -> DataArguments:
+    """Data arguments that make `build_splits` return the whole evaluation set as its eval split.
+
+    `--dataset_name` alone: a file is evaluated whole; a folder or hub dataset contributes its
+    validation split (else test, else its only split). `--eval_dataset_name` picks the file explicitly.
+    """
+    name = data_args.eval_dataset_name or data_args.dataset_name
+    if not name:
+        raise SystemExit("vlmtune eval: --dataset_name (or --eval_dataset_name) is required")
+    return dataclasses.replace(
+        data_args,
+        dataset_name=data_args.dataset_name or name,
+        eval_dataset_name=name,
+        max_train_samples=1,  # the training split is only read for its columns
+        val_split_ratio=0.0,
+    )
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_eval(model_args: ModelArguments, data_args: DataArguments, args: EvalArguments) -> EvalResult:
+    if not args.output_dir:
+        raise SystemExit("vlmtune eval: --output_dir is required")
+    names = check_metric_names(args.metrics)
+    adapter = args.adapter or model_args.adapter_name_or_path
+    if not (model_args.model_name_or_path or adapter):
+        raise SystemExit("vlmtune eval: --model_name_or_path (or --adapter) is required")
+    set_seed(args.seed)
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    loaded = load_for_inference(
+        model_args.model_name_or_path,
+        adapter,
+        dtype=dtype,
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    model = loaded.model.to(_device(args.device))
+    splits = build_splits(eval_data_args(data_args), loaded.spec, seed=args.seed, need_train=False)
+    print(splits.schema.describe())
+    sampling = {"do_sample": args.do_sample, "num_beams": args.num_beams}
+    if args.do_sample:
+        sampling.update(temperature=args.temperature, top_p=args.top_p)
+    result = evaluate_generation(
+        model,
+        loaded.processor,
+        splits.preparer,
+        splits.eval,
+        metrics=names,
+        group_by=args.group_by,
+        batch_size=args.per_device_eval_batch_size,
+        max_new_tokens=args.max_new_tokens,
+        progress=True,
+        **sampling,
+    )
+    out = Path(args.output_dir)
+    result.write(out)
+    if args.debug_samples:
+        print(debug_view(result.predictions, args.debug_samples))
+    print(format_metrics(result))
+    if args.report:
+        details = {
+            "model": model_args.model_name_or_path or "(from adapter)",
+            "adapter": adapter,
+            "data": data_args.eval_dataset_name or data_args.dataset_name,
+        }
+        report = write_report(
+            result, out / "report.html", splits.preparer, details=details, max_samples=args.report_samples
+        )
+        print(f"Report: {report}")
+    print(f"Predictions and metrics: {out / 'predictions.jsonl'}, {out / 'metrics.json'}")
+    return result

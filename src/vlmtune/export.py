@@ -1,0 +1,101 @@
+"""`vlmtune merge`: fold a LoRA adapter into its base model and save a standalone checkpoint.
+
+The output folder holds everything plain transformers needs, with no vlmtune and no PEFT:
+`model.safetensors` (sharded for big models), `config.json`, `generation_config.json`, and the
+processor (tokenizer, image processor, `chat_template.jinja`). Load it with
+`AutoModelForImageTextToText.from_pretrained(OUT)` and `AutoProcessor.from_pretrained(OUT)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import arg
+from .models.loading import load_for_inference
+
+logger = logging.getLogger(__name__)
+
+# Files whose presence means a folder already holds a model.
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+
+
+@dataclass
+class MergeArguments:
+    adapter: str = arg(None, "The LoRA adapter folder to merge (from `vlmtune train`).")
+    output_dir: str = arg(None, "Folder for the merged model.")
+    model_name_or_path: str | None = arg(None, "Base model (read from the adapter if omitted).")
+    dtype: str = arg("auto", "dtype to save in: auto (the base model's), float32, bfloat16 or float16.")
+    max_shard_size: str = arg("5GB", "Largest safetensors shard.")
+    overwrite_output_dir: bool = arg(False, "Replace a model already in --output_dir.")
+    push_to_hub: bool = arg(False, "Upload the merged model to the Hugging Face Hub (needs a login or --hub_token).")
+    hub_model_id: str | None = arg(None, "Hub repository (user/name); default: the output folder's name.")
+    hub_private_repo: bool = arg(False, "Create the hub repository as private.")
+    hub_token: str | None = arg(None, "Hub token (default: the one `hf auth login` saved).")
+    trust_remote_code: bool = arg(False, "Allow model code from the hub checkpoint.")
+
+
+def check_merge_output(output_dir: Path, overwrite: bool) -> None:
+    """Refuse to write into a folder that holds a model, unless told to replace it."""
+    existing = [f for f in MODEL_FILES if (output_dir / f).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds a model ({', '.join(existing)}); pass --overwrite_output_dir to replace it "
+            "or choose another --output_dir"
+        )
+
+
+def merge_adapter(args: MergeArguments) -> Path:
+    """Merge `args.adapter` into its base model and save the result to `args.output_dir`."""
+    if not args.adapter or not args.output_dir:
+        raise SystemExit("vlmtune merge: --adapter and --output_dir are required")
+    out = Path(args.output_dir)
+    if out.resolve() == Path(args.adapter).resolve():
+        raise SystemExit("vlmtune merge: --output_dir must differ from --adapter")
+    check_merge_output(out, args.overwrite_output_dir)
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    loaded = load_for_inference(
+        args.model_name_or_path, args.adapter, dtype=dtype, trust_remote_code=args.trust_remote_code
+    )
+    model = loaded.model.merge_and_unload()
+    if out.exists():  # stale shards of an earlier model must not mix with the new ones
+        for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+            stale.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.use_cache = True
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=args.max_shard_size)
+    if not (out / "generation_config.json").exists() and model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    loaded.processor.save_pretrained(out)
+    write_legacy_image_processor_config(loaded.processor, out)
+    logger.info("Merged %s into %s", args.adapter, out)
+    if args.push_to_hub:
+        push_folder(out, args.hub_model_id or out.name, private=args.hub_private_repo, token=args.hub_token)
+    return out
+
+
+def write_legacy_image_processor_config(processor, out: Path) -> None:
+    """Also save the image processor as `preprocessor_config.json` when the processor has no video part.
+
+    vlmtune loads Qwen2-VL-style processors without their video processor where torchvision is missing
+    (see `models.processors`). Where torchvision is installed, `AutoProcessor` builds the video processor
+    from this file, as it does for the original hub checkpoints, which ship only this file.
+    """
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is not None and getattr(processor, "video_processor", None) is None:
+        if not (out / "preprocessor_config.json").exists():
+            image_processor.save_pretrained(out)
+
+
+def push_folder(folder: Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Create (if needed) the hub model repository `repo_id` and upload `folder` to it."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(folder_path=str(folder), repo_id=repo.repo_id, commit_message="vlmtune merge")
+    print(f"Pushed {folder} to {repo.url}")
+    return repo.repo_id
