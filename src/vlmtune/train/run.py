@@ -15,6 +15,8 @@ from ..data.collate import VlmCollator
 from ..data.splits import Splits, build_splits
 from ..eval.evaluate import evaluate_generation
 from ..models.loading import apply_finetuning, load_model, trainable_table
+from .callbacks import early_stopping_callback
+from .optim import VlmTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +54,20 @@ def _dtype(training_args) -> torch.dtype:
     return torch.float32
 
 
-def run_training(model_args, data_args, finetune_args, training_args) -> TrainResult:
-    """Fine-tune as the arguments say, save everything a user needs, and return the final metrics."""
+def quantization_kwargs(finetune_args) -> dict:
+    """The QLoRA loading flags, for `load_model`."""
+    return {
+        "load_in_4bit": finetune_args.load_in_4bit,
+        "load_in_8bit": finetune_args.load_in_8bit,
+        "quantize_vision_tower": finetune_args.quantize_vision_tower,
+    }
+
+
+def run_training(model_args, data_args, finetune_args, training_args, callbacks=None) -> TrainResult:
+    """Fine-tune as the arguments say, save everything a user needs, and return the final metrics.
+
+    `callbacks`: extra `TrainerCallback`s (for programmatic use and tests).
+    """
     out = check_output_dir(training_args)
     set_seed(training_args.seed)
     loaded = load_model(
@@ -61,6 +75,7 @@ def run_training(model_args, data_args, finetune_args, training_args) -> TrainRe
         dtype=_dtype(training_args),
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
+        **quantization_kwargs(finetune_args),
     )
     splits: Splits = build_splits(data_args, loaded.spec, seed=training_args.seed)
     print(splits.schema.describe())
@@ -72,13 +87,18 @@ def run_training(model_args, data_args, finetune_args, training_args) -> TrainRe
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     if splits.eval is None and training_args.eval_strategy != "no":
         raise ValueError("--eval_strategy needs evaluation data: add --eval_dataset_name or --val_split_ratio")
-    trainer = Trainer(
+    early_stopping = early_stopping_callback(finetune_args, training_args)
+    trainer = VlmTrainer(
         model=model,
         args=training_args,
         train_dataset=splits.train,
         eval_dataset=splits.eval,
         data_collator=VlmCollator(loaded.processor, splits.preparer, data_args.train_on_prompt),
         processing_class=loaded.processor,
+        callbacks=[c for c in (early_stopping, *(callbacks or [])) if c is not None],
+        spec=loaded.spec,
+        vision_lr=finetune_args.vision_lr,
+        projector_lr=finetune_args.projector_lr,
     )
     resume = training_args.resume_from_checkpoint
     train_output = trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
