@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,10 +304,15 @@ def trainable_table(model: torch.nn.Module, spec: FamilySpec) -> str:
     """A table of trainable and total parameters per part, printed at the start of every run."""
     totals = {p: [0, 0] for p in PARTS}
     for name, param in model.named_parameters():
-        counts = totals[part_of(strip_peft_prefix(name), spec)]
-        counts[1] += param.numel()
+        if ".original_module." in name:  # PEFT's frozen copy of a module trained in full (modules_to_save)
+            continue
+        counts = totals[part_of(strip_peft_prefix(name).replace(".modules_to_save.default", ""), spec)]
+        # A 4-bit weight packs two values per byte; count the values, not the bytes.
+        quant_state = getattr(param, "quant_state", None)
+        numel = math.prod(quant_state.shape) if quant_state is not None else param.numel()
+        counts[1] += numel
         if param.requires_grad:
-            counts[0] += param.numel()
+            counts[0] += numel
     lines = [f"{'part':<16}{'trainable':>14}{'total':>14}{'%':>8}"]
     for part in PARTS:
         trainable, total = totals[part]

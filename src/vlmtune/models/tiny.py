@@ -179,7 +179,6 @@ def _llava() -> tuple[PretrainedConfig, ProcessorMixin]:
     return config, processor
 
 
-
 # Qwen3-VL: the same ChatML turns as Qwen2-VL, without a default system message.
 QWEN3_TEMPLATE = QWEN_TEMPLATE.replace(
     "{% if loop.first and message['role'] != 'system' %}"
