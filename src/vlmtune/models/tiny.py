@@ -47,7 +47,9 @@ from transformers import (
     SmolVLMProcessor,
 )
 
+from .loading import part_of
 from .processors import image_only
+from .registry import get_family
 from .tokenizer import build_tokenizer
 
 HIDDEN = 64
@@ -569,6 +571,20 @@ BUILDERS: dict[str, Callable[[], tuple[PretrainedConfig, ProcessorMixin]]] = {
 }
 
 
+def _open_zero_paths(model: torch.nn.Module, spec) -> None:
+    """Open the image paths that transformers initialises shut, as trained checkpoints have them open:
+    zero projector matrices (Gemma 3's) get random values, zero tanh gates (Mllama's cross-attention)
+    get 1. Otherwise a random tiny model could not see its images at all."""
+    for name, param in model.named_parameters():
+        if param.any():
+            continue
+        with torch.no_grad():
+            if param.dim() >= 2 and part_of(name, spec) == "projector":
+                param.normal_(0.0, INIT_RANGE)
+            elif name.rsplit(".", 1)[-1].endswith("_gate"):
+                param.fill_(1.0)
+
+
 def build_tiny_model(family: str, output_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny random model of `family` with its processor to `output_dir` and return the path."""
     if family not in BUILDERS:
@@ -576,9 +592,14 @@ def build_tiny_model(family: str, output_dir: str | Path, seed: int = 0) -> Path
     torch.manual_seed(seed)
     config, processor = BUILDERS[family]()
     model = AutoModelForImageTextToText.from_config(config)
+    _open_zero_paths(model, get_family(config.model_type))
     tok = processor.tokenizer
+    # The text config may list several stop tokens (Gemma 3's <eos> and <end_of_turn>).
+    eos = config.get_text_config().eos_token_id
     model.generation_config = GenerationConfig(
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id
+        eos_token_id=eos if isinstance(eos, list) else tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
     )
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
