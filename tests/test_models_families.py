@@ -125,3 +125,16 @@ def test_unknown_architecture_falls_back_with_a_warning_and_explicit_targets(
     assert lora and all(".language_model." in n and (".q_proj." in n or ".v_proj." in n) for n in lora)
     config = json.loads((result.output_dir / "adapter_config.json").read_text())
     assert "q_proj" in str(config["target_modules"])
+
+
+def test_models_docs_list_every_family_and_checkpoint():
+    from pathlib import Path
+
+    docs = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
+    for spec in FAMILIES.values():
+        assert f"(`{spec.model_type}`)" in docs, spec.model_type
+        for checkpoint in spec.example_checkpoints:
+            assert f"`{checkpoint}`" in docs, checkpoint
+    for family in BUILDERS:
+        assert f"`{family}`" in docs, family
+    assert "docs/models.md" in (Path(__file__).parents[1] / "README.md").read_text()

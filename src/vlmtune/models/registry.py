@@ -159,7 +159,6 @@ register(
             "llava-hf/llava-v1.6-mistral-7b-hf",
             "llava-hf/llava-v1.6-vicuna-7b-hf",
             "ibm-granite/granite-vision-3.2-2b",
-            "ibm-granite/granite-vision-3.3-2b",
         ),
         notes="LLaVA-1.6 (AnyRes tiling); Granite Vision uses this architecture. The decoder class "
         "follows the language model; the loaded model's own is used.",
@@ -229,7 +228,7 @@ register(
         model_type="paligemma",
         **_LLAVA_KEYS,
         image_token="<image>",
-        decoder_layers=("GemmaDecoderLayer",),
+        decoder_layers=("GemmaDecoderLayer", "Gemma2DecoderLayer"),
         vision_layer="SiglipEncoderLayer",
         multi_image=False,
         default_chat_template=PALIGEMMA_TEMPLATE,
