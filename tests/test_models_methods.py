@@ -314,3 +314,24 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tiny_model_dir,
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-7), key
+
+
+# --- FSDP ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "mllama"])
+def test_fsdp_wraps_the_family_layers_unless_told(tiny_model_dir, tmp_path, family):
+    from vlmtune.config import VlmTrainingArguments
+    from vlmtune.train.fsdp import default_fsdp_wrap
+
+    loaded = load_model(tiny_model_dir(family))
+    args = VlmTrainingArguments(output_dir=str(tmp_path), fsdp=True, use_cpu=True)
+    classes = default_fsdp_wrap(args, loaded.model, loaded.spec)
+    assert set(classes) == set(loaded.spec.decoder_layers) | {loaded.spec.vision_layer}
+    assert args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == ",".join(classes)
+    chosen = VlmTrainingArguments(
+        output_dir=str(tmp_path), fsdp=True, fsdp_config={"transformer_layer_cls_to_wrap": ["X"]}, use_cpu=True
+    )
+    assert default_fsdp_wrap(chosen, loaded.model, loaded.spec) is None
+    assert chosen.fsdp_config["transformer_layer_cls_to_wrap"] == ["X"]
+    assert default_fsdp_wrap(VlmTrainingArguments(output_dir=str(tmp_path)), loaded.model, loaded.spec) is None

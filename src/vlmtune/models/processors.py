@@ -37,7 +37,9 @@ def image_only(processor_cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """Return a subclass of `processor_cls` that has no video processor.
 
     `ProcessorMixin` builds, validates, saves and loads exactly the parts `get_attributes` names, so
-    leaving "video_processor" out of that list is all it takes.
+    leaving "video_processor" out of that list does most of it. Where the processor's `__init__`
+    requires the video processor (SmolVLM's) it defaults to None, and where the processor reads video
+    settings outside videos (SmolVLM's chat template) a stand-in answers.
     """
     attributes = [a for a in processor_cls.get_attributes() if a != "video_processor"]
     namespace = {

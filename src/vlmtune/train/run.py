@@ -16,6 +16,7 @@ from ..data.splits import Splits, build_splits
 from ..eval.evaluate import evaluate_generation
 from ..models.loading import apply_finetuning, load_model, trainable_table
 from .callbacks import early_stopping_callback
+from .fsdp import default_fsdp_wrap
 from .optim import VlmTrainer
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     )
     splits: Splits = build_splits(data_args, loaded.spec, seed=training_args.seed)
     print(splits.schema.describe())
+    default_fsdp_wrap(training_args, loaded.model, loaded.spec)
     model = apply_finetuning(loaded.model, loaded.spec, finetune_args)
     print(trainable_table(model, loaded.spec))
     if training_args.label_names is None:
