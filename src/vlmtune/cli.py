@@ -29,7 +29,11 @@ Config files: `vlmtune train config.yaml [--flag value ...]` (flags override the
 
 @dataclass
 class TinyModelArguments:
-    family: str = arg("qwen2_vl", "Architecture to build (e.g. qwen2_vl, llava).")
+    family: str = arg(
+        "qwen2_vl",
+        "Architecture to build: qwen2_vl, qwen2_5_vl, qwen3_vl, llava, llava_siglip, llava_next, gemma3, mllama, "
+        "idefics3, smolvlm, paligemma.",
+    )
     output_dir: str = arg(None, "Folder to write the model and processor to.")
     seed: int = arg(0, "Seed for the random weights.")
 

@@ -88,7 +88,7 @@ class DataArguments:
 class FinetuneArguments:
     _argument_group_name = "fine-tuning"
 
-    finetuning_type: str = arg("lora", "lora (default) or full.")
+    finetuning_type: str = arg("lora", "lora (default), dora (weight-decomposed LoRA) or full.")
     lora_r: int = arg(16, "LoRA rank.")
     lora_alpha: int = arg(32, "LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = arg(0.05, "Dropout on the LoRA path.")
@@ -109,6 +109,24 @@ class FinetuneArguments:
         "early stopping), and after training (default after training: exact_match).",
     )
     eval_metrics_samples: int = arg(64, "Eval rows that --eval_metrics generates answers for at each evaluation.")
+    use_rslora: bool = arg(False, "Rank-stabilised LoRA: scale the adapter by alpha / sqrt(r) instead of alpha / r.")
+    train_vision_lora: bool = arg(False, "Also add LoRA to the vision tower's linear layers (its weights stay frozen).")
+    vision_lr: float | None = arg(
+        None, "Learning rate of the vision tower's trainable parameters (default: --learning_rate)."
+    )
+    projector_lr: float | None = arg(
+        None, "Learning rate of the projector's trainable parameters (default: --learning_rate)."
+    )
+    load_in_4bit: bool = arg(False, "QLoRA: load the language model in 4-bit NF4, double quantised (bitsandbytes).")
+    load_in_8bit: bool = arg(False, "Load the language model in 8-bit (bitsandbytes) and train LoRA on top.")
+    quantize_vision_tower: bool = arg(False, "With --load_in_4bit/8bit, quantise the vision tower too (default: kept).")
+    early_stopping_patience: int | None = arg(
+        None, "Stop after this many evaluations without improvement of --metric_for_best_model (default eval loss)."
+    )
+    early_stopping_patience_ratio: float | None = arg(
+        None, "Patience as a fraction of the total training steps (e.g. 0.1), converted to evaluations."
+    )
+    early_stopping_threshold: float = arg(0.0, "Minimum improvement of the metric that resets the patience.")
 
 
 @dataclass

@@ -128,8 +128,10 @@ class VlmCollator:
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         convs = [self.preparer.conversation(row, row.get("__index__", -1)) for row in rows]
-        rendered = [render_conversation(self.processor, c.messages, self.train_on_prompt) for c in convs]
         images = [self.preparer.load_images(c) for c in convs]
+        if self.preparer.spec.encode_batch is not None:  # a family that is not chat-template driven
+            return self.preparer.spec.encode_batch(self.processor, convs, images, self.train_on_prompt)
+        rendered = [render_conversation(self.processor, c.messages, self.train_on_prompt) for c in convs]
         tokenizer = self.processor.tokenizer
         side, tokenizer.padding_side = tokenizer.padding_side, "right"
         try:

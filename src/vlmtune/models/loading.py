@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel
 
 from .processors import load_processor
@@ -48,35 +49,150 @@ def part_of(name: str, spec: FamilySpec) -> str:
     return best
 
 
-def _strip_peft_prefix(name: str) -> str:
+def strip_peft_prefix(name: str) -> str:
     """Parameter name as in the base model (PEFT adds ``base_model.model.`` and ``.base_layer``)."""
     return name.removeprefix("base_model.model.").replace(".base_layer", "")
 
 
-def language_lora_targets(model: torch.nn.Module, spec: FamilySpec) -> str:
-    """A PEFT regex matching the language model's linear layers (the decoder blocks', not lm_head)."""
-    leaves = set()
+def linear_modules(model: torch.nn.Module, spec: FamilySpec, part: str, leaves: set[str] | None = None) -> list[str]:
+    """Names of the linear layers in `part` (optionally only those whose leaf name is in `leaves`).
+
+    Quantised linear layers (bitsandbytes) are `torch.nn.Linear` subclasses, so QLoRA finds them too.
+    """
+    names = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and part_of(name, spec) == "language_model":
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in spec.lora_leaves:
-                leaves.add(leaf)
-    if not leaves:
+        if isinstance(module, torch.nn.Linear) and part_of(name, spec) == part:
+            if leaves is None or name.rsplit(".", 1)[-1] in leaves:
+                names.append(name)
+    return names
+
+
+def _exact(names: list[str]) -> str:
+    return rf"^(?:{'|'.join(re.escape(n) for n in names)})$"
+
+
+def language_lora_targets(model: torch.nn.Module, spec: FamilySpec, leaves: tuple[str, ...] | None = None) -> str:
+    """A PEFT regex matching the language model's decoder linear layers (not lm_head)."""
+    leaves = leaves or spec.lora_leaves
+    names = [n for n in linear_modules(model, spec, "language_model", set(leaves)) if n != "lm_head"]
+    if not names:
         raise ValueError(
-            f"found no linear layers named {', '.join(spec.lora_leaves)} in the language model; "
-            "pass --lora_target_modules"
+            f"found no linear layers named {', '.join(leaves)} in the language model "
+            f"(keys {', '.join(spec.language_keys)}); pass --lora_target_modules"
         )
+    found = sorted({n.rsplit(".", 1)[-1] for n in names})
     keys = "|".join(re.escape(k) for k in spec.language_keys if k != "lm_head")
-    return rf"^(?:{keys})\..*\.(?:{'|'.join(sorted(leaves))})$"
+    return rf"^(?:{keys})\..*\.(?:{'|'.join(found)})$"
 
 
-def resolve_targets(model: torch.nn.Module, spec: FamilySpec, requested: list[str] | None) -> str | list[str]:
-    """Turn --lora_target_modules into what PEFT takes: the default, one regex, or a list of names."""
-    if not requested or requested == ["all-linear"]:
-        return language_lora_targets(model, spec)
-    if len(requested) == 1 and any(c in requested[0] for c in "\\^$*+?()[]|"):
+def is_regex(target: str) -> bool:
+    return any(c in target for c in "\\^$*+?()[]|")
+
+
+def resolve_targets(
+    model: torch.nn.Module, spec: FamilySpec, requested: list[str] | None, vision: bool = False
+) -> str | list[str]:
+    """Turn --lora_target_modules (+ --train_vision_lora) into what PEFT takes.
+
+    - nothing or ``all-linear``: the language model's decoder linear layers;
+    - leaf names (``q_proj v_proj``): those layers in the language model only, so the vision tower is
+      never adapted by accident (if the language model has none, the names go to PEFT unchanged);
+    - one regex: passed to PEFT as is (the user's full control, vision tower included if it matches).
+    With `vision`, every linear layer of the vision tower is added (never the projector's).
+    """
+    if requested and len(requested) == 1 and is_regex(requested[0]):
+        if vision:
+            logger.warning("--train_vision_lora is ignored with a regex --lora_target_modules; the regex decides.")
         return requested[0]
-    return list(requested)
+    if not requested or requested == ["all-linear"]:
+        language = language_lora_targets(model, spec)
+    else:
+        names = linear_modules(model, spec, "language_model", set(requested))
+        if not names:
+            logger.warning(
+                "None of %s is a linear layer of the language model as %s's registry entry knows it; "
+                "passing the names to PEFT unchanged (they may match the vision tower too).",
+                ", ".join(requested),
+                spec.model_type,
+            )
+            if vision:
+                logger.warning("--train_vision_lora is ignored with names PEFT matches anywhere.")
+            return list(requested)
+        language = _exact(names)
+    if not vision:
+        return language
+    vision_names = linear_modules(model, spec, "vision_tower")
+    if not vision_names:
+        raise ValueError(f"--train_vision_lora: found no linear layers under {', '.join(spec.vision_keys)}")
+    return f"(?:{language})|{_exact(vision_names)}"
+
+
+def decoder_layer_classes(model: torch.nn.Module, spec: FamilySpec) -> list[str]:
+    """Class names of the language model's decoder blocks (what FSDP wraps), read off the model.
+
+    The registry lists the usual ones; the loaded model is the authority (LLaVA's decoder depends on
+    its language model), falling back to the registry's list when the model has no ``layers`` list.
+    """
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or not name.endswith("layers"):
+            continue
+        if part_of(name, spec) == "language_model":
+            found += [type(m).__name__ for m in module if type(m).__name__ not in found]
+    return found or list(spec.decoder_layers)
+
+
+def resolve_attn_implementation(requested: str | None) -> str:
+    """flash_attention_2 needs a GPU and the flash_attn package: otherwise fall back to sdpa, saying so."""
+    requested = requested or "sdpa"
+    if requested == "flash_attention_2":
+        import importlib.util
+
+        if not torch.cuda.is_available():
+            logger.warning("flash_attention_2 needs a CUDA GPU; none is available, using sdpa instead.")
+            return "sdpa"
+        if importlib.util.find_spec("flash_attn") is None:
+            logger.warning("flash_attention_2 needs the flash-attn package (pip install flash-attn); using sdpa.")
+            return "sdpa"
+    return requested
+
+
+def quantization_config(
+    spec: FamilySpec,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+    quantize_vision_tower: bool = False,
+):
+    """bitsandbytes settings for QLoRA: NF4 with double quantisation (or 8-bit), vision tower, projector
+    and output layer kept in full precision unless asked otherwise. None when not quantising."""
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("choose one of --load_in_4bit and --load_in_8bit")
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    skip = list(spec.projector_keys) + ["lm_head"]
+    if not quantize_vision_tower:
+        skip = list(spec.vision_keys) + skip
+    if load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=skip,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+def _device_map() -> dict:
+    """Where a quantised model goes: this process's GPU, or the CPU."""
+    import os
+
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
 
 
 def load_model(
@@ -84,20 +200,39 @@ def load_model(
     dtype: torch.dtype | str = "auto",
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    quantize_vision_tower: bool = False,
     **kwargs,
 ) -> Loaded:
-    """Load model, processor and family spec; the processor comes from the same folder."""
+    """Load model, processor and family spec; the processor comes from the same folder.
+
+    With `load_in_4bit` / `load_in_8bit` the language model is quantised with bitsandbytes (QLoRA);
+    the vision tower stays in full precision unless `quantize_vision_tower`.
+    """
     config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     spec = get_family(config.model_type)
-    processor = load_processor(model_name_or_path, trust_remote_code=trust_remote_code)
+    processor = with_chat_template(load_processor(model_name_or_path, trust_remote_code=trust_remote_code), spec)
+    compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    quant = quantization_config(spec, load_in_4bit, load_in_8bit, compute_dtype, quantize_vision_tower)
+    if quant is not None:
+        kwargs.setdefault("quantization_config", quant)
+        kwargs.setdefault("device_map", _device_map())
     model = AutoModelForImageTextToText.from_pretrained(
         model_name_or_path,
         dtype=dtype,
-        attn_implementation=attn_implementation,
+        attn_implementation=resolve_attn_implementation(attn_implementation),
         trust_remote_code=trust_remote_code,
         **kwargs,
     )
     return Loaded(model=model, processor=processor, spec=spec)
+
+
+def with_chat_template(processor, spec: FamilySpec):
+    """Give a processor whose checkpoint ships no chat template the family's default one."""
+    if getattr(processor, "chat_template", None) is None and spec.default_chat_template:
+        processor.chat_template = spec.default_chat_template
+    return processor
 
 
 def load_for_inference(model_name_or_path: str | None, adapter: str | None = None, **kwargs) -> Loaded:
@@ -107,7 +242,7 @@ def load_for_inference(model_name_or_path: str | None, adapter: str | None = Non
     loaded = load_model(model_name_or_path, **kwargs)
     if adapter:
         if (Path(adapter) / "processor_config.json").exists() or (Path(adapter) / "tokenizer_config.json").exists():
-            loaded.processor = load_processor(adapter)
+            loaded.processor = with_chat_template(load_processor(adapter), loaded.spec)
         loaded.model = PeftModel.from_pretrained(loaded.model, adapter)
     loaded.model.eval()
     return loaded
@@ -119,21 +254,35 @@ def adapter_base_path(adapter: str) -> str:
     return config["base_model_name_or_path"]
 
 
+FINETUNING_TYPES = ("lora", "dora", "full")
+
+
 def apply_finetuning(model: PreTrainedModel, spec: FamilySpec, args) -> PreTrainedModel:
-    """Freeze parts and add LoRA as `args` (FinetuneArguments) asks; return the model to train."""
+    """Freeze parts and add LoRA / DoRA as `args` (FinetuneArguments) asks; return the model to train."""
     kind = args.finetuning_type
-    if kind not in ("lora", "full"):
-        raise ValueError(f"--finetuning_type must be lora or full, got {kind!r}")
-    freeze_projector = args.freeze_projector if args.freeze_projector is not None else kind == "lora"
+    if kind not in FINETUNING_TYPES:
+        raise ValueError(f"--finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, got {kind!r}")
+    adapter = kind != "full"
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if quantized and not adapter:
+        raise ValueError("a 4-/8-bit model cannot be fully fine-tuned; use --finetuning_type lora or dora")
+    # With adapters, an unfrozen vision tower is trained through LoRA too (its own weights stay frozen).
+    train_vision_lora = adapter and (getattr(args, "train_vision_lora", False) or not args.freeze_vision_tower)
+    if getattr(args, "train_vision_lora", False) and not adapter:
+        logger.warning("--train_vision_lora applies to LoRA/DoRA; full fine-tuning: --freeze_vision_tower false.")
+    if quantized:
+        # Casts the layers left in half precision to float32 for stable training; freezing follows below.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    freeze_projector = args.freeze_projector if args.freeze_projector is not None else adapter
     frozen = {
-        "vision_tower": args.freeze_vision_tower,
+        "vision_tower": args.freeze_vision_tower or adapter,
         "projector": freeze_projector,
-        "language_model": args.freeze_language_model or kind == "lora",
-        "other": kind == "lora",
+        "language_model": args.freeze_language_model or adapter,
+        "other": adapter,
     }
     for name, param in model.named_parameters():
         param.requires_grad = not frozen[part_of(name, spec)]
-    if kind == "full":
+    if not adapter:
         return model
     # Unfrozen non-LoRA parts (a projector being trained) are saved with the adapter.
     module_names = {name for name, _ in model.named_modules()}
@@ -142,7 +291,9 @@ def apply_finetuning(model: PreTrainedModel, spec: FamilySpec, args) -> PreTrain
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=resolve_targets(model, spec, args.lora_target_modules),
+        use_rslora=getattr(args, "use_rslora", False),
+        use_dora=kind == "dora",
+        target_modules=resolve_targets(model, spec, args.lora_target_modules, vision=train_vision_lora),
         modules_to_save=modules_to_save or None,
         task_type="CAUSAL_LM",
     )
@@ -153,10 +304,15 @@ def trainable_table(model: torch.nn.Module, spec: FamilySpec) -> str:
     """A table of trainable and total parameters per part, printed at the start of every run."""
     totals = {p: [0, 0] for p in PARTS}
     for name, param in model.named_parameters():
-        counts = totals[part_of(_strip_peft_prefix(name), spec)]
-        counts[1] += param.numel()
+        if ".original_module." in name:  # PEFT's frozen copy of a module trained in full (modules_to_save)
+            continue
+        counts = totals[part_of(strip_peft_prefix(name).replace(".modules_to_save.default", ""), spec)]
+        # A 4-bit weight packs two values per byte; count the values, not the bytes.
+        quant_state = getattr(param, "quant_state", None)
+        numel = math.prod(quant_state.shape) if quant_state is not None else param.numel()
+        counts[1] += numel
         if param.requires_grad:
-            counts[0] += param.numel()
+            counts[0] += numel
     lines = [f"{'part':<16}{'trainable':>14}{'total':>14}{'%':>8}"]
     for part in PARTS:
         trainable, total = totals[part]

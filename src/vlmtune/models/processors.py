@@ -9,8 +9,10 @@ saves still loads with `AutoProcessor` wherever torchvision is installed.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
+import types
 from pathlib import Path
 
 import transformers
@@ -19,23 +21,58 @@ from transformers import AutoProcessor, ProcessorMixin
 logger = logging.getLogger(__name__)
 
 
+class _NoVideoProcessor:
+    """Stands in for the missing video processor where a processor reads its settings (SmolVLM's chat
+    template reads ``num_frames`` and ``fps``); there are never videos to process."""
+
+    num_frames = None
+    fps = None
+
+    def __bool__(self) -> bool:
+        return False
+
+
 @functools.cache
 def image_only(processor_cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """Return a subclass of `processor_cls` that has no video processor.
 
     `ProcessorMixin` builds, validates, saves and loads exactly the parts `get_attributes` names, so
-    leaving "video_processor" out of that list is all it takes.
+    leaving "video_processor" out of that list does most of it. Where the processor's `__init__`
+    requires the video processor (SmolVLM's) it defaults to None, and where the processor reads video
+    settings outside videos (SmolVLM's chat template) a stand-in answers.
     """
     attributes = [a for a in processor_cls.get_attributes() if a != "video_processor"]
-    return type(
-        processor_cls.__name__,
-        (processor_cls,),
-        {
-            "get_attributes": classmethod(lambda cls: list(attributes)),
-            "video_processor": None,
-            "__module__": __name__,
-        },
-    )
+    namespace = {
+        "get_attributes": classmethod(lambda cls: list(attributes)),
+        "video_processor": _NoVideoProcessor(),
+        "__module__": __name__,
+    }
+    init = _video_optional_init(processor_cls.__init__)
+    if init is not None:
+        namespace["__init__"] = init
+    return type(processor_cls.__name__, (processor_cls,), namespace)
+
+
+def _video_optional_init(init):
+    """`init` with its required ``video_processor`` argument defaulting to None (SmolVLM's), else None.
+
+    A copy of the same function with one more default, not a wrapper: `from_pretrained` reads the
+    argument names off ``__init__.__code__``. `ProcessorMixin` then ignores the None, since
+    ``video_processor`` is not among the subclass's attributes.
+    """
+    params = list(inspect.signature(init).parameters.values())
+    names = [p.name for p in params]
+    if "video_processor" not in names or params[names.index("video_processor")].default is not inspect.Parameter.empty:
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    tail = positional[[p.name for p in positional].index("video_processor") :]
+    if any(p.default is inspect.Parameter.empty for p in tail[1:]):
+        return None
+    defaults = (None, *(p.default for p in tail[1:]))
+    copy = types.FunctionType(init.__code__, init.__globals__, init.__name__, defaults, init.__closure__)
+    copy.__kwdefaults__ = init.__kwdefaults__
+    copy.__doc__, copy.__qualname__ = init.__doc__, init.__qualname__
+    return copy
 
 
 def _processor_class_name(path: str) -> str | None:

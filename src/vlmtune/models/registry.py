@@ -9,7 +9,10 @@ small field (a flag or a hook) and the code that honours it stays generic.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from .hooks import PALIGEMMA_TEMPLATE, prefix_suffix_batch
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +34,26 @@ class FamilySpec:
     vision_keys: tuple[str, ...]
     projector_keys: tuple[str, ...]
     language_keys: tuple[str, ...]
-    image_token: str
-    decoder_layer: str | None = None  # None: read the class of the language model's first layer
+    image_token: str  # the token the processor repeats for each image's features
+    # Classes of the language model's decoder blocks (FSDP wrapping, gradient checkpointing); empty:
+    # read the classes off the loaded model's language model.
+    decoder_layers: tuple[str, ...] = ()
     vision_layer: str | None = None
     multi_image: bool = True
     example_checkpoints: tuple[str, ...] = ()
     lora_leaves: tuple[str, ...] = TEXT_LINEAR_LEAVES
+    # Used when a checkpoint ships no chat template (PaliGemma's).
+    default_chat_template: str | None = None
+    # Hook replacing the generic chat-template encoding of a training batch:
+    # (processor, conversations, images per sample, train_on_prompt) -> batch with "labels".
+    encode_batch: Callable | None = None
     notes: str = ""
     extra: dict = field(default_factory=dict)
+
+    @property
+    def decoder_layer(self) -> str | None:
+        """The main decoder block class (the first of `decoder_layers`)."""
+        return self.decoder_layers[0] if self.decoder_layers else None
 
 
 FAMILIES: dict[str, FamilySpec] = {}
@@ -50,37 +65,190 @@ def register(spec: FamilySpec) -> FamilySpec:
     return spec
 
 
+_QWEN_KEYS = dict(
+    vision_keys=("model.visual",),
+    projector_keys=("model.visual.merger",),
+    language_keys=("model.language_model", "lm_head"),
+    image_token="<|image_pad|>",
+)
+# LLaVA-style composites: vision_tower -> multi_modal_projector -> language_model.
+_LLAVA_KEYS = dict(
+    vision_keys=("model.vision_tower",),
+    projector_keys=("model.multi_modal_projector",),
+    language_keys=("model.language_model", "lm_head"),
+)
+# Idefics3 and SmolVLM: vision_model -> connector (pixel shuffle + projection) -> text_model.
+_IDEFICS_KEYS = dict(
+    vision_keys=("model.vision_model",),
+    projector_keys=("model.connector",),
+    language_keys=("model.text_model", "lm_head"),
+    image_token="<image>",
+)
+
 register(
     FamilySpec(
         model_type="qwen2_vl",
+        **_QWEN_KEYS,
+        decoder_layers=("Qwen2VLDecoderLayer",),
+        vision_layer="Qwen2VLVisionBlock",
+        example_checkpoints=("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct", "Qwen/Qwen2-VL-72B-Instruct"),
+    )
+)
+
+register(
+    FamilySpec(
+        model_type="qwen2_5_vl",
+        **_QWEN_KEYS,
+        decoder_layers=("Qwen2_5_VLDecoderLayer",),
+        vision_layer="Qwen2_5_VLVisionBlock",
+        example_checkpoints=(
+            "Qwen/Qwen2.5-VL-3B-Instruct",
+            "Qwen/Qwen2.5-VL-7B-Instruct",
+            "Qwen/Qwen2.5-VL-32B-Instruct",
+            "Qwen/Qwen2.5-VL-72B-Instruct",
+        ),
+    )
+)
+
+register(
+    FamilySpec(
+        model_type="qwen3_vl",
         vision_keys=("model.visual",),
-        projector_keys=("model.visual.merger",),
+        # The final merger and the "deepstack" mergers that feed early vision layers into the LM.
+        projector_keys=("model.visual.merger", "model.visual.deepstack_merger_list"),
         language_keys=("model.language_model", "lm_head"),
         image_token="<|image_pad|>",
-        decoder_layer="Qwen2VLDecoderLayer",
-        vision_layer="Qwen2VLVisionBlock",
-        example_checkpoints=("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct"),
+        decoder_layers=("Qwen3VLTextDecoderLayer",),
+        vision_layer="Qwen3VLVisionBlock",
+        example_checkpoints=("Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-8B-Instruct"),
+        notes="Dense Qwen3-VL; the MoE variants (qwen3_vl_moe) use the generic fallback.",
     )
 )
 
 register(
     FamilySpec(
         model_type="llava",
+        **_LLAVA_KEYS,
+        image_token="<image>",
+        decoder_layers=("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer"),
+        vision_layer="CLIPEncoderLayer",
+        multi_image=False,
+        example_checkpoints=(
+            "llava-hf/llava-1.5-7b-hf",
+            "llava-hf/llava-1.5-13b-hf",
+            "llava-hf/llava-interleave-qwen-0.5b-hf",
+        ),
+        notes="CLIP or SigLIP tower (llava-interleave); trained on one image per sample: extra images are "
+        "dropped with a warning. The decoder class follows the checkpoint's language model (those listed "
+        "are the common ones); the loaded model's own is used.",
+    )
+)
+
+register(
+    FamilySpec(
+        model_type="llava_next",
         vision_keys=("model.vision_tower",),
-        projector_keys=("model.multi_modal_projector",),
+        # image_newline is the learned separator between rows of image tiles: trained with the projector.
+        projector_keys=("model.multi_modal_projector", "model.image_newline"),
         language_keys=("model.language_model", "lm_head"),
         image_token="<image>",
+        decoder_layers=("MistralDecoderLayer", "LlamaDecoderLayer", "GraniteDecoderLayer"),
+        vision_layer="CLIPEncoderLayer",
         multi_image=False,
-        example_checkpoints=("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf"),
-        notes="Trained on one image per sample; extra images are dropped with a warning.",
+        example_checkpoints=(
+            "llava-hf/llava-v1.6-mistral-7b-hf",
+            "llava-hf/llava-v1.6-vicuna-7b-hf",
+            "ibm-granite/granite-vision-3.2-2b",
+        ),
+        notes="LLaVA-1.6 (AnyRes tiling); Granite Vision uses this architecture. The decoder class "
+        "follows the language model; the loaded model's own is used.",
+    )
+)
+
+register(
+    FamilySpec(
+        model_type="gemma3",
+        **_LLAVA_KEYS,
+        image_token="<image_soft_token>",
+        decoder_layers=("Gemma3DecoderLayer",),
+        vision_layer="SiglipEncoderLayer",
+        example_checkpoints=("google/gemma-3-4b-it", "google/gemma-3-12b-it", "google/gemma-3-27b-it"),
+        notes="The processor returns token_type_ids (image tokens attend bidirectionally); they pass "
+        "through to the model.",
+    )
+)
+
+register(
+    FamilySpec(
+        model_type="mllama",
+        vision_keys=("model.vision_model",),
+        projector_keys=("model.multi_modal_projector",),
+        language_keys=("model.language_model", "lm_head"),
+        image_token="<|image|>",
+        decoder_layers=("MllamaSelfAttentionDecoderLayer", "MllamaCrossAttentionDecoderLayer"),
+        vision_layer="MllamaVisionEncoderLayer",
+        multi_image=False,
+        example_checkpoints=(
+            "meta-llama/Llama-3.2-11B-Vision-Instruct",
+            "meta-llama/Llama-3.2-90B-Vision-Instruct",
+        ),
+        notes="Images enter through cross-attention layers (part of the language model, LoRA-adapted "
+        "with it); one image per sample.",
+    )
+)
+
+register(
+    FamilySpec(
+        model_type="idefics3",
+        **_IDEFICS_KEYS,
+        decoder_layers=("LlamaDecoderLayer",),
+        vision_layer="Idefics3EncoderLayer",
+        example_checkpoints=("HuggingFaceM4/Idefics3-8B-Llama3",),
+    )
+)
+
+register(
+    FamilySpec(
+        model_type="smolvlm",
+        **_IDEFICS_KEYS,
+        decoder_layers=("LlamaDecoderLayer",),
+        vision_layer="SmolVLMEncoderLayer",
+        example_checkpoints=(
+            "HuggingFaceTB/SmolVLM-256M-Instruct",
+            "HuggingFaceTB/SmolVLM-500M-Instruct",
+            "HuggingFaceTB/SmolVLM-Instruct",
+            "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
+        ),
+        notes="Needs the num2words package (installed with vlmtune).",
+    )
+)
+
+register(
+    FamilySpec(
+        model_type="paligemma",
+        **_LLAVA_KEYS,
+        image_token="<image>",
+        decoder_layers=("GemmaDecoderLayer", "Gemma2DecoderLayer"),
+        vision_layer="SiglipEncoderLayer",
+        multi_image=False,
+        default_chat_template=PALIGEMMA_TEMPLATE,
+        encode_batch=prefix_suffix_batch,
+        example_checkpoints=(
+            "google/paligemma-3b-pt-224",
+            "google/paligemma-3b-mix-224",
+            "google/paligemma2-3b-pt-224",
+            "google/paligemma2-3b-pt-448",
+        ),
+        notes="Not a chat model: the prompt is the prefix, the answer the suffix (the last answer of a "
+        "conversation is trained). PaliGemma 2 checkpoints (Gemma 2 decoder) use the same entry.",
     )
 )
 
 GENERIC = FamilySpec(
     model_type="generic",
-    vision_keys=("model.vision_tower", "model.visual", "vision_model", "model.vision_model"),
-    projector_keys=("model.multi_modal_projector", "model.connector", "model.visual.merger"),
-    language_keys=("model.language_model", "language_model", "lm_head"),
+    vision_keys=("model.vision_tower", "model.visual", "model.vision_model", "vision_model", "vision_tower"),
+    projector_keys=("model.multi_modal_projector", "model.connector", "model.visual.merger", "multi_modal_projector"),
+    language_keys=("model.language_model", "model.text_model", "language_model", "lm_head"),
     image_token="<image>",
 )
 

@@ -62,14 +62,19 @@ def build_tokenizer(
     extra_special_tokens: list[str] = (),
     chat_template: str | None = None,
     vocab_size: int = 1024,
+    named_tokens: dict[str, str] | None = None,
     **init_kwargs,
 ) -> PreTrainedTokenizerFast:
     """Build a fast tokenizer with the given role tokens (bos/eos/pad/unk) and extra atomic tokens.
 
     `special_tokens` maps transformers' names (``bos_token``, ``eos_token``, ``pad_token``...) to token
-    strings; `extra_special_tokens` are family tokens such as ``<|image_pad|>`` that must never split.
+    strings; `extra_special_tokens` are family tokens such as ``<|image_pad|>`` that must never split;
+    `named_tokens` are special tokens the processor reads as tokenizer attributes (Gemma 3's
+    ``boi_token``, say).
     """
     tok = Tokenizer.from_str(_train_bpe(vocab_size))
+    if named_tokens:
+        init_kwargs["extra_special_tokens"] = dict(named_tokens)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **special_tokens, **init_kwargs)
     extras = [t for t in extra_special_tokens if t not in special_tokens.values()]
     if extras:

@@ -17,6 +17,9 @@ from ..eval.during_training import GenerationMetrics, attach
 from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..eval.plots import write_training_plots
 from ..models.loading import apply_finetuning, load_model, trainable_table
+from .callbacks import early_stopping_callback
+from .fsdp import default_fsdp_wrap
+from .optim import VlmTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +57,20 @@ def _dtype(training_args) -> torch.dtype:
     return torch.float32
 
 
-def run_training(model_args, data_args, finetune_args, training_args) -> TrainResult:
-    """Fine-tune as the arguments say, save everything a user needs, and return the final metrics."""
+def quantization_kwargs(finetune_args) -> dict:
+    """The QLoRA loading flags, for `load_model`."""
+    return {
+        "load_in_4bit": finetune_args.load_in_4bit,
+        "load_in_8bit": finetune_args.load_in_8bit,
+        "quantize_vision_tower": finetune_args.quantize_vision_tower,
+    }
+
+
+def run_training(model_args, data_args, finetune_args, training_args, callbacks=None) -> TrainResult:
+    """Fine-tune as the arguments say, save everything a user needs, and return the final metrics.
+
+    `callbacks`: extra `TrainerCallback`s (for programmatic use and tests).
+    """
     out = check_output_dir(training_args)
     if data_args.streaming:
         if training_args.max_steps <= 0:
@@ -69,10 +84,12 @@ def run_training(model_args, data_args, finetune_args, training_args) -> TrainRe
         dtype=_dtype(training_args),
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
+        **quantization_kwargs(finetune_args),
     )
     splits: Splits = build_splits(data_args, loaded.spec, seed=training_args.seed, processor=loaded.processor)
     print(splits.schema.describe())
     print(splits.summary())
+    default_fsdp_wrap(training_args, loaded.model, loaded.spec)
     model = apply_finetuning(loaded.model, loaded.spec, finetune_args)
     print(trainable_table(model, loaded.spec))
     if training_args.label_names is None:
@@ -82,7 +99,8 @@ def run_training(model_args, data_args, finetune_args, training_args) -> TrainRe
     if splits.eval is None and training_args.eval_strategy != "no":
         raise ValueError("--eval_strategy needs evaluation data: add --eval_dataset_name or --val_split_ratio")
     generation_metrics = GenerationMetrics.from_args(loaded.processor, splits, finetune_args, training_args)
-    trainer = Trainer(
+    early_stopping = early_stopping_callback(finetune_args, training_args)
+    trainer = VlmTrainer(
         model=model,
         args=training_args,
         train_dataset=splits.train,
@@ -90,6 +108,10 @@ def run_training(model_args, data_args, finetune_args, training_args) -> TrainRe
         data_collator=VlmCollator(loaded.processor, splits.preparer, data_args.train_on_prompt),
         processing_class=loaded.processor,
         **(generation_metrics.trainer_kwargs() if generation_metrics else {}),
+        callbacks=[c for c in (early_stopping, *(callbacks or [])) if c is not None],
+        spec=loaded.spec,
+        vision_lr=finetune_args.vision_lr,
+        projector_lr=finetune_args.projector_lr,
     )
     attach(trainer, generation_metrics)
     resume = training_args.resume_from_checkpoint

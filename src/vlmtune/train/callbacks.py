@@ -1,0 +1,64 @@
+"""Early stopping with patience in evaluations or as a share of the run (the VizSage workflow)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from transformers import EarlyStoppingCallback, TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+
+def evaluations_in(steps: float, args, max_steps: int) -> int:
+    """How many evaluations happen in `steps` training steps under `args`' evaluation schedule."""
+    if args.eval_strategy == "epoch":
+        epochs = max(args.num_train_epochs, 1)
+        per_eval = max_steps / epochs
+    else:
+        per_eval = args.eval_steps or args.logging_steps
+        if per_eval < 1:  # a fraction of the run, as transformers allows
+            per_eval = per_eval * max_steps
+    return max(1, math.ceil(steps / max(per_eval, 1)))
+
+
+class RatioEarlyStopping(EarlyStoppingCallback):
+    """`EarlyStoppingCallback` whose patience is a fraction of the total steps, known at train start."""
+
+    def __init__(self, patience_ratio: float, early_stopping_threshold: float = 0.0):
+        super().__init__(early_stopping_patience=1, early_stopping_threshold=early_stopping_threshold)
+        self.patience_ratio = patience_ratio
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self.early_stopping_patience = evaluations_in(self.patience_ratio * state.max_steps, args, state.max_steps)
+        logger.info(
+            "Early stopping: patience %.3g of %d steps = %d evaluations.",
+            self.patience_ratio,
+            state.max_steps,
+            self.early_stopping_patience,
+        )
+
+
+def early_stopping_callback(finetune_args, training_args) -> TrainerCallback | None:
+    """The early-stopping callback the arguments ask for (None when they ask for none).
+
+    Watches `--metric_for_best_model` (eval loss unless set), which any metric the evaluation reports
+    can be; `--load_best_model_at_end` keeps the best checkpoint.
+    """
+    patience, ratio = finetune_args.early_stopping_patience, finetune_args.early_stopping_patience_ratio
+    if patience is None and ratio is None:
+        return None
+    if patience is not None and ratio is not None:
+        raise ValueError("give --early_stopping_patience or --early_stopping_patience_ratio, not both")
+    if training_args.eval_strategy == "no":
+        raise ValueError("early stopping needs evaluations: set --eval_strategy steps (with --eval_steps) or epoch")
+    if training_args.metric_for_best_model is None:
+        training_args.metric_for_best_model = "loss"
+        training_args.greater_is_better = False
+    threshold = finetune_args.early_stopping_threshold
+    if ratio is not None:
+        if not 0 < ratio <= 1:
+            raise ValueError(f"--early_stopping_patience_ratio must be in (0, 1], got {ratio}")
+        return RatioEarlyStopping(ratio, threshold)
+    return EarlyStoppingCallback(early_stopping_patience=patience, early_stopping_threshold=threshold)

@@ -1,0 +1,140 @@
+"""Every family: build the tiny model, train LoRA, frozen parts untouched, plain-PEFT reload, generate."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from peft import PeftModel
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+
+from tests.helpers import train_args
+from vlmtune.data.collate import Preparer, VlmCollator
+from vlmtune.data.schema import Conversation, detect_schema
+from vlmtune.eval.generate import generate_answers
+from vlmtune.models.loading import decoder_layer_classes, load_model, part_of, strip_peft_prefix
+from vlmtune.models.registry import FAMILIES, GENERIC, get_family
+from vlmtune.models.tiny import BUILDERS
+from vlmtune.train.run import run_training
+
+PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]
+
+
+def batch_for(processor, spec, colours=("red", "blue")):
+    """A two-row training batch built by vlmtune's own collator."""
+    rows = [
+        {
+            "__index__": i,
+            "messages": PROMPT + [{"role": "assistant", "content": [{"type": "text", "text": colour}]}],
+            "images": [Image.new("RGB", (64, 64), colour)],
+        }
+        for i, colour in enumerate(colours)
+    ]
+    return VlmCollator(processor, Preparer(detect_schema(["messages", "images"]), spec))(rows)
+
+
+def short_run(model_dir: str, shapes_data, out, **overrides):
+    settings = dict(
+        max_steps=3,
+        per_device_train_batch_size=4,
+        max_train_samples=12,
+        val_split_ratio=0.0,
+        eval_accuracy=False,
+    )
+    settings.update(overrides)
+    return run_training(*train_args(model_dir, str(shapes_data["train"]), str(out), **settings))
+
+
+def test_every_registered_family_has_a_tiny_builder():
+    built_types = {"llava_siglip": "llava"}
+    assert {built_types.get(f, f) for f in BUILDERS} == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_family_trains_lora_keeps_frozen_parts_reloads_and_generates(family, tiny_model_dir, shapes_data, tmp_path):
+    model_dir = tiny_model_dir(family)
+    base = load_model(model_dir)
+    spec = base.spec
+    assert spec is FAMILIES[base.model.config.model_type], "detected from config.model_type"
+    # The registry's keys account for every parameter: nothing falls into "other".
+    assert {part_of(n, spec) for n, _ in base.model.named_parameters()} == {
+        "vision_tower",
+        "projector",
+        "language_model",
+    }
+    layers = decoder_layer_classes(base.model, spec)
+    assert layers and set(layers) <= set(spec.decoder_layers)
+    assert base.processor.tokenizer.convert_tokens_to_ids(spec.image_token) != base.processor.tokenizer.unk_token_id
+
+    result = run_training(
+        *train_args(
+            model_dir,
+            str(shapes_data["train"]),
+            str(tmp_path / "out"),
+            max_steps=3,
+            per_device_train_batch_size=4,
+            max_train_samples=12,
+            val_split_ratio=0.0,
+            eval_accuracy=False,
+        )
+    )
+    trained = result.trainer.model.eval()
+
+    # Frozen parts bit-identical; LoRA only in the language model, and it moved.
+    base_params = dict(base.model.named_parameters())
+    seen, lora = set(), []
+    for name, param in trained.named_parameters():
+        if "lora_" in name:
+            lora.append((name, param))
+            continue
+        seen.add(strip_peft_prefix(name))
+        assert torch.equal(param, base_params[strip_peft_prefix(name)]), name
+    assert seen == set(base_params)
+    assert lora and all(part_of(strip_peft_prefix(n), spec) == "language_model" for n, _ in lora)
+    assert any(p.abs().sum() > 0 for n, p in lora if "lora_B" in n), "training must change the adapter"
+
+    # Plain PEFT reload of what was saved: identical logits, identical greedy answers.
+    plain = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model_dir), str(result.output_dir))
+    plain.eval()
+    batch = batch_for(base.processor, spec)
+    with torch.no_grad():
+        ours, theirs = trained(**batch).logits, plain(**batch).logits
+    assert torch.equal(ours, theirs)
+    convs = [Conversation(messages=PROMPT, images=["x"])] * 2
+    images = [[Image.new("RGB", (64, 64), "green")], [Image.new("RGB", (80, 64), "blue")]]
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4)  # 4 new tokens, whatever the weights
+    answers = generate_answers(trained, base.processor, convs, images, **kwargs)
+    assert answers == generate_answers(plain, base.processor, convs, images, **kwargs)
+    assert all(isinstance(a, str) for a in answers)
+
+
+def test_unknown_architecture_falls_back_with_a_warning_and_explicit_targets(
+    tiny_model_dir, shapes_data, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.delitem(FAMILIES, "qwen2_vl")
+    with caplog.at_level(logging.WARNING):
+        assert get_family("qwen2_vl") is GENERIC
+    assert "not in vlmtune's registry" in caplog.text and "--lora_target_modules" in caplog.text
+    result = short_run(
+        tiny_model_dir("qwen2_vl"), shapes_data, tmp_path / "out", lora_target_modules=["q_proj", "v_proj"]
+    )
+    lora = {n for n, _ in result.trainer.model.named_parameters() if "lora_A" in n}
+    assert lora and all(".language_model." in n and (".q_proj." in n or ".v_proj." in n) for n in lora)
+    config = json.loads((result.output_dir / "adapter_config.json").read_text())
+    assert "q_proj" in str(config["target_modules"])
+
+
+def test_models_docs_list_every_family_and_checkpoint():
+    from pathlib import Path
+
+    docs = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
+    for spec in FAMILIES.values():
+        assert f"(`{spec.model_type}`)" in docs, spec.model_type
+        for checkpoint in spec.example_checkpoints:
+            assert f"`{checkpoint}`" in docs, checkpoint
+    for family in BUILDERS:
+        assert f"`{family}`" in docs, family
+    assert "docs/models.md" in (Path(__file__).parents[1] / "README.md").read_text()

@@ -1,0 +1,97 @@
+"""Every family's label mask, token by token, against an independent reader of its chat format."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from vlmtune.data.collate import Preparer, VlmCollator
+from vlmtune.data.encode import IGNORE_INDEX
+from vlmtune.data.schema import detect_schema
+from vlmtune.models.loading import load_model
+from vlmtune.models.tiny import BUILDERS
+
+# Per tiny family: the text that opens an assistant turn in the family's real chat format, and the
+# token that closes it (trained, so the model learns to stop).
+MARKERS = {
+    "qwen2_vl": ("<|im_start|>assistant\n", "<|im_end|>"),
+    "qwen2_5_vl": ("<|im_start|>assistant\n", "<|im_end|>"),
+    "qwen3_vl": ("<|im_start|>assistant\n", "<|im_end|>"),
+    "llava": (" ASSISTANT:", "</s>"),
+    "llava_siglip": (" ASSISTANT:", "</s>"),
+    "llava_next": (" [/INST]", "</s>"),
+    "gemma3": ("<start_of_turn>model\n", "<end_of_turn>"),
+    "mllama": ("<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
+    "idefics3": ("Assistant:", "<end_of_utterance>"),
+    "smolvlm": ("Assistant:", "<end_of_utterance>"),
+    # Prefix-LM: the answer (suffix) follows the prefix's closing newline and ends with EOS.
+    "paligemma": ("\n", "<eos>"),
+}
+
+MULTI_TURN = [
+    {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And the second one?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "a blue circle"}]},
+]
+SINGLE_TURN = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Shape?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "square"}]},
+]
+
+
+def expected_labels(tokenizer, ids: list[int], family: str, last_only: bool) -> list[int]:
+    """Mark the tokens after each assistant opener up to and including the closing token."""
+    opener = tokenizer(MARKERS[family][0], add_special_tokens=False)["input_ids"]
+    closer = tokenizer.convert_tokens_to_ids(MARKERS[family][1])
+    labels, inside, turns = [IGNORE_INDEX] * len(ids), False, []
+    for i, tok in enumerate(ids):
+        if inside:
+            labels[i] = tok
+            turns[-1].append(i)
+            inside = tok != closer
+        elif ids[max(0, i - len(opener) + 1) : i + 1] == opener:
+            inside = True
+            turns.append([])
+    if last_only:  # a prefix-LM family trains the final answer only
+        for turn in turns[:-1]:
+            for i in turn:
+                labels[i] = IGNORE_INDEX
+    return labels
+
+
+def test_markers_cover_every_family():
+    assert set(MARKERS) == set(BUILDERS)
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_labels_cover_exactly_the_answers(tiny_model_dir, family):
+    loaded = load_model(tiny_model_dir(family))
+    processor, spec = loaded.processor, loaded.spec
+    rows = [
+        {
+            "__index__": 0,
+            "messages": MULTI_TURN,
+            "images": [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (96, 64), "blue")],
+        },
+        {"__index__": 1, "messages": SINGLE_TURN, "images": [Image.new("RGB", (64, 64), "green")]},
+    ]
+    batch = VlmCollator(processor, Preparer(detect_schema(["messages", "images"]), spec))(rows)
+    tokenizer = processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids(spec.image_token)
+    last_only = spec.encode_batch is not None
+    for i in range(len(rows)):
+        ids, labels = batch["input_ids"][i].tolist(), batch["labels"][i].tolist()
+        length = int(batch["attention_mask"][i].sum())
+        assert batch["attention_mask"][i, :length].all(), "training batches are right-padded"
+        assert labels[:length] == expected_labels(tokenizer, ids[:length], family, last_only)
+        assert all(label == IGNORE_INDEX for label in labels[length:]), "padding must not be trained"
+        # Each image expands to its feature tokens (Mllama's one token reaches them by cross-attention).
+        assert ids.count(image_id) >= (1 if family == "mllama" else 4)
+        assert all(lab == IGNORE_INDEX for tok, lab in zip(ids, labels) if tok == image_id)
+    trained = [tokenizer.decode([t for t in batch["labels"][i].tolist() if t != IGNORE_INDEX]) for i in range(2)]
+    eos = MARKERS[family][1]
+    first = "" if last_only else f"red{eos}"
+    assert trained[0].replace(" ", "") == f"{first}abluecircle{eos}"
+    assert trained[1].strip() == f"square{eos}"
