@@ -51,6 +51,8 @@ def test_output_dir_holds_what_users_need(lora_run):
         "processor_config.json",
         "tokenizer.json",
         "predictions.jsonl",
+        # AutoProcessor builds Qwen2-VL's video processor from this where torchvision is installed
+        "preprocessor_config.json",
     ):
         assert (out / name).is_file(), name
     assert "<|im_start|>" in (out / "chat_template.jinja").read_text()

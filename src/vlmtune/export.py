@@ -70,24 +70,10 @@ def merge_adapter(args: MergeArguments) -> Path:
     if not (out / "generation_config.json").exists() and model.generation_config is not None:
         model.generation_config.save_pretrained(out)
     loaded.processor.save_pretrained(out)
-    write_legacy_image_processor_config(loaded.processor, out)
     logger.info("Merged %s into %s", args.adapter, out)
     if args.push_to_hub:
         push_folder(out, args.hub_model_id or out.name, private=args.hub_private_repo, token=args.hub_token)
     return out
-
-
-def write_legacy_image_processor_config(processor, out: Path) -> None:
-    """Also save the image processor as `preprocessor_config.json` when the processor has no video part.
-
-    vlmtune loads Qwen2-VL-style processors without their video processor where torchvision is missing
-    (see `models.processors`). Where torchvision is installed, `AutoProcessor` builds the video processor
-    from this file, as it does for the original hub checkpoints, which ship only this file.
-    """
-    image_processor = getattr(processor, "image_processor", None)
-    if image_processor is not None and getattr(processor, "video_processor", None) is None:
-        if not (out / "preprocessor_config.json").exists():
-            image_processor.save_pretrained(out)
 
 
 def push_folder(folder: Path, repo_id: str, private: bool = False, token: str | None = None) -> str:

@@ -2,8 +2,9 @@
 
 Qwen2-VL, Qwen2.5-VL and SmolVLM processors insist on a video processor, and transformers' video
 processors need torchvision. vlmtune trains on images, so when torchvision is missing we load the same
-processor class with its video part left out. The subclass keeps the base class's name, so whatever it
-saves still loads with `AutoProcessor` wherever torchvision is installed.
+processor class with its video part left out. The subclass keeps the base class's name and also saves
+its image processor as `preprocessor_config.json` (as the hub checkpoints of these families do), from which
+`AutoProcessor` builds the video processor wherever torchvision is installed.
 """
 
 from __future__ import annotations
@@ -47,10 +48,24 @@ def image_only(processor_cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
         "video_processor": _NoVideoProcessor(),
         "__module__": __name__,
     }
+    namespace["save_pretrained"] = _save_with_image_processor_config(processor_cls.save_pretrained)
     init = _video_optional_init(processor_cls.__init__)
     if init is not None:
         namespace["__init__"] = init
     return type(processor_cls.__name__, (processor_cls,), namespace)
+
+
+def _save_with_image_processor_config(save):
+    """`save_pretrained` that also writes `preprocessor_config.json`: without it, `AutoProcessor` finds no
+    settings for the video processor and cannot load the folder even where torchvision is installed."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        result = save(self, save_directory, *args, **kwargs)
+        if not (Path(save_directory) / "preprocessor_config.json").exists():
+            self.image_processor.save_pretrained(save_directory)
+        return result
+
+    return save_pretrained
 
 
 def _video_optional_init(init):
