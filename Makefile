@@ -12,13 +12,20 @@ $(BIN)/vlmtune: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: install demo test lint
+.PHONY: install browser demo test lint
 install: $(BIN)/vlmtune
+
+# The report test renders report.html in a real headless Chromium (Debian's package).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null \
+	  || echo "chromium could not be installed: the report rendering test will be skipped"; }
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/vlmtune demo
 
-test: install
+test: install browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 lint: install
