@@ -28,3 +28,15 @@ def train_args(model_dir: str, dataset: str, output_dir: str, eval_dataset: str 
         else:
             training[key] = value
     return model, data, finetune, VlmTrainingArguments(**training)
+
+
+SHORT = dict(max_steps=3, per_device_train_batch_size=4, max_train_samples=12, val_split_ratio=0.0, eval_accuracy=False)
+
+
+def short_run(model_dir: str, shapes_data, out, eval_data: bool = False, callbacks=None, **overrides):
+    """A 3-step LoRA run on 12 shapes rows (no generation eval unless asked): for behaviour, not learning."""
+    from vlmtune.train.run import run_training
+
+    validation = str(shapes_data["validation"]) if eval_data else None
+    args = train_args(model_dir, str(shapes_data["train"]), str(out), validation, **{**SHORT, **overrides})
+    return run_training(*args, callbacks=callbacks)

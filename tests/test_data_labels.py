@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from tests.data_files import data_args, data_uri, png, write_rows
-from tests.test_labels import MARKERS, expected_labels
+from tests.test_models_labels import MARKERS, expected_labels
 from vlmtune.data.collate import VlmCollator
 from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.data.splits import build_splits
@@ -62,7 +62,7 @@ def test_file_conversations_train_every_assistant_turn_and_nothing_else(tmp_path
     for i in range(2):
         length = int(batch["attention_mask"][i].sum())
         ids, labels = batch["input_ids"][i].tolist()[:length], batch["labels"][i].tolist()[:length]
-        assert labels == expected_labels(tokenizer, ids, family)
+        assert labels == expected_labels(tokenizer, ids, family, last_only=False)
         assert all(label == IGNORE_INDEX for label in batch["labels"][i].tolist()[length:])
         assert image_id in ids and not any(lab == image_id for lab in labels)
     eos = MARKERS[family][1]

@@ -11,14 +11,13 @@ from peft import PeftModel
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-from tests.helpers import train_args
+from tests.helpers import short_run
 from vlmtune.data.collate import Preparer, VlmCollator
 from vlmtune.data.schema import Conversation, detect_schema
 from vlmtune.eval.generate import generate_answers
 from vlmtune.models.loading import decoder_layer_classes, load_model, part_of, strip_peft_prefix
 from vlmtune.models.registry import FAMILIES, GENERIC, get_family
 from vlmtune.models.tiny import BUILDERS
-from vlmtune.train.run import run_training
 
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]
 
@@ -34,18 +33,6 @@ def batch_for(processor, spec, colours=("red", "blue")):
         for i, colour in enumerate(colours)
     ]
     return VlmCollator(processor, Preparer(detect_schema(["messages", "images"]), spec))(rows)
-
-
-def short_run(model_dir: str, shapes_data, out, **overrides):
-    settings = dict(
-        max_steps=3,
-        per_device_train_batch_size=4,
-        max_train_samples=12,
-        val_split_ratio=0.0,
-        eval_accuracy=False,
-    )
-    settings.update(overrides)
-    return run_training(*train_args(model_dir, str(shapes_data["train"]), str(out), **settings))
 
 
 def test_every_registered_family_has_a_tiny_builder():
@@ -69,18 +56,7 @@ def test_family_trains_lora_keeps_frozen_parts_reloads_and_generates(family, tin
     assert layers and set(layers) <= set(spec.decoder_layers)
     assert base.processor.tokenizer.convert_tokens_to_ids(spec.image_token) != base.processor.tokenizer.unk_token_id
 
-    result = run_training(
-        *train_args(
-            model_dir,
-            str(shapes_data["train"]),
-            str(tmp_path / "out"),
-            max_steps=3,
-            per_device_train_batch_size=4,
-            max_train_samples=12,
-            val_split_ratio=0.0,
-            eval_accuracy=False,
-        )
-    )
+    result = short_run(model_dir, shapes_data, tmp_path / "out")
     trained = result.trainer.model.eval()
 
     # Frozen parts bit-identical; LoRA only in the language model, and it moved.

@@ -9,6 +9,8 @@ from vlmtune.data.collate import Preparer, VlmCollator
 from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.data.schema import detect_schema
 from vlmtune.models.loading import load_model
+from vlmtune.models.processors import load_processor
+from vlmtune.models.registry import get_family
 from vlmtune.models.tiny import BUILDERS
 
 # Per tiny family: the text that opens an assistant turn in the family's real chat format, and the
@@ -95,3 +97,17 @@ def test_labels_cover_exactly_the_answers(tiny_model_dir, family):
     first = "" if last_only else f"red{eos}"
     assert trained[0].replace(" ", "") == f"{first}abluecircle{eos}"
     assert trained[1].strip() == f"square{eos}"
+
+
+def test_train_on_prompt_trains_the_text_but_never_image_tokens(tiny_model_dir):
+    processor = load_processor(tiny_model_dir("qwen2_vl"))
+    spec = get_family("qwen2_vl")
+    row = {"__index__": 0, "messages": SINGLE_TURN, "images": [Image.new("RGB", (64, 64), "green")]}
+    collator = VlmCollator(processor, Preparer(detect_schema(["messages", "images"]), spec), train_on_prompt=True)
+    batch = collator([row])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    image_id = processor.tokenizer.convert_tokens_to_ids(spec.image_token)
+    trained_text = processor.tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+    assert "Shape?" in trained_text and "square<|im_end|>" in trained_text
+    assert ids.count(image_id) >= 4
+    assert not any(lab == image_id for lab in labels), "image tokens are inputs, never targets"

@@ -15,7 +15,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, TrainerCallback
 
-from tests.helpers import train_args
+from tests.helpers import short_run
 from tests.test_models_families import batch_for
 from vlmtune.config import FinetuneArguments
 from vlmtune.models.loading import (
@@ -25,28 +25,12 @@ from vlmtune.models.loading import (
     resolve_attn_implementation,
     strip_peft_prefix,
 )
-from vlmtune.train.run import run_training
 
 QWEN = "qwen2_vl"
 
 
-def run(tiny_model_dir, shapes_data, out, family=QWEN, eval_data=False, callbacks=None, **overrides):
-    settings = dict(
-        max_steps=3,
-        per_device_train_batch_size=4,
-        max_train_samples=12,
-        val_split_ratio=0.0,
-        eval_accuracy=False,
-    )
-    settings.update(overrides)
-    args = train_args(
-        tiny_model_dir(family),
-        str(shapes_data["train"]),
-        str(out),
-        str(shapes_data["validation"]) if eval_data else None,
-        **settings,
-    )
-    return run_training(*args, callbacks=callbacks)
+def run(tiny_model_dir, shapes_data, out, family=QWEN, **overrides):
+    return short_run(tiny_model_dir(family), shapes_data, out, **overrides)
 
 
 def lora_parts(model, spec) -> dict[str, set[str]]:

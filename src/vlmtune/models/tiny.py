@@ -95,6 +95,12 @@ LLAVA_TEMPLATE = (
 )
 
 
+def _text(tok, **overrides) -> dict:
+    """The tiny language model's config: shared sizes, the tokenizer's vocabulary and special ids."""
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    return {**_TEXT, "vocab_size": len(tok), **ids, **overrides}
+
+
 def _ids(tokenizer, **names: str) -> dict[str, int]:
     return {key: tokenizer.convert_tokens_to_ids(tok) for key, tok in names.items()}
 
@@ -116,13 +122,10 @@ def _qwen2_vl() -> tuple[PretrainedConfig, ProcessorMixin]:
     )
     head_dim = HIDDEN // _TEXT["num_attention_heads"]
     config = Qwen2VLConfig(
-        text_config=dict(
-            _TEXT,
-            vocab_size=len(tok),
+        text_config=_text(
+            tok,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
             bos_token_id=None,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
         ),
         vision_config=dict(
             depth=2,
@@ -166,13 +169,9 @@ def _llava() -> tuple[PretrainedConfig, ProcessorMixin]:
             patch_size=16,
             projection_dim=32,
         ),
-        text_config=dict(
-            _TEXT,
+        text_config=_text(
+            tok,
             model_type="llama",
-            vocab_size=len(tok),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
         ),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
@@ -278,13 +277,10 @@ def _qwen_vl_processor(processor_cls, patch: int, template: str):
 def _qwen2_5_vl() -> tuple[PretrainedConfig, ProcessorMixin]:
     tok, processor, ids = _qwen_vl_processor(Qwen2_5_VLProcessor, 14, QWEN_TEMPLATE)
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            _TEXT,
-            vocab_size=len(tok),
+        text_config=_text(
+            tok,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
             bos_token_id=None,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
         ),
         vision_config=dict(
             depth=2,
@@ -306,17 +302,15 @@ def _qwen2_5_vl() -> tuple[PretrainedConfig, ProcessorMixin]:
 def _qwen3_vl() -> tuple[PretrainedConfig, ProcessorMixin]:
     tok, processor, ids = _qwen_vl_processor(Qwen3VLProcessor, 16, QWEN3_TEMPLATE)
     config = Qwen3VLConfig(
-        text_config=dict(
-            _TEXT,
+        text_config=_text(
+            tok,
             head_dim=HIDDEN // _TEXT["num_attention_heads"],
-            vocab_size=len(tok),
             rope_parameters={
                 "rope_type": "default",
                 "rope_theta": 10000.0,
                 "mrope_section": [2, 3, 3],
                 "mrope_interleaved": True,
             },
-            pad_token_id=tok.pad_token_id,
         ),
         vision_config=dict(
             depth=2,
@@ -381,13 +375,9 @@ def _llava_next() -> tuple[PretrainedConfig, ProcessorMixin]:
         vision_config=dict(
             model_type="clip_vision_model", image_size=32, patch_size=16, projection_dim=32, **_VISION_TINY
         ),
-        text_config=dict(
-            _TEXT,
+        text_config=_text(
+            tok,
             model_type="mistral",
-            vocab_size=len(tok),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
         ),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=pinpoints,
@@ -410,16 +400,13 @@ def _gemma3() -> tuple[PretrainedConfig, ProcessorMixin]:
     processor = Gemma3Processor(image_processor, tok, chat_template=GEMMA3_TEMPLATE, image_seq_length=4)
     head_dim = HIDDEN // _TEXT["num_attention_heads"]
     config = Gemma3Config(
-        text_config=dict(
-            _TEXT,
+        text_config=_text(
+            tok,
             head_dim=head_dim,
             query_pre_attn_scalar=head_dim,
             sliding_window=64,
             layer_types=["sliding_attention", "full_attention"],
-            vocab_size=len(tok),
-            bos_token_id=tok.bos_token_id,
             eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
-            pad_token_id=tok.pad_token_id,
         ),
         vision_config=dict(model_type="siglip_vision_model", image_size=64, patch_size=16, **_VISION_TINY),
         mm_tokens_per_image=4,
@@ -456,13 +443,9 @@ def _mllama() -> tuple[PretrainedConfig, ProcessorMixin]:
             intermediate_layers_indices=[0],
             vision_output_dim=vision_hidden * 2,  # last layer + one intermediate layer, concatenated
         ),
-        text_config=dict(
-            _TEXT,
+        text_config=_text(
+            tok,
             cross_attention_layers=[1],
-            vocab_size=len(tok),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
         ),
         image_token_index=tok.convert_tokens_to_ids("<|image|>"),
     )
@@ -485,13 +468,9 @@ def _idefics3() -> tuple[PretrainedConfig, ProcessorMixin]:
     processor = Idefics3Processor(image_processor, tok, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)
     config = Idefics3Config(
         vision_config=dict(image_size=64, patch_size=16, **_VISION_TINY),
-        text_config=dict(
-            _TEXT,
+        text_config=_text(
+            tok,
             model_type="llama",
-            vocab_size=len(tok),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
         ),
         scale_factor=2,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
@@ -511,13 +490,9 @@ def _smolvlm() -> tuple[PretrainedConfig, ProcessorMixin]:
     processor = image_only(SmolVLMProcessor)(image_processor, tok, image_seq_len=4, chat_template=SMOLVLM_TEMPLATE)
     config = SmolVLMConfig(
         vision_config=dict(image_size=64, patch_size=16, **_VISION_TINY),
-        text_config=dict(
-            _TEXT,
+        text_config=_text(
+            tok,
             model_type="llama",
-            vocab_size=len(tok),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
         ),
         scale_factor=2,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
@@ -540,14 +515,10 @@ def _paligemma() -> tuple[PretrainedConfig, ProcessorMixin]:
         vision_config=dict(
             model_type="siglip_vision_model", image_size=64, patch_size=16, projection_dim=HIDDEN, **_VISION_TINY
         ),
-        text_config=dict(
-            _TEXT,
+        text_config=_text(
+            tok,
             model_type="gemma",
             head_dim=head_dim,
-            vocab_size=len(tok),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
         ),
         projection_dim=HIDDEN,
         image_token_index=tok.convert_tokens_to_ids("<image>"),
