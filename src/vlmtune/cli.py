@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from dataclasses import dataclass
 
-from transformers import HfArgumentParser
+# Noise users cannot act on, silenced before the libraries load: bitsandbytes warns at import on every CPU
+# without its optional `kernels` package, and PEFT calls a transformers method that v5 renamed.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
-from .config import arg
+from transformers import HfArgumentParser  # noqa: E402
+
+from .config import arg  # noqa: E402
 
 USAGE = """usage: vlmtune <command> [options]
 

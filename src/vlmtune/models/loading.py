@@ -203,16 +203,19 @@ def load_model(
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
     quantize_vision_tower: bool = False,
+    processor_path: str | None = None,
     **kwargs,
 ) -> Loaded:
-    """Load model, processor and family spec; the processor comes from the same folder.
+    """Load model, processor and family spec; the processor comes from the same folder unless
+    `processor_path` names another (an adapter's folder, which holds the processor it was trained with).
 
     With `load_in_4bit` / `load_in_8bit` the language model is quantised with bitsandbytes (QLoRA);
     the vision tower stays in full precision unless `quantize_vision_tower`.
     """
     config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     spec = get_family(config.model_type)
-    processor = with_chat_template(load_processor(model_name_or_path, trust_remote_code=trust_remote_code), spec)
+    processor_path = processor_path or model_name_or_path
+    processor = with_chat_template(load_processor(processor_path, trust_remote_code=trust_remote_code), spec)
     compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
     quant = quantization_config(spec, load_in_4bit, load_in_8bit, compute_dtype, quantize_vision_tower)
     if quant is not None:
@@ -239,10 +242,10 @@ def load_for_inference(model_name_or_path: str | None, adapter: str | None = Non
     """Base model plus an optional adapter; the adapter folder's processor (and base path) win."""
     if adapter and not model_name_or_path:
         model_name_or_path = adapter_base_path(adapter)
-    loaded = load_model(model_name_or_path, **kwargs)
+    processor_files = ("processor_config.json", "tokenizer_config.json")
+    has_processor = adapter and any((Path(adapter) / f).exists() for f in processor_files)
+    loaded = load_model(model_name_or_path, processor_path=adapter if has_processor else None, **kwargs)
     if adapter:
-        if (Path(adapter) / "processor_config.json").exists() or (Path(adapter) / "tokenizer_config.json").exists():
-            loaded.processor = with_chat_template(load_processor(adapter), loaded.spec)
         loaded.model = PeftModel.from_pretrained(loaded.model, adapter)
     loaded.model.eval()
     return loaded
