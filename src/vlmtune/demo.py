@@ -6,6 +6,8 @@ LoRA through the same `run_training` every user runs, and measures again.
 
 from __future__ import annotations
 
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,13 @@ def _claim(folder: Path) -> None:
         raise FileExistsError(f"{folder} exists and was not made by `vlmtune demo`; pass another --output_dir")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MARKER).write_text("made by vlmtune demo; safe to delete\n")
+
+
+def _command() -> str:
+    """How to call vlmtune from this shell: `vlmtune` when on PATH, else the path `make demo` installed."""
+    if shutil.which("vlmtune"):
+        return "vlmtune"
+    return str(Path(sys.executable).parent / "vlmtune")
 
 
 def run_demo(args: DemoArguments) -> dict:
@@ -76,7 +85,7 @@ def run_demo(args: DemoArguments) -> dict:
     print(f"Adapter, processor and logs: {result.output_dir}  (predictions: {result.output_dir / 'predictions.jsonl'})")
     example = splits.eval[0]
     print(
-        "Try it: vlmtune predict --model_name_or_path "
+        f"Try it: {_command()} predict --model_name_or_path "
         f"{model_dir} --adapter {result.output_dir} --image {Path(files['validation']).parent / example['image_path']} "
         f'--prompt "{example["prompt"]}"'
     )
