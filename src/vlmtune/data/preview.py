@@ -15,11 +15,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import TextIO
 
-from transformers import AutoConfig
-
 from ..config import arg
-from ..models.processors import load_processor
-from ..models.registry import get_family
+from ..models.loading import load_processing
 from .collate import CUT, Preparer, encode_one
 from .encode import Rendered
 from .splits import Splits, build_splits
@@ -68,8 +65,7 @@ def inspect_data(model_args, data_args, args: InspectArguments, out: TextIO | No
     """Print the first `args.num_examples` samples of a split and the check's summary; return the splits."""
     if not model_args.model_name_or_path:
         raise SystemExit("vlmtune data inspect: --model_name_or_path is required (its processor and chat template)")
-    processor = load_processor(model_args.model_name_or_path)
-    spec = get_family(AutoConfig.from_pretrained(model_args.model_name_or_path).model_type)
+    processor, spec = load_processing(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
     # Show the training data in file order: no hold-out unless the held-out split is what is shown.
     hold_out = data_args.val_split_ratio if args.inspect_split == "eval" else 0.0
     data_args = dataclasses.replace(data_args, on_bad_sample="skip", val_split_ratio=hold_out)

@@ -212,10 +212,7 @@ def load_model(
     With `load_in_4bit` / `load_in_8bit` the language model is quantised with bitsandbytes (QLoRA);
     the vision tower stays in full precision unless `quantize_vision_tower`.
     """
-    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    spec = get_family(config.model_type)
-    processor_path = processor_path or model_name_or_path
-    processor = with_chat_template(load_processor(processor_path, trust_remote_code=trust_remote_code), spec)
+    processor, spec = load_processing(model_name_or_path, processor_path, trust_remote_code)
     compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
     quant = quantization_config(spec, load_in_4bit, load_in_8bit, compute_dtype, quantize_vision_tower)
     if quant is not None:
@@ -229,6 +226,16 @@ def load_model(
         **kwargs,
     )
     return Loaded(model=model, processor=processor, spec=spec)
+
+
+def load_processing(
+    model_name_or_path: str, processor_path: str | None = None, trust_remote_code: bool = False
+) -> tuple[object, FamilySpec]:
+    """The checkpoint's processor (with a chat template) and family spec, without loading weights."""
+    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    spec = get_family(config.model_type)
+    processor = load_processor(processor_path or model_name_or_path, trust_remote_code=trust_remote_code)
+    return with_chat_template(processor, spec), spec
 
 
 def with_chat_template(processor, spec: FamilySpec):
