@@ -123,11 +123,15 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     if data_args.streaming:  # streamed samples are checked as they are read: counts of the rows read
         print(splits.summary())
 
-    trainer.save_model(str(out))
-    loaded.processor.save_pretrained(str(out))
+    # `_internal_call`: no upload yet with --push_to_hub; the whole folder goes up once at the end.
+    trainer.save_model(str(out), _internal_call=True)
+    main_process = trainer.is_world_process_zero()  # under torchrun/accelerate, one process writes files
+    if main_process:
+        loaded.processor.save_pretrained(str(out))
+        write_training_plots(trainer.state.log_history, out)
+        config = to_dict(model_args, data_args, finetune_args, training_args)
+        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     trainer.save_state()
-    write_training_plots(trainer.state.log_history, out)
-    (out / CONFIG_FILE).write_text(json.dumps(to_dict(model_args, data_args, finetune_args, training_args), indent=2))
 
     if splits.eval is not None and finetune_args.eval_accuracy:
         result = evaluate_generation(
@@ -140,7 +144,8 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
             metrics=finetune_args.eval_metrics or DEFAULT_METRICS,
         )
         metrics.update({f"eval_{k}": v for k, v in result.metrics.items()})
-        result.write(out)
+        if main_process:
+            result.write(out)
     trainer.save_metrics("all", metrics)
     if training_args.push_to_hub:  # the whole output_dir: adapter, processor, metrics, plots
         trainer.push_to_hub(commit_message="vlmtune: end of training")
