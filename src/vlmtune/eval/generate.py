@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..data.collate import Preparer, processor_inputs
+from ..data.collate import processor_inputs
 from ..data.schema import Conversation
 
 
@@ -58,12 +58,3 @@ def generate_answers(
         tokenizer.padding_side = side
         bar.close()
     return answers
-
-
-def answer_rows(
-    model, processor, preparer: Preparer, rows: Iterable[dict], **kwargs
-) -> tuple[list[Conversation], list[str]]:
-    """Conversations for `rows` and the model's answers to them."""
-    convs = [preparer.conversation(row, row.get("__index__", i)) for i, row in enumerate(rows)]
-    images = (preparer.load_images(c) for c in convs)
-    return convs, generate_answers(model, processor, convs, images, **kwargs)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -79,10 +78,3 @@ def write_training_plots(log_history: list[dict], output_dir: str | Path) -> lis
         plt.close(fig)
         written.append(out / EVAL_PLOT)
     return written
-
-
-def plots_from_state(trainer_state: str | Path, output_dir: str | Path | None = None) -> list[Path]:
-    """Redraw the plots of a finished run from its `trainer_state.json`."""
-    state = Path(trainer_state)
-    history = json.loads(state.read_text())["log_history"]
-    return write_training_plots(history, output_dir or state.parent)

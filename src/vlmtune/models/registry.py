@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .hooks import PALIGEMMA_TEMPLATE, prefix_suffix_batch
 
@@ -48,12 +48,6 @@ class FamilySpec:
     # (processor, conversations, images per sample, train_on_prompt) -> batch with "labels".
     encode_batch: Callable | None = None
     notes: str = ""
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def decoder_layer(self) -> str | None:
-        """The main decoder block class (the first of `decoder_layers`)."""
-        return self.decoder_layers[0] if self.decoder_layers else None
 
 
 FAMILIES: dict[str, FamilySpec] = {}
