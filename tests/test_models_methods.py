@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -259,18 +262,25 @@ class CountSteps(TrainerCallback):
         self.steps += 1
 
 
-class Crash(TrainerCallback):
-    """Kill the run right after checkpoint `step` is written, as a preempted job would die."""
+# Trains in a separate process that SIGKILLs itself once checkpoint-4 is on disk, as a preempted job dies:
+# no exception unwinds, nothing is flushed or closed.
+KILLED_RUN = """
+import os, signal, sys
+from transformers import TrainerCallback
+from tests.helpers import short_run
 
-    def __init__(self, step: int):
-        self.step = step
-
+class Kill(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt(f"simulated crash after checkpoint-{self.step}")
+        if state.global_step == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+model_dir, train, out = sys.argv[1:4]
+short_run(model_dir, {"train": train}, out, callbacks=[Kill()], save_strategy="steps", save_steps=4,
+          max_steps=9, per_device_train_batch_size=2, lora_dropout=0.1, lr_scheduler_type="cosine", warmup_steps=2)
+"""
 
 
-def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tiny_model_dir, shapes_data, tmp_path):
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_model_dir, shapes_data, tmp_path):
     # Dropout on (RNG state matters), 12 rows in batches of 2 (the run crosses an epoch boundary, so the
     # data order of the second epoch matters), a decaying schedule (the scheduler state matters).
     settings = dict(
@@ -278,8 +288,13 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tiny_model_dir,
     )
     straight = run(tiny_model_dir, shapes_data, tmp_path / "straight", **settings)
     out = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny_model_dir, shapes_data, out, save_strategy="steps", save_steps=4, callbacks=[Crash(4)], **settings)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, tiny_model_dir(QWEN), str(shapes_data["train"]), str(out)],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert (out / "checkpoint-4").is_dir() and not (out / "adapter_model.safetensors").exists()
     counter = CountSteps()
     resumed = run(
