@@ -75,6 +75,8 @@ def cmd_train(argv: list[str]) -> None:
         return
     model_args, data_args, finetune_args, training_args = parse_args(argv)
     result = run_training(model_args, data_args, finetune_args, training_args)
+    if not result.trainer.is_world_process_zero():  # under torchrun / accelerate, one process reports
+        return
     print(f"Saved to {result.output_dir}")
     for key in sorted(result.metrics):
         print(f"  {key}: {result.metrics[key]}")
