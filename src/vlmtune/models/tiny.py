@@ -95,6 +95,10 @@ LLAVA_TEMPLATE = (
 )
 
 
+# Multimodal RoPE: the sections (temporal, height, width) must sum to head_dim / 2 = 8.
+_QWEN_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+
+
 def _text(tok, **overrides) -> dict:
     """The tiny language model's config: shared sizes, the tokenizer's vocabulary and special ids."""
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
@@ -106,25 +110,12 @@ def _ids(tokenizer, **names: str) -> dict[str, int]:
 
 
 def _qwen2_vl() -> tuple[PretrainedConfig, ProcessorMixin]:
-    tokens = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tok = build_tokenizer(
-        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, tokens, chat_template=QWEN_TEMPLATE
-    )
-    # 56x56 to 112x112 pixels: 4 to 16 image tokens after the 2x2 merge.
-    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112})
-    processor = image_only(Qwen2VLProcessor)(image_processor, tok, chat_template=QWEN_TEMPLATE)
-    ids = _ids(
-        tok,
-        image_token_id="<|image_pad|>",
-        video_token_id="<|video_pad|>",
-        vision_start_token_id="<|vision_start|>",
-        vision_end_token_id="<|vision_end|>",
-    )
+    tok, processor, ids = _qwen_vl_processor(Qwen2VLProcessor, 14, QWEN_TEMPLATE)
     head_dim = HIDDEN // _TEXT["num_attention_heads"]
     config = Qwen2VLConfig(
         text_config=_text(
             tok,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            rope_parameters=dict(_QWEN_ROPE),
             bos_token_id=None,
         ),
         vision_config=dict(
@@ -279,7 +270,7 @@ def _qwen2_5_vl() -> tuple[PretrainedConfig, ProcessorMixin]:
     config = Qwen2_5_VLConfig(
         text_config=_text(
             tok,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            rope_parameters=dict(_QWEN_ROPE),
             bos_token_id=None,
         ),
         vision_config=dict(
