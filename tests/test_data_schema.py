@@ -95,6 +95,22 @@ def test_sharegpt_roles_json_text_and_images_without_placeholders():
     assert user_parts(conv) == ["<img>", "What is it?"]  # images given beside the text go first
 
 
+def test_llava_format_image_literals_become_placeholders():
+    conversations = [
+        {"from": "human", "value": "<image>\nWhat colour is it?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "Compare with <image> please."},
+        {"from": "gpt", "value": "the second is blue"},
+    ]
+    schema = detect_schema(["conversations", "images"])
+    conv = schema.to_conversation({"conversations": conversations, "images": ["a.png", "b.png"]}, 0)
+    assert user_parts(conv) == ["<img>", "What colour is it?", "Compare with ", "<img>", " please."]
+    assert not any("<image>" in p.get("text", "") for m in conv.messages for p in m["content"])
+    # A literal count that does not match the images is an error naming the row, not an image-token mismatch.
+    with pytest.raises(DataError, match=r"row 3, field 'conversations': 2 image placeholder\(s\) but 1 image"):
+        schema.to_conversation({"conversations": conversations, "images": ["a.png"]}, 3)
+
+
 @pytest.mark.parametrize(
     "row, message",
     [

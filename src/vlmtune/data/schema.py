@@ -22,6 +22,10 @@ ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": 
 SCALARS = (str, int, float, bool)
 
 
+# Where LLaVA-format data marks an image inside the text.
+IMAGE_LITERAL = "<image>"
+
+
 class DataError(ValueError):
     """Bad input data; the message names the file, row and field."""
 
@@ -180,6 +184,8 @@ class Schema:
             raise DataError(f"{where}, field {name!r}: the last message must be a non-empty assistant turn")
         images = inline_images + self._images(row, where, required=False)
         placeholders = sum(p["type"] == "image" for m in messages for p in m["content"])
+        if placeholders == 0:
+            placeholders = _split_image_literals(messages)
         if placeholders == 0 and images:
             _put_images_first(messages, len(images))
         elif placeholders != len(images):
@@ -214,6 +220,32 @@ def _message(message: Any, where: str, inline_images: list) -> dict:
         else:
             raise DataError(f"{where}: content part {part!r:.80} is not a text or image part")
     return {"role": role, "content": parts}
+
+
+def _split_image_literals(messages: list[dict]) -> int:
+    """Turn each literal ``<image>`` in message text (LLaVA's own data format, ``"<image>\nWhat is..."``)
+    into an image placeholder, dropping one newline right after it; return how many there were.
+
+    Left in the text, the literal would reach the tokenizer as the image token itself, and the count of
+    image tokens would no longer match the images.
+    """
+    found = 0
+    for message in messages:
+        parts = []
+        for part in message["content"]:
+            if part["type"] != "text" or IMAGE_LITERAL not in part["text"]:
+                parts.append(part)
+                continue
+            pieces = part["text"].split(IMAGE_LITERAL)
+            for i, piece in enumerate(pieces):
+                if i > 0:
+                    parts.append({"type": "image"})
+                    found += 1
+                    piece = piece.removeprefix("\n")
+                if piece:
+                    parts.append({"type": "text", "text": piece})
+        message["content"] = parts
+    return found
 
 
 def _put_images_first(messages: list[dict], n: int) -> None:
