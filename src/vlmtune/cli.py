@@ -92,11 +92,7 @@ def cmd_tiny_model(argv: list[str]) -> None:
 
 
 def cmd_predict(argv: list[str]) -> None:
-    from pathlib import Path
-
-    from .data.collate import ImageOptions
-    from .data.schema import Conversation
-    from .eval.generate import generate_answers
+    from .eval.predict import answer_one, answer_requests
     from .models.loading import load_for_inference
 
     (args,) = _parse(PredictArguments, argv, "vlmtune predict")
@@ -105,8 +101,6 @@ def cmd_predict(argv: list[str]) -> None:
     loaded = load_for_inference(args.model_name_or_path, args.adapter)
     sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
     if args.requests:
-        from .eval.predict import answer_requests
-
         answer_requests(
             loaded,
             args.requests,
@@ -118,18 +112,11 @@ def cmd_predict(argv: list[str]) -> None:
             **sampling,
         )
         return
-    images = args.image if loaded.spec.multi_image else args.image[:1]
-    messages = [
-        {"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]}
-    ]
-    if args.system_prompt:
-        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": args.system_prompt}]})
-    pixels = ImageOptions(base_dirs=(Path.cwd(),)).load(images, "--image")
-    (answer,) = generate_answers(
-        loaded.model,
-        loaded.processor,
-        [Conversation(messages=messages, images=images)],
-        [pixels],
+    answer = answer_one(
+        loaded,
+        args.image,
+        args.prompt,
+        system_prompt=args.system_prompt,
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
         **sampling,

@@ -38,6 +38,15 @@ def request_conversation(request: dict, where: str, multi_image: bool, system_pr
     return Conversation(messages=messages, images=images), images
 
 
+def answer_one(loaded, images: list[str], prompt: str, system_prompt: str | None = None, **generate_kwargs) -> str:
+    """The answer to one prompt about `images` (paths relative to the current folder, URLs or base64)."""
+    request = {"images": images, "prompt": prompt}
+    conv, refs = request_conversation(request, "command line", loaded.spec.multi_image, system_prompt)
+    pixels = ImageOptions(base_dirs=(Path.cwd(),)).load(refs, "--image")
+    (answer,) = generate_answers(loaded.model, loaded.processor, [conv], [pixels], **generate_kwargs)
+    return answer
+
+
 def answer_requests(
     loaded,
     requests_path: str,

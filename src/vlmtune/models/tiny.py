@@ -97,6 +97,7 @@ LLAVA_TEMPLATE = (
 
 # Multimodal RoPE: the sections (temporal, height, width) must sum to head_dim / 2 = 8.
 _QWEN_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+assert sum(_QWEN_ROPE["mrope_section"]) == HIDDEN // _TEXT["num_attention_heads"] // 2
 
 
 def _text(tok, **overrides) -> dict:
@@ -105,19 +106,19 @@ def _text(tok, **overrides) -> dict:
     return {**_TEXT, "vocab_size": len(tok), **ids, **overrides}
 
 
+def _qwen_text(tok) -> dict:
+    """Qwen2-VL / Qwen2.5-VL language model: multimodal RoPE, no BOS token."""
+    return _text(tok, rope_parameters=dict(_QWEN_ROPE), bos_token_id=None)
+
+
 def _ids(tokenizer, **names: str) -> dict[str, int]:
     return {key: tokenizer.convert_tokens_to_ids(tok) for key, tok in names.items()}
 
 
 def _qwen2_vl() -> tuple[PretrainedConfig, ProcessorMixin]:
     tok, processor, ids = _qwen_vl_processor(Qwen2VLProcessor, 14, QWEN_TEMPLATE)
-    head_dim = HIDDEN // _TEXT["num_attention_heads"]
     config = Qwen2VLConfig(
-        text_config=_text(
-            tok,
-            rope_parameters=dict(_QWEN_ROPE),
-            bos_token_id=None,
-        ),
+        text_config=_qwen_text(tok),
         vision_config=dict(
             depth=2,
             embed_dim=32,
@@ -130,7 +131,6 @@ def _qwen2_vl() -> tuple[PretrainedConfig, ProcessorMixin]:
         ),
         **ids,
     )
-    assert sum(config.text_config.rope_parameters["mrope_section"]) == head_dim // 2
     return config, processor
 
 
@@ -268,11 +268,7 @@ def _qwen_vl_processor(processor_cls, patch: int, template: str):
 def _qwen2_5_vl() -> tuple[PretrainedConfig, ProcessorMixin]:
     tok, processor, ids = _qwen_vl_processor(Qwen2_5_VLProcessor, 14, QWEN_TEMPLATE)
     config = Qwen2_5_VLConfig(
-        text_config=_text(
-            tok,
-            rope_parameters=dict(_QWEN_ROPE),
-            bos_token_id=None,
-        ),
+        text_config=_qwen_text(tok),
         vision_config=dict(
             depth=2,
             hidden_size=32,
