@@ -125,3 +125,30 @@ def test_demo_never_clobbers_a_users_folder(tmp_path):
     with pytest.raises(FileExistsError):
         run_demo(DemoArguments(output_dir=str(tmp_path)))
     assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_error_boundary_message_exit_code_and_debug(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """A user's mistake is one message and an exit code; --debug adds the traceback; a bug says so."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["trian"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unknown command 'trian'" in err and "Traceback" not in err
+
+    missing = str(tmp_path / "nope.csv")
+    argv = ["data", "inspect", "--model_name_or_path", tiny_model_dir("qwen2_vl"), "--dataset_name", missing]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "nope.csv: no such file or folder" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main([*argv, "--debug"])
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+    def broken(*args, **kwargs):
+        raise KeyError("internal")
+
+    monkeypatch.setattr("vlmtune.data.preview.build_splits", broken)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" in err and "This is a bug in vlmtune" in err

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 import warnings
 from dataclasses import dataclass
 
@@ -15,6 +17,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is depre
 from transformers import HfArgumentParser  # noqa: E402
 
 from .config import arg  # noqa: E402
+from .errors import UsageError, VlmtuneError  # noqa: E402
 
 USAGE = """usage: vlmtune <command> [options]
 
@@ -30,6 +33,7 @@ commands:
   data inspect show the first samples as the model sees them (trained text marked) and check all of them
 
 Config files: `vlmtune train config.yaml [--flag value ...]` (flags override the file).
+`--debug` (or VLMTUNE_DEBUG=1) shows the Python traceback behind an error message.
 """
 
 
@@ -87,7 +91,7 @@ def cmd_tiny_model(argv: list[str]) -> None:
 
     (args,) = _parse(TinyModelArguments, argv, "vlmtune tiny-model")
     if not args.output_dir:
-        raise SystemExit("vlmtune tiny-model: --output_dir is required")
+        raise UsageError("vlmtune tiny-model: --output_dir is required")
     print(f"Wrote a tiny {args.family} model to {build_tiny_model(args.family, args.output_dir, args.seed)}")
 
 
@@ -97,7 +101,7 @@ def cmd_predict(argv: list[str]) -> None:
 
     (args,) = _parse(PredictArguments, argv, "vlmtune predict")
     if not (args.prompt or args.requests):
-        raise SystemExit("vlmtune predict: --prompt (or --requests FILE.jsonl) is required")
+        raise UsageError("vlmtune predict: --prompt (or --requests FILE.jsonl) is required")
     loaded = load_for_inference(args.model_name_or_path, args.adapter)
     sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
     if args.requests:
@@ -136,7 +140,7 @@ def cmd_data(argv: list[str]) -> None:
     from .data.preview import InspectArguments, inspect_data
 
     if not argv or argv[0] != "inspect":
-        raise SystemExit("usage: vlmtune data inspect --model_name_or_path MODEL --dataset_name DATA [options]")
+        raise UsageError("usage: vlmtune data inspect --model_name_or_path MODEL --dataset_name DATA [options]")
     classes = (*ARGUMENT_CLASSES, InspectArguments)  # the train command's flags and config files work too
     if any(a in ("-h", "--help") for a in argv):
         make_parser(classes, prog="vlmtune data inspect").print_help()
@@ -173,17 +177,52 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+DEBUG_ENV = "VLMTUNE_DEBUG"
+BUG_LINE = (
+    "This is a bug in vlmtune, not in what you gave it. Please report it with the command you ran and the "
+    "traceback above."
+)
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    """`--debug` anywhere on the command line (removed from `argv`) or VLMTUNE_DEBUG=1."""
+    flag = "--debug" in argv
+    while "--debug" in argv:
+        argv.remove("--debug")
+    return flag or os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")
+
+
+def _dispatch(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
     command = argv.pop(0)
     if command not in COMMANDS:
-        print(USAGE, file=sys.stderr)
-        raise SystemExit(f"vlmtune: unknown command {command!r}")
+        raise UsageError(f"unknown command {command!r}; the commands are: {', '.join(COMMANDS)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     COMMANDS[command](argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one command. The one error boundary: a `VlmtuneError` (a mistake the user can fix) becomes
+    its message on stderr and its exit code, without a traceback unless `--debug`; anything else keeps
+    its traceback and is called a bug."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    try:
+        _dispatch(argv)
+    except VlmtuneError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"vlmtune: error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+    except KeyboardInterrupt:
+        print("vlmtune: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception:
+        traceback.print_exc()
+        print(f"vlmtune: {BUG_LINE}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import arg
+from .errors import UsageError
 from .models.loading import load_for_inference
 
 logger = logging.getLogger(__name__)
@@ -51,10 +52,10 @@ def check_merge_output(output_dir: Path, overwrite: bool) -> None:
 def merge_adapter(args: MergeArguments) -> Path:
     """Merge `args.adapter` into its base model and save the result to `args.output_dir`."""
     if not args.adapter or not args.output_dir:
-        raise SystemExit("vlmtune merge: --adapter and --output_dir are required")
+        raise UsageError("vlmtune merge: --adapter and --output_dir are required")
     out = Path(args.output_dir)
     if out.resolve() == Path(args.adapter).resolve():
-        raise SystemExit("vlmtune merge: --output_dir must differ from --adapter")
+        raise UsageError("vlmtune merge: --output_dir must differ from --adapter")
     check_merge_output(out, args.overwrite_output_dir)
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     loaded = load_for_inference(

@@ -14,10 +14,12 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
+from ..errors import DataError
+
 IGNORE_INDEX = -100
 
 
-class TemplateError(ValueError):
+class TemplateError(DataError):
     """The chat template renders a conversation in a way vlmtune cannot split into turns."""
 
 

@@ -18,11 +18,13 @@ from typing import Any
 
 from PIL import Image
 
+from ..errors import DataError
+
 URL_TIMEOUT_S = 10
 URL_MAX_BYTES = 50 * 1024 * 1024
 
 
-class ImageError(ValueError):
+class ImageError(DataError):
     """An image reference that cannot be turned into a picture; the message says why."""
 
 

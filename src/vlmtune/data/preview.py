@@ -16,6 +16,7 @@ from itertools import islice
 from typing import TextIO
 
 from ..config import arg
+from ..errors import UsageError
 from ..models.loading import load_processing
 from .collate import CUT, Preparer, encode_one
 from .encode import Rendered
@@ -64,7 +65,7 @@ def describe_sample(processor, preparer: Preparer, row: dict, marks: tuple[str, 
 def inspect_data(model_args, data_args, args: InspectArguments, out: TextIO | None = None) -> Splits:
     """Print the first `args.num_examples` samples of a split and the check's summary; return the splits."""
     if not model_args.model_name_or_path:
-        raise SystemExit("vlmtune data inspect: --model_name_or_path is required (its processor and chat template)")
+        raise UsageError("vlmtune data inspect: --model_name_or_path is required (its processor and chat template)")
     processor, spec = load_processing(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
     # Show the training data in file order: no hold-out unless the held-out split is what is shown.
     hold_out = data_args.val_split_ratio if args.inspect_split == "eval" else 0.0
@@ -72,7 +73,7 @@ def inspect_data(model_args, data_args, args: InspectArguments, out: TextIO | No
     splits = build_splits(data_args, spec, need_train=False, processor=processor)
     rows = {"train": splits.train, "eval": splits.eval, "test": splits.test}.get(args.inspect_split)
     if rows is None:
-        raise SystemExit(f"vlmtune data inspect: no {args.inspect_split!r} split (have: {', '.join(splits.reports)})")
+        raise UsageError(f"vlmtune data inspect: no {args.inspect_split!r} split (have: {', '.join(splits.reports)})")
     out = out or sys.stdout
     tty = out.isatty() if args.color == "auto" else args.color == "always"
     print(splits.schema.describe(), file=out)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataError
+
 # Column names tried in order when the user does not name them.
 IMAGE_COLUMNS = ("image_path", "image", "images", "img", "image_url", "file_name")
 PROMPT_COLUMNS = ("prompt", "question", "query", "instruction", "input")
@@ -24,10 +26,6 @@ SCALARS = (str, int, float, bool)
 
 # Where LLaVA-format data marks an image inside the text.
 IMAGE_LITERAL = "<image>"
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, row and field."""
 
 
 @dataclass

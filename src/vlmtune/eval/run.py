@@ -12,6 +12,7 @@ from transformers import set_seed
 
 from ..config import DataArguments, ModelArguments, arg
 from ..data.splits import build_splits
+from ..errors import UsageError
 from ..models.loading import load_for_inference
 from .evaluate import EvalResult, debug_view, evaluate_generation, format_metrics
 from .metrics import ALL_METRICS, check_metric_names
@@ -57,7 +58,7 @@ def eval_data_args(data_args: DataArguments) -> DataArguments:
     """
     name = data_args.eval_dataset_name or data_args.dataset_name
     if not name:
-        raise SystemExit("vlmtune eval: --dataset_name (or --eval_dataset_name) is required")
+        raise UsageError("vlmtune eval: --dataset_name (or --eval_dataset_name) is required")
     return dataclasses.replace(
         data_args,
         dataset_name=data_args.dataset_name or name,
@@ -75,11 +76,11 @@ def _device(name: str) -> torch.device:
 
 def run_eval(model_args: ModelArguments, data_args: DataArguments, args: EvalArguments) -> EvalResult:
     if not args.output_dir:
-        raise SystemExit("vlmtune eval: --output_dir is required")
+        raise UsageError("vlmtune eval: --output_dir is required")
     names = check_metric_names(args.metrics)
     adapter = args.adapter or model_args.adapter_name_or_path
     if not (model_args.model_name_or_path or adapter):
-        raise SystemExit("vlmtune eval: --model_name_or_path (or --adapter) is required")
+        raise UsageError("vlmtune eval: --model_name_or_path (or --adapter) is required")
     set_seed(args.seed)
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     loaded = load_for_inference(
