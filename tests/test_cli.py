@@ -76,9 +76,11 @@ def test_tiny_model_command_writes_a_loadable_checkpoint(tmp_path, capsys, famil
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
 
 
-def test_unknown_tiny_family_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="choose one of"):
+def test_unknown_tiny_family_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["tiny-model", "--family", "nope", "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--family 'nope'" in err and "choose one of" in err and "Traceback" not in err
 
 
 def test_train_then_predict_from_the_command_line(tmp_path, tiny_model_dir, shapes_data, capsys):

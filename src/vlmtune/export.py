@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import arg
-from .errors import UsageError
+from .errors import OutputError, UsageError
 from .models.loading import load_for_inference
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def check_merge_output(output_dir: Path, overwrite: bool) -> None:
     """Refuse to write into a folder that holds a model, unless told to replace it."""
     existing = [f for f in MODEL_FILES if (output_dir / f).exists()]
     if existing and not overwrite:
-        raise FileExistsError(
+        raise OutputError(
             f"{output_dir} already holds a model ({', '.join(existing)}); pass --overwrite_output_dir to replace it "
             "or choose another --output_dir"
         )

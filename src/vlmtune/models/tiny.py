@@ -47,6 +47,7 @@ from transformers import (
     SmolVLMProcessor,
 )
 
+from ..errors import UsageError
 from .loading import part_of
 from .processors import image_only
 from .registry import get_family
@@ -546,7 +547,7 @@ def _open_zero_paths(model: torch.nn.Module, spec) -> None:
 def build_tiny_model(family: str, output_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny random model of `family` with its processor to `output_dir` and return the path."""
     if family not in BUILDERS:
-        raise ValueError(f"No tiny builder for family {family!r}; choose one of: {', '.join(sorted(BUILDERS))}")
+        raise UsageError(f"--family {family!r}: no tiny builder for it; choose one of: {', '.join(sorted(BUILDERS))}")
     torch.manual_seed(seed)
     config, processor = BUILDERS[family]()
     model = AutoModelForImageTextToText.from_config(config)
