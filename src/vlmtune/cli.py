@@ -14,9 +14,7 @@ from dataclasses import dataclass
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
-from transformers import HfArgumentParser  # noqa: E402
-
-from .config import arg  # noqa: E402
+from .config import arg, parse_args  # noqa: E402
 from .errors import UsageError, VlmtuneError  # noqa: E402
 
 USAGE = """usage: vlmtune <command> [options]
@@ -67,17 +65,17 @@ class PredictArguments:
 
 
 def _parse(classes, argv: list[str], prog: str):
-    return HfArgumentParser(classes, prog=prog).parse_args_into_dataclasses(args=argv)
+    return parse_args(argv, (classes,), prog=prog)
 
 
 def cmd_train(argv: list[str]) -> None:
-    from .config import make_parser, parse_args
+    from .config import make_parser
     from .train.run import run_training
 
     if any(a in ("-h", "--help") for a in argv):
         make_parser(prog="vlmtune train").print_help()
         return
-    model_args, data_args, finetune_args, training_args = parse_args(argv)
+    model_args, data_args, finetune_args, training_args = parse_args(argv, prog="vlmtune train")
     result = run_training(model_args, data_args, finetune_args, training_args)
     if not result.trainer.is_world_process_zero():  # under torchrun / accelerate, one process reports
         return
@@ -136,7 +134,7 @@ def cmd_demo(argv: list[str]) -> None:
 
 
 def cmd_data(argv: list[str]) -> None:
-    from .config import ARGUMENT_CLASSES, make_parser, parse_args
+    from .config import ARGUMENT_CLASSES, make_parser
     from .data.preview import InspectArguments, inspect_data
 
     if not argv or argv[0] != "inspect":
@@ -145,18 +143,18 @@ def cmd_data(argv: list[str]) -> None:
     if any(a in ("-h", "--help") for a in argv):
         make_parser(classes, prog="vlmtune data inspect").print_help()
         return
-    model_args, data_args, _, _, inspect_args = parse_args(argv[1:], classes)
+    model_args, data_args, _, _, inspect_args = parse_args(argv[1:], classes, prog="vlmtune data inspect")
     inspect_data(model_args, data_args, inspect_args)
 
 
 def cmd_eval(argv: list[str]) -> None:
-    from .config import make_parser, parse_args
+    from .config import make_parser
     from .eval.run import ARGUMENT_CLASSES, run_eval
 
     if any(a in ("-h", "--help") for a in argv):
         make_parser(ARGUMENT_CLASSES, prog="vlmtune eval").print_help()
         return
-    run_eval(*parse_args(argv, ARGUMENT_CLASSES))
+    run_eval(*parse_args(argv, ARGUMENT_CLASSES, prog="vlmtune eval"))
 
 
 def cmd_merge(argv: list[str]) -> None:

@@ -7,11 +7,16 @@ field passes through by name; vlmtune's own fields are grouped ahead of them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from argparse import ArgumentError
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from difflib import get_close_matches
 from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
+
+from .errors import UsageError
 
 
 def arg(default, help: str, **kwargs):  # noqa: A002 - argparse's own word
@@ -144,16 +149,229 @@ class VlmTrainingArguments(TrainingArguments):
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, FinetuneArguments, VlmTrainingArguments)
 
 
-def make_parser(classes=ARGUMENT_CLASSES, **kwargs) -> HfArgumentParser:
-    return HfArgumentParser(classes, **kwargs)
+@dataclass(frozen=True)
+class Check:
+    """What one option's value must be: a range (ends open or closed) or one of some choices."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.high is None:
+            return f"{'greater than' if self.low_open else 'at least'} {self.low:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+    def allows(self, value) -> bool:
+        if self.choices:
+            return value in self.choices
+        below = value <= self.low if self.low_open else value < self.low
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return not (below or above)
 
 
-def _file_to_argv(path: str) -> list[str]:
-    """Turn a YAML/JSON config into `--key value` pairs placed before the command line's own."""
-    text = Path(path).read_text()
-    values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+def at_least(low: float) -> Check:
+    return Check(low=low)
+
+
+def above(low: float) -> Check:
+    return Check(low=low, low_open=True)
+
+
+def fraction(low_open: bool = False, high_open: bool = False) -> Check:
+    return Check(low=0, high=1, low_open=low_open, high_open=high_open)
+
+
+def one_of(*choices: str) -> Check:
+    return Check(choices=choices)
+
+
+# Every option's allowed values, in one table: checked for any argument class that has the field, after
+# parsing and before anything loads, so a bad value is named with its flag (or config file and key).
+CHECKS: dict[str, Check] = {
+    "lora_r": at_least(1),
+    "lora_alpha": above(0),
+    "lora_dropout": fraction(high_open=True),
+    "finetuning_type": one_of("lora", "dora", "full"),
+    "per_device_train_batch_size": at_least(1),
+    "per_device_eval_batch_size": at_least(1),
+    "batch_size": at_least(1),
+    "gradient_accumulation_steps": at_least(1),
+    "learning_rate": above(0),
+    "vision_lr": above(0),
+    "projector_lr": above(0),
+    "weight_decay": at_least(0),
+    "warmup_ratio": fraction(),
+    "val_split_ratio": fraction(high_open=True),
+    "max_seq_length": at_least(1),
+    "image_max_pixels": at_least(1),
+    "image_min_pixels": at_least(1),
+    "max_train_samples": at_least(1),
+    "max_eval_samples": at_least(1),
+    "stream_buffer_size": at_least(1),
+    "on_bad_sample": one_of("error", "skip"),
+    "max_new_tokens": at_least(1),
+    "eval_metrics_samples": at_least(1),
+    "early_stopping_patience": at_least(1),
+    "early_stopping_patience_ratio": fraction(low_open=True),
+    "early_stopping_threshold": at_least(0),
+    "temperature": above(0),
+    "top_p": fraction(low_open=True),
+    "num_beams": at_least(1),
+    "num_examples": at_least(0),
+    "debug_samples": at_least(0),
+    "report_samples": at_least(0),
+}
+
+
+def _pair_problems(values: dict) -> list[tuple[str, str]]:
+    """Rules that involve two options: (the option to name, what is wrong)."""
+    problems = []
+    low, high = values.get("image_min_pixels"), values.get("image_max_pixels")
+    if low is not None and high is not None and low > high:
+        problems.append(("image_min_pixels", f"must not exceed image_max_pixels ({high}), got {low}"))
+    epochs, max_steps = values.get("num_train_epochs"), values.get("max_steps")
+    if epochs is not None and epochs <= 0 and not (max_steps and max_steps > 0):
+        problems.append(("num_train_epochs", f"must be greater than 0 unless --max_steps is set, got {epochs:g}"))
+    return problems
+
+
+class VlmArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` that never guesses and never exits: no prefix matching (`--learning_rat` is not
+    `--learning_rate`), and every mistake is a `UsageError` naming the flag, or the config file and key
+    the value came from, with a "did you mean" for misspelt names.
+
+    `extra_names` maps other names users may type (aliases) to our option names, for the suggestions.
+    """
+
+    def __init__(self, classes, extra_names: Mapping[str, str] | None = None, **kwargs):
+        super().__init__(classes, allow_abbrev=False, exit_on_error=False, **kwargs)
+        self.extra_names = dict(extra_names or {})
+        self.sources: dict[str, str] = {}  # option name -> the config file its value came from
+        for action in self._actions:
+            if action.dest in CHECKS and action.help and action.option_strings:
+                action.help += f" [{CHECKS[action.dest].describe()}]"
+
+    def option_names(self) -> list[str]:
+        """Every option name without dashes (`learning_rate`, `no_eval_accuracy`, ...)."""
+        return sorted({o.lstrip("-") for o in self._option_string_actions if o.startswith("--") and "-" not in o[2:]})
+
+    def where(self, name: str) -> str:
+        """How to name an option to the user: its config file and key, or its flag."""
+        return f"{self.sources[name]}: key {name!r}" if name in self.sources else f"--{name}"
+
+    def error(self, message: str):
+        """argparse calls this for the errors it does not raise (required options); never exit."""
+        raise UsageError(f"{message}; `{self.prog} --help` lists the options")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's parse, with its errors and any unknown option turned into a `UsageError`."""
+        try:
+            namespace, remaining = super().parse_known_args(args, namespace)
+        except ArgumentError as err:
+            name = (err.argument_name or "").split("/")[0].lstrip("-")
+            where = self.where(name) if name else "arguments"
+            raise UsageError(f"{where}: {err.message}") from None
+        if remaining:
+            raise UsageError(self.unknown_message(remaining))
+        return namespace, remaining
+
+    def unknown_message(self, remaining: list[str]) -> str:
+        flags = [a for a in remaining if a.startswith("--") or (a.startswith("-") and not _is_number(a))]
+        if not flags:
+            return (
+                f"unexpected argument {remaining[0]!r}: options are given as --name value "
+                f"(e.g. --dataset_name {remaining[0]}); `{self.prog} --help` lists them"
+            )
+        name = flags[0].split("=", 1)[0].lstrip("-")
+        return f"unknown option --{name}{did_you_mean(name, self.option_names(), self.extra_names, '--')}"
+
+    def check_keys(self, path: str, keys) -> None:
+        """Refuse a config file key that is not an option, naming the file and key."""
+        known = self.option_names()
+        for key in keys:
+            if str(key).replace("-", "_") not in known:
+                hint = did_you_mean(str(key), known, self.extra_names)
+                raise UsageError(f"{path}: unknown key {key!r}{hint or f'; `{self.prog} --help` lists the options'}")
+
+    def check_values(self, objects) -> None:
+        """Apply `CHECKS` and the two-option rules to parsed argument objects."""
+        values = {}
+        for obj in objects:
+            values.update({f.name: getattr(obj, f.name) for f in fields(obj) if f.init})
+        for name, value in values.items():
+            check = CHECKS.get(name)
+            for item in value if isinstance(value, list) else [value]:
+                if check is not None and item is not None and not check.allows(item):
+                    hint = did_you_mean(str(item), list(check.choices)) if check.choices else ""
+                    raise UsageError(f"{self.where(name)} must be {check.describe()}, got {item!r}{hint}")
+        for name, problem in _pair_problems(values):
+            raise UsageError(f"{self.where(name)} {problem}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def did_you_mean(word: str, known: list[str], extra: Mapping[str, str] | None = None, dashes: str = "") -> str:
+    """"; did you mean --x or --y?" for a misspelt option name, or "" when nothing is close.
+
+    Close spellings (difflib), options the word begins (`--lora` for `--lora_r`) and initials (`--lr` for
+    `--learning_rate`) count; `extra` maps other known names (aliases) to the option each stands for.
+    """
+    word = word.replace("-", "_").lower()
+    names = {name: name for name in known} | dict(extra or {})
+    found = get_close_matches(word, list(names), n=3, cutoff=0.75)
+    found += [n for n in names if n.startswith(word) and len(word) >= 3]
+    found += [n for n in names if len(word) >= 2 and "".join(p[0] for p in n.split("_") if p) == word]
+    targets = list(dict.fromkeys(names[n] for n in found))[:3]
+    if not targets:
+        return ""
+    return "; did you mean " + " or ".join(f"{dashes}{t}" for t in targets) + "?"
+
+
+def make_parser(classes=ARGUMENT_CLASSES, **kwargs) -> VlmArgumentParser:
+    return VlmArgumentParser(classes, **kwargs)
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML/JSON config file as a dict, or a `UsageError` naming the file (and line) and the fix."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"config file {path}: {'is a folder' if file.is_dir() else 'no such file'}")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    try:
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}, line {err.lineno}, column {err.colno}: not valid JSON: {err.msg}") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UsageError(f"{path}{where}: not valid YAML: {err.problem}") from None
+    if values is None or (isinstance(values, str) and not values.strip()):
+        raise UsageError(f"{path} is empty; a config file holds option: value lines (e.g. lora_r: 16)")
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: a config file must hold a mapping of argument names to values")
+        raise UsageError(
+            f"{path}: the top level must be a mapping of option names to values (e.g. lora_r: 16), "
+            f"not a {type(values).__name__}"
+        )
+    return values
+
+
+def _file_to_argv(values: dict) -> list[str]:
+    """Turn a config file's values into `--key value` pairs placed before the command line's own."""
     argv: list[str] = []
     for key, value in values.items():
         if isinstance(value, list):
@@ -165,19 +383,41 @@ def _file_to_argv(path: str) -> list[str]:
     return argv
 
 
-def parse_args(argv: list[str], classes=ARGUMENT_CLASSES) -> tuple:
-    """Parse `argv`; a leading `.yaml`/`.yml`/`.json` path (or `--config FILE`) supplies defaults."""
-    argv = list(argv)
+def _config_files(argv: list[str]) -> list[str]:
+    """Take the config files out of `argv`: a leading `.yaml`/`.yml`/`.json` path and any `--config FILE`."""
     files = []
     if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
         files.append(argv.pop(0))
     while "--config" in argv:
         i = argv.index("--config")
+        if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+            raise UsageError("--config needs a file: --config run.yaml")
         files.append(argv[i + 1])
         del argv[i : i + 2]
-    for f in reversed(files):
-        argv = _file_to_argv(f) + argv
-    parsed = make_parser(classes).parse_args_into_dataclasses(args=argv)
+    return files
+
+
+def parse_args(argv: list[str], classes=ARGUMENT_CLASSES, prog: str | None = None) -> tuple:
+    """Parse `argv` into the argument objects; a leading `.yaml`/`.yml`/`.json` path (or `--config FILE`)
+    supplies defaults. Every mistake is a `UsageError` naming the flag, or the file and key."""
+    argv = list(argv)
+    parser = make_parser(classes, prog=prog)
+    file_argv: list[str] = []
+    for path in _config_files(argv):
+        values = read_config_file(path)
+        parser.check_keys(path, values)
+        parser.sources.update({str(k).replace("-", "_"): path for k in values})
+        file_argv += _file_to_argv(values)
+    for flag in argv:  # a value given on the command line is the command line's, not the file's
+        parser.sources.pop(flag.split("=", 1)[0].lstrip("-").replace("-", "_"), None)
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=file_argv + argv, look_for_args_file=False)
+    except UsageError:
+        raise
+    except ValueError as err:  # TrainingArguments' own checks (in its __post_init__)
+        message = " ".join(str(err).split())  # one paragraph, whatever transformers' line breaks
+        raise UsageError(f"{message} (`{parser.prog} --help` lists the options)") from None
+    parser.check_values(parsed)
     return parsed
 
 

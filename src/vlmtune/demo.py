@@ -15,6 +15,7 @@ from pathlib import Path
 from .config import DataArguments, FinetuneArguments, ModelArguments, VlmTrainingArguments, arg
 from .data.splits import build_splits
 from .data.synthetic import write_shapes_dataset
+from .errors import OutputError
 from .eval.evaluate import evaluate_generation
 from .models.loading import load_model
 from .models.tiny import build_tiny_model
@@ -35,7 +36,7 @@ class DemoArguments:
 def _claim(folder: Path) -> None:
     """Use `folder` only if it is new, empty or an earlier demo's; never clobber a user's files."""
     if folder.exists() and any(folder.iterdir()) and not (folder / MARKER).exists():
-        raise FileExistsError(f"{folder} exists and was not made by `vlmtune demo`; pass another --output_dir")
+        raise OutputError(f"--output_dir {folder} exists and was not made by `vlmtune demo`; pass another --output_dir")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MARKER).write_text("made by vlmtune demo; safe to delete\n")
 

@@ -44,8 +44,8 @@ def check_merge_output(output_dir: Path, overwrite: bool) -> None:
     existing = [f for f in MODEL_FILES if (output_dir / f).exists()]
     if existing and not overwrite:
         raise OutputError(
-            f"{output_dir} already holds a model ({', '.join(existing)}); pass --overwrite_output_dir to replace it "
-            "or choose another --output_dir"
+            f"--output_dir {output_dir} already holds a model ({', '.join(existing)}); "
+            "pass --overwrite_output_dir to replace it or choose another --output_dir"
         )
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import datasets
 
+from ..errors import UsageError
 from .collate import CUT, Preparer, encode_one
 from .encode import TemplateError
 from .schema import Conversation, DataError, cut_prompt, user_text
@@ -77,7 +78,7 @@ class Checker:
 
     def __post_init__(self) -> None:
         if self.on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"--on_bad_sample must be error or skip, not {self.on_bad_sample!r}")
+            raise UsageError(f"--on_bad_sample must be error or skip, not {self.on_bad_sample!r}")
 
     def check(self, row: dict, report: CheckReport) -> int:
         """Characters to cut from the start of the prompt (0: fits as is), or `SKIP`."""

@@ -21,6 +21,8 @@ import string
 from collections import Counter
 from collections.abc import Callable
 
+from ..errors import UsageError
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCT = set(string.punctuation)
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
@@ -148,7 +150,7 @@ def check_metric_names(names) -> list[str]:
         return list(ALL_METRICS)
     unknown = [n for n in flat if n not in ALL_METRICS]
     if unknown:
-        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(ALL_METRICS)} or all")
+        raise UsageError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(ALL_METRICS)} or all")
     if not flat:
-        raise ValueError(f"no metric chosen; choose from {', '.join(ALL_METRICS)} or all")
+        raise UsageError(f"no metric chosen; choose from {', '.join(ALL_METRICS)} or all")
     return list(dict.fromkeys(flat))

@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel
 
+from ..errors import UsageError
 from .processors import load_processor
 from .registry import FamilySpec, get_family
 
@@ -76,7 +77,7 @@ def language_lora_targets(model: torch.nn.Module, spec: FamilySpec, leaves: tupl
     leaves = leaves or spec.lora_leaves
     names = [n for n in linear_modules(model, spec, "language_model", set(leaves)) if n != "lm_head"]
     if not names:
-        raise ValueError(
+        raise UsageError(
             f"found no linear layers named {', '.join(leaves)} in the language model "
             f"(keys {', '.join(spec.language_keys)}); pass --lora_target_modules"
         )
@@ -123,7 +124,7 @@ def resolve_targets(
         return language
     vision_names = linear_modules(model, spec, "vision_tower")
     if not vision_names:
-        raise ValueError(f"--train_vision_lora: found no linear layers under {', '.join(spec.vision_keys)}")
+        raise UsageError(f"--train_vision_lora: found no linear layers under {', '.join(spec.vision_keys)}")
     return f"(?:{language})|{_exact(vision_names)}"
 
 
@@ -167,7 +168,7 @@ def quantization_config(
     """bitsandbytes settings for QLoRA: NF4 with double quantisation (or 8-bit), vision tower, projector
     and output layer kept in full precision unless asked otherwise. None when not quantising."""
     if load_in_4bit and load_in_8bit:
-        raise ValueError("choose one of --load_in_4bit and --load_in_8bit")
+        raise UsageError("choose one of --load_in_4bit and --load_in_8bit")
     if not (load_in_4bit or load_in_8bit):
         return None
     from transformers import BitsAndBytesConfig
@@ -271,11 +272,11 @@ def apply_finetuning(model: PreTrainedModel, spec: FamilySpec, args) -> PreTrain
     """Freeze parts and add LoRA / DoRA as `args` (FinetuneArguments) asks; return the model to train."""
     kind = args.finetuning_type
     if kind not in FINETUNING_TYPES:
-        raise ValueError(f"--finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, got {kind!r}")
+        raise UsageError(f"--finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, got {kind!r}")
     adapter = kind != "full"
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     if quantized and not adapter:
-        raise ValueError("a 4-/8-bit model cannot be fully fine-tuned; use --finetuning_type lora or dora")
+        raise UsageError("a 4-/8-bit model cannot be fully fine-tuned; use --finetuning_type lora or dora")
     # With adapters, an unfrozen vision tower is trained through LoRA too (its own weights stay frozen).
     train_vision_lora = adapter and (getattr(args, "train_vision_lora", False) or not args.freeze_vision_tower)
     if getattr(args, "train_vision_lora", False) and not adapter:

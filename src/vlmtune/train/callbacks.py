@@ -7,6 +7,8 @@ import math
 
 from transformers import EarlyStoppingCallback, TrainerCallback
 
+from ..errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 
@@ -50,15 +52,15 @@ def early_stopping_callback(finetune_args, training_args) -> TrainerCallback | N
     if patience is None and ratio is None:
         return None
     if patience is not None and ratio is not None:
-        raise ValueError("give --early_stopping_patience or --early_stopping_patience_ratio, not both")
+        raise UsageError("give --early_stopping_patience or --early_stopping_patience_ratio, not both")
     if training_args.eval_strategy == "no":
-        raise ValueError("early stopping needs evaluations: set --eval_strategy steps (with --eval_steps) or epoch")
+        raise UsageError("early stopping needs evaluations: set --eval_strategy steps (with --eval_steps) or epoch")
     if training_args.metric_for_best_model is None:
         training_args.metric_for_best_model = "loss"
         training_args.greater_is_better = False
     threshold = finetune_args.early_stopping_threshold
     if ratio is not None:
         if not 0 < ratio <= 1:
-            raise ValueError(f"--early_stopping_patience_ratio must be in (0, 1], got {ratio}")
+            raise UsageError(f"--early_stopping_patience_ratio must be in (0, 1], got {ratio}")
         return RatioEarlyStopping(ratio, threshold)
     return EarlyStoppingCallback(early_stopping_patience=patience, early_stopping_threshold=threshold)

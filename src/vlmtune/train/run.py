@@ -13,6 +13,7 @@ from transformers import Trainer, set_seed
 from ..config import to_dict
 from ..data.collate import VlmCollator
 from ..data.splits import Splits, build_splits
+from ..errors import OutputError, UsageError
 from ..eval.during_training import GenerationMetrics, attach
 from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..eval.plots import write_training_plots
@@ -38,12 +39,12 @@ class TrainResult:
 def check_output_dir(training_args) -> Path:
     """Refuse to overwrite a previous run's results unless asked (or resuming)."""
     if not training_args.output_dir:
-        raise ValueError("--output_dir is required")
+        raise UsageError("vlmtune train: --output_dir is required (the folder for the adapter, processor and logs)")
     out = Path(training_args.output_dir)
     existing = [f for f in _RESULT_FILES if (out / f).exists()]
     if existing and not (training_args.overwrite_output_dir or training_args.resume_from_checkpoint):
-        raise FileExistsError(
-            f"{out} already holds a trained model ({', '.join(existing)}); pass --overwrite_output_dir "
+        raise OutputError(
+            f"--output_dir {out} already holds a trained model ({', '.join(existing)}); pass --overwrite_output_dir "
             "to replace it, --resume_from_checkpoint to continue, or choose another --output_dir"
         )
     return out
@@ -74,7 +75,7 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     out = check_output_dir(training_args)
     if data_args.streaming:
         if training_args.max_steps <= 0:
-            raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs by")
+            raise UsageError("--streaming needs --max_steps: a stream has no length to count epochs by")
         # Accelerate would fetch streamed batches once and slice every tensor by batch rows, cutting
         # pixel tensors whose first dimension is image patches; each process reads its own instead.
         training_args.accelerator_config.dispatch_batches = False
@@ -100,7 +101,7 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     if splits.eval is None and training_args.eval_strategy != "no":
-        raise ValueError("--eval_strategy needs evaluation data: add --eval_dataset_name or --val_split_ratio")
+        raise UsageError("--eval_strategy needs evaluation data: add --eval_dataset_name or --val_split_ratio")
     generation_metrics = GenerationMetrics.from_args(loaded.processor, splits, finetune_args, training_args)
     early_stopping = early_stopping_callback(finetune_args, training_args)
     trainer = VlmTrainer(
