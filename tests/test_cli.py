@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 from vlmtune.cli import main
 from vlmtune.config import parse_args
 from vlmtune.demo import DemoArguments, run_demo
+from vlmtune.errors import OutputError
 from vlmtune.models.processors import load_processor
 
 
@@ -124,7 +125,7 @@ def test_demo_learns_from_near_zero_to_ninety_percent(tmp_path, capsys):
 
 def test_demo_never_clobbers_a_users_folder(tmp_path):
     (tmp_path / "mine.txt").write_text("precious")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputError, match="not made by `vlmtune demo`"):
         run_demo(DemoArguments(output_dir=str(tmp_path)))
     assert (tmp_path / "mine.txt").read_text() == "precious"
 

@@ -21,6 +21,7 @@ from transformers import AutoModelForImageTextToText, TrainerCallback
 from tests.helpers import short_run
 from tests.test_models_families import batch_for
 from vlmtune.config import FinetuneArguments
+from vlmtune.errors import UsageError
 from vlmtune.models.loading import (
     apply_finetuning,
     load_model,
@@ -247,7 +248,7 @@ def test_early_stopping_lets_an_improving_run_finish_and_keeps_the_best_checkpoi
 
 
 def test_early_stopping_needs_evaluations(tiny_model_dir, shapes_data, tmp_path):
-    with pytest.raises(ValueError, match="eval_strategy"):
+    with pytest.raises(UsageError, match="eval_strategy"):
         run(tiny_model_dir, shapes_data, tmp_path / "x", early_stopping_patience=2)
 
 

@@ -12,6 +12,7 @@ from transformers import AutoModelForImageTextToText
 
 from tests.helpers import train_args
 from vlmtune.data.collate import processor_inputs
+from vlmtune.errors import OutputError
 from vlmtune.models.loading import load_for_inference, load_model, part_of
 from vlmtune.train.run import run_training
 
@@ -113,6 +114,6 @@ def test_full_finetune_learns_and_keeps_vision_frozen(tiny_model_dir, shapes_dat
 def test_refuses_to_overwrite_a_trained_model(lora_run, tiny_model_dir, shapes_data):
     args = train_args(tiny_model_dir("qwen2_vl"), str(shapes_data["train"]), str(lora_run.output_dir), max_steps=1)
     before = (lora_run.output_dir / "adapter_model.safetensors").read_bytes()
-    with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
+    with pytest.raises(OutputError, match="--overwrite_output_dir"):
         run_training(*args)
     assert (lora_run.output_dir / "adapter_model.safetensors").read_bytes() == before

@@ -16,6 +16,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is depre
 
 from .config import arg, parse_args  # noqa: E402
 from .errors import UsageError, VlmtuneError  # noqa: E402
+from .outputs import check_output_file, check_output_folder  # noqa: E402
 
 USAGE = """usage: vlmtune <command> [options]
 
@@ -90,6 +91,7 @@ def cmd_tiny_model(argv: list[str]) -> None:
     (args,) = _parse(TinyModelArguments, argv, "vlmtune tiny-model")
     if not args.output_dir:
         raise UsageError("vlmtune tiny-model: --output_dir is required")
+    check_output_folder(args.output_dir)
     print(f"Wrote a tiny {args.family} model to {build_tiny_model(args.family, args.output_dir, args.seed)}")
 
 
@@ -100,6 +102,10 @@ def cmd_predict(argv: list[str]) -> None:
     (args,) = _parse(PredictArguments, argv, "vlmtune predict")
     if not (args.prompt or args.requests):
         raise UsageError("vlmtune predict: --prompt (or --requests FILE.jsonl) is required")
+    if not (args.model_name_or_path or args.adapter):
+        raise UsageError("vlmtune predict: --model_name_or_path or --adapter (it records its base model) is required")
+    if args.output_file:
+        check_output_file(args.output_file, "--output_file")
     loaded = load_for_inference(args.model_name_or_path, args.adapter)
     sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
     if args.requests:

@@ -238,6 +238,8 @@ def _pair_problems(values: dict) -> list[tuple[str, str]]:
     epochs, max_steps = values.get("num_train_epochs"), values.get("max_steps")
     if epochs is not None and epochs <= 0 and not (max_steps and max_steps > 0):
         problems.append(("num_train_epochs", f"must be greater than 0 unless --max_steps is set, got {epochs:g}"))
+    if values.get("load_in_4bit") and values.get("load_in_8bit"):
+        problems.append(("load_in_4bit", "and --load_in_8bit cannot both be on; choose one"))
     return problems
 
 

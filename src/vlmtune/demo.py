@@ -19,6 +19,7 @@ from .errors import OutputError
 from .eval.evaluate import evaluate_generation
 from .models.loading import load_model
 from .models.tiny import build_tiny_model
+from .outputs import check_output_folder
 from .train.run import run_training
 
 MARKER = ".vlmtune-demo"
@@ -35,6 +36,7 @@ class DemoArguments:
 
 def _claim(folder: Path) -> None:
     """Use `folder` only if it is new, empty or an earlier demo's; never clobber a user's files."""
+    check_output_folder(folder)
     if folder.exists() and any(folder.iterdir()) and not (folder / MARKER).exists():
         raise OutputError(f"--output_dir {folder} exists and was not made by `vlmtune demo`; pass another --output_dir")
     folder.mkdir(parents=True, exist_ok=True)

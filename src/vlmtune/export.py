@@ -17,6 +17,7 @@ import torch
 from .config import arg
 from .errors import OutputError, UsageError
 from .models.loading import load_for_inference
+from .outputs import check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def merge_adapter(args: MergeArguments) -> Path:
     out = Path(args.output_dir)
     if out.resolve() == Path(args.adapter).resolve():
         raise UsageError("vlmtune merge: --output_dir must differ from --adapter")
+    check_output_folder(out)
     check_merge_output(out, args.overwrite_output_dir)
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     loaded = load_for_inference(

@@ -14,6 +14,7 @@ from ..config import DataArguments, ModelArguments, arg
 from ..data.splits import build_splits
 from ..errors import UsageError
 from ..models.loading import load_for_inference
+from ..outputs import check_output_folder
 from .evaluate import EvalResult, debug_view, evaluate_generation, format_metrics
 from .metrics import ALL_METRICS, check_metric_names
 from .report import write_report
@@ -77,6 +78,7 @@ def _device(name: str) -> torch.device:
 def run_eval(model_args: ModelArguments, data_args: DataArguments, args: EvalArguments) -> EvalResult:
     if not args.output_dir:
         raise UsageError("vlmtune eval: --output_dir is required")
+    check_output_folder(args.output_dir)
     names = check_metric_names(args.metrics)
     adapter = args.adapter or model_args.adapter_name_or_path
     if not (model_args.model_name_or_path or adapter):

@@ -19,6 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel
 
 from ..errors import UsageError
+from .checkpoint import check_adapter_path, check_model_path, model_errors
 from .processors import load_processor
 from .registry import FamilySpec, get_family
 
@@ -219,13 +220,14 @@ def load_model(
     if quant is not None:
         kwargs.setdefault("quantization_config", quant)
         kwargs.setdefault("device_map", _device_map())
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_name_or_path,
-        dtype=dtype,
-        attn_implementation=resolve_attn_implementation(attn_implementation),
-        trust_remote_code=trust_remote_code,
-        **kwargs,
-    )
+    with model_errors(model_name_or_path):
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_name_or_path,
+            dtype=dtype,
+            attn_implementation=resolve_attn_implementation(attn_implementation),
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
     return Loaded(model=model, processor=processor, spec=spec)
 
 
@@ -233,9 +235,12 @@ def load_processing(
     model_name_or_path: str, processor_path: str | None = None, trust_remote_code: bool = False
 ) -> tuple[object, FamilySpec]:
     """The checkpoint's processor (with a chat template) and family spec, without loading weights."""
-    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    check_model_path(model_name_or_path)
+    with model_errors(model_name_or_path):
+        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     spec = get_family(config.model_type)
-    processor = load_processor(processor_path or model_name_or_path, trust_remote_code=trust_remote_code)
+    with model_errors(processor_path or model_name_or_path, "--adapter" if processor_path else "--model_name_or_path"):
+        processor = load_processor(processor_path or model_name_or_path, trust_remote_code=trust_remote_code)
     return with_chat_template(processor, spec), spec
 
 
@@ -248,13 +253,16 @@ def with_chat_template(processor, spec: FamilySpec):
 
 def load_for_inference(model_name_or_path: str | None, adapter: str | None = None, **kwargs) -> Loaded:
     """Base model plus an optional adapter; the adapter folder's processor (and base path) win."""
+    if adapter:
+        check_adapter_path(adapter)
     if adapter and not model_name_or_path:
         model_name_or_path = adapter_base_path(adapter)
     processor_files = ("processor_config.json", "tokenizer_config.json")
     has_processor = adapter and any((Path(adapter) / f).exists() for f in processor_files)
     loaded = load_model(model_name_or_path, processor_path=adapter if has_processor else None, **kwargs)
     if adapter:
-        loaded.model = PeftModel.from_pretrained(loaded.model, adapter)
+        with model_errors(adapter, "--adapter"):
+            loaded.model = PeftModel.from_pretrained(loaded.model, adapter)
     loaded.model.eval()
     return loaded
 

@@ -18,6 +18,7 @@ from ..eval.during_training import GenerationMetrics, attach
 from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..eval.plots import write_training_plots
 from ..models.loading import apply_finetuning, load_model, trainable_table
+from ..outputs import check_output_folder
 from .callbacks import early_stopping_callback
 from .fsdp import default_fsdp_wrap
 from .optim import VlmTrainer
@@ -40,7 +41,7 @@ def check_output_dir(training_args) -> Path:
     """Refuse to overwrite a previous run's results unless asked (or resuming)."""
     if not training_args.output_dir:
         raise UsageError("vlmtune train: --output_dir is required (the folder for the adapter, processor and logs)")
-    out = Path(training_args.output_dir)
+    out = check_output_folder(training_args.output_dir)
     existing = [f for f in _RESULT_FILES if (out / f).exists()]
     if existing and not (training_args.overwrite_output_dir or training_args.resume_from_checkpoint):
         raise OutputError(
