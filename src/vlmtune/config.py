@@ -278,7 +278,8 @@ class VlmArgumentParser(HfArgumentParser):
         except ArgumentError as err:
             name = (err.argument_name or "").split("/")[0].lstrip("-")
             where = self.where(name) if name else "arguments"
-            raise UsageError(f"{where}: {err.message}") from None
+            hint = f" (a value that starts with '-' goes as --{name}=VALUE)" if "expected one" in err.message else ""
+            raise UsageError(f"{where}: {err.message}{hint}") from None
         if remaining:
             raise UsageError(self.unknown_message(remaining))
         return namespace, remaining
