@@ -400,11 +400,14 @@ def _config_files(argv: list[str]) -> list[str]:
     return files
 
 
-def parse_args(argv: list[str], classes=ARGUMENT_CLASSES, prog: str | None = None) -> tuple:
+def parse_args(
+    argv: list[str], classes=ARGUMENT_CLASSES, prog: str | None = None, extra_names: Mapping[str, str] | None = None
+) -> tuple:
     """Parse `argv` into the argument objects; a leading `.yaml`/`.yml`/`.json` path (or `--config FILE`)
-    supplies defaults. Every mistake is a `UsageError` naming the flag, or the file and key."""
+    supplies defaults. Every mistake is a `UsageError` naming the flag, or the file and key; `extra_names`
+    (other names -> option names) widen the "did you mean" suggestions."""
     argv = list(argv)
-    parser = make_parser(classes, prog=prog)
+    parser = make_parser(classes, prog=prog, extra_names=extra_names)
     file_argv: list[str] = []
     for path in _config_files(argv):
         values = read_config_file(path)
