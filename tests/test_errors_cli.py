@@ -136,10 +136,23 @@ CASES = {
         RUNTIME,
         ["no adapter_config.json", "--model_name_or_path"],
     ),
-    "inspect: unknown split (model loaded)": Case(
-        ["data", "inspect", "--model_name_or_path", "{tiny}", "--dataset_name", "{data}", "--inspect_split", "nope"],
+    "inspect: unknown split": Case(
+        ["data", "inspect", "--model_name_or_path", "{tmp}/m", "--dataset_name", "d.csv", "--inspect_split", "val"],
         USAGE,
-        ["'nope' split"],
+        ["--inspect_split must be one of train, eval, test, got 'val'"],
+    ),
+    "merge: unknown dtype": Case(
+        ["merge", "--adapter", "{tmp}/a", "--output_dir", "{tmp}/m", "--dtype", "bf16"], USAGE, ["--dtype", "bfloat16"]
+    ),
+    "predict: no requests file": Case(
+        ["predict", "--adapter", "{tmp}/a", "--requests", "{tmp}/r.jsonl"],
+        RUNTIME,
+        ["--requests", "r.jsonl: no such file"],
+    ),
+    "inspect: column not in the data (model loaded)": Case(
+        ["data", "inspect", "--model_name_or_path", "{tiny}", "--dataset_name", "{data}", "--image_column", "picture"],
+        RUNTIME,
+        ["train.csv", "'picture'", "image_path"],
     ),
     # --- output folders ------------------------------------------------------------------------------
     "output: a file": Case(
@@ -158,9 +171,10 @@ CASES = {
         ["merge", "--adapter", "{tmp}/a", "--output_dir", "{tmp}/a"], USAGE, ["--output_dir must differ from --adapter"]
     ),
     "predict: output file is a folder": Case(
-        ["predict", "--adapter", "{tmp}/a", "--requests", "r.jsonl", "--output_file", "{tmp}"],
+        ["predict", "--adapter", "{tmp}/a", "--requests", "{tmp}/r.jsonl", "--output_file", "{tmp}"],
         RUNTIME,
         ["--output_file", "is a folder"],
+        {"r.jsonl": '{"prompt": "hi"}\n'},
     ),
 }
 

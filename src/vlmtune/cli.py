@@ -8,6 +8,7 @@ import sys
 import traceback
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 # Noise users cannot act on, silenced before the libraries load: bitsandbytes warns at import on every CPU
 # without its optional `kernels` package, and PEFT calls a transformers method that v5 renamed.
@@ -15,7 +16,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 from .config import arg, parse_args  # noqa: E402
-from .errors import UsageError, VlmtuneError  # noqa: E402
+from .errors import DataError, UsageError, VlmtuneError  # noqa: E402
 from .outputs import check_output_file, check_output_folder  # noqa: E402
 
 USAGE = """usage: vlmtune <command> [options]
@@ -104,6 +105,8 @@ def cmd_predict(argv: list[str]) -> None:
         raise UsageError("vlmtune predict: --prompt (or --requests FILE.jsonl) is required")
     if not (args.model_name_or_path or args.adapter):
         raise UsageError("vlmtune predict: --model_name_or_path or --adapter (it records its base model) is required")
+    if args.requests and not Path(args.requests).is_file():
+        raise DataError(f"--requests {args.requests}: no such file (a JSONL file of {{image, prompt}} lines)")
     if args.output_file:
         check_output_file(args.output_file, "--output_file")
     loaded = load_for_inference(args.model_name_or_path, args.adapter)

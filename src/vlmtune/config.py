@@ -226,6 +226,9 @@ CHECKS: dict[str, Check] = {
     "num_examples": at_least(0),
     "debug_samples": at_least(0),
     "report_samples": at_least(0),
+    "dtype": one_of("auto", "float32", "bfloat16", "float16"),
+    "inspect_split": one_of("train", "eval", "test"),
+    "color": one_of("auto", "always", "never"),
 }
 
 
