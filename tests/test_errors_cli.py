@@ -64,6 +64,16 @@ CASES = {
         [*TRAIN, "--on_bad_sample", "skp"], USAGE, ["--on_bad_sample must be one of error, skip", "did you mean skip?"]
     ),
     "unknown finetuning type": Case([*TRAIN, "--finetuning_type", "qlora"], USAGE, ["--finetuning_type", "lora"]),
+    "transformers choice misspelt": Case(
+        [*TRAIN, "--optim", "adamw_bnb"],
+        USAGE,
+        ["--optim: invalid choice: 'adamw_bnb'", "did you mean adamw_bnb_8bit?"],
+    ),
+    "unknown logger": Case(
+        [*TRAIN, "--report_to", "tensorbord"],
+        USAGE,
+        ["--report_to cannot be 'tensorbord'", "did you mean tensorboard?"],
+    ),
     "4-bit and 8-bit": Case(
         [*TRAIN, "--load_in_4bit", "true", "--load_in_8bit", "true"], USAGE, ["--load_in_4bit", "--load_in_8bit"]
     ),

@@ -7,6 +7,7 @@ field passes through by name; vlmtune's own fields are grouped ahead of them.
 from __future__ import annotations
 
 import json
+import re
 from argparse import ArgumentError
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -206,7 +207,6 @@ CHECKS: dict[str, Check] = {
     "vision_lr": above(0),
     "projector_lr": above(0),
     "weight_decay": at_least(0),
-    "warmup_ratio": fraction(),
     "val_split_ratio": fraction(high_open=True),
     "max_seq_length": at_least(1),
     "image_max_pixels": at_least(1),
@@ -243,7 +243,27 @@ def _pair_problems(values: dict) -> list[tuple[str, str]]:
         problems.append(("num_train_epochs", f"must be greater than 0 unless --max_steps is set, got {epochs:g}"))
     if values.get("load_in_4bit") and values.get("load_in_8bit"):
         problems.append(("load_in_4bit", "and --load_in_8bit cannot both be on; choose one"))
-    return problems
+    return problems + _report_to_problems(values.get("report_to"))
+
+
+def _report_to_problems(wanted) -> list[tuple[str, str]]:
+    """A `--report_to` logger that does not exist or is not installed fails now, not after the model loads."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    installed = get_available_reporting_integrations()
+    for name in [wanted] if isinstance(wanted, str) else wanted or []:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            known = list(INTEGRATION_TO_CALLBACK)
+            hint = did_you_mean(name, known)
+            return [("report_to", f"cannot be {name!r}: choose from {', '.join(known)} or none{hint}")]
+        if name not in installed:
+            return [("report_to", f"{name}: its package is not installed; pip install {name}, or --report_to none")]
+    return []
 
 
 class VlmArgumentParser(HfArgumentParser):
@@ -281,11 +301,21 @@ class VlmArgumentParser(HfArgumentParser):
         except ArgumentError as err:
             name = (err.argument_name or "").split("/")[0].lstrip("-")
             where = self.where(name) if name else "arguments"
-            hint = f" (a value that starts with '-' goes as --{name}=VALUE)" if "expected one" in err.message else ""
+            hint = self._hint(name, err.message)
             raise UsageError(f"{where}: {err.message}{hint}") from None
         if remaining:
             raise UsageError(self.unknown_message(remaining))
         return namespace, remaining
+
+    def _hint(self, name: str, message: str) -> str:
+        """What to add to argparse's own message: a close choice, or how to pass a value starting with '-'."""
+        if "expected one" in message:
+            return f" (a value that starts with '-' goes as --{name}=VALUE)"
+        value = re.search(r"invalid choice: '([^']*)'", message)
+        action = self._option_string_actions.get(f"--{name}")
+        if value and action is not None and action.choices:
+            return did_you_mean(value.group(1), [str(c) for c in action.choices])
+        return ""
 
     def unknown_message(self, remaining: list[str]) -> str:
         flags = [a for a in remaining if a.startswith("--") or (a.startswith("-") and not _is_number(a))]
