@@ -325,7 +325,8 @@ class VlmArgumentParser(HfArgumentParser):
                 f"(e.g. --dataset_name {remaining[0]}); `{self.prog} --help` lists them"
             )
         name = flags[0].split("=", 1)[0].lstrip("-")
-        return f"unknown option --{name}{did_you_mean(name, self.option_names(), self.extra_names, '--')}"
+        hint = did_you_mean(name, self.option_names(), self.extra_names, "--")
+        return f"unknown option --{name}{hint or f'; `{self.prog} --help` lists the options'}"
 
     def check_keys(self, path: str, keys) -> None:
         """Refuse a config file key that is not an option, naming the file and key."""
@@ -447,8 +448,8 @@ def parse_args(
         parser.check_keys(path, values)
         parser.sources.update({str(k).replace("-", "_"): path for k in values})
         file_argv += _file_to_argv(values)
-    for flag in argv:  # a value given on the command line is the command line's, not the file's
-        parser.sources.pop(flag.split("=", 1)[0].lstrip("-").replace("-", "_"), None)
+    for flag in (a for a in argv if a.startswith("--")):  # a value the command line gives is not the file's
+        parser.sources.pop(flag.split("=", 1)[0][2:].replace("-", "_"), None)
     try:
         parsed = parser.parse_args_into_dataclasses(args=file_argv + argv, look_for_args_file=False)
     except UsageError:
