@@ -124,7 +124,7 @@ CASES = {
         [*TRAIN[:2], "./no/such/model", *TRAIN[3:]], RUNTIME, ["--model_name_or_path ./no/such/model: no such folder"]
     ),
     "model: hub id while offline": Case(
-        [*TRAIN[:2], "Qwen/Qwen2-VL-2B-Instruct", *TRAIN[3:]], RUNTIME, ["cannot download it", "HF_HUB_OFFLINE"]
+        [*TRAIN[:2], "vlmtune-tests/no-such-model", *TRAIN[3:]], RUNTIME, ["cannot download it", "HF_HUB_OFFLINE"]
     ),
     "model: folder that is not a model": Case(
         TRAIN, RUNTIME, ["model: not a model folder (no config.json)"], {"model/readme.txt": "hi"}
@@ -150,6 +150,21 @@ CASES = {
         ["data", "inspect", "--model_name_or_path", "{tmp}/m", "--dataset_name", "d.csv", "--inspect_split", "val"],
         USAGE,
         ["--inspect_split must be one of train, eval, test, got 'val'"],
+    ),
+    "eval: not a device": Case(
+        [
+            "eval",
+            "--model_name_or_path",
+            "{tmp}/m",
+            "--dataset_name",
+            "d.csv",
+            "--output_dir",
+            "{tmp}/e",
+            "--device",
+            "gpu",
+        ],
+        USAGE,
+        ["--device 'gpu' is not a device", "cuda"],
     ),
     "merge: unknown dtype": Case(
         ["merge", "--adapter", "{tmp}/a", "--output_dir", "{tmp}/m", "--dtype", "bf16"], USAGE, ["--dtype", "bfloat16"]

@@ -72,13 +72,20 @@ def eval_data_args(data_args: DataArguments) -> DataArguments:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use; use --device cpu")
+    return device
 
 
 def run_eval(model_args: ModelArguments, data_args: DataArguments, args: EvalArguments) -> EvalResult:
     if not args.output_dir:
         raise UsageError("vlmtune eval: --output_dir is required")
     check_output_folder(args.output_dir)
+    device = _device(args.device)
     names = check_metric_names(args.metrics)
     adapter = args.adapter or model_args.adapter_name_or_path
     if not (model_args.model_name_or_path or adapter):
@@ -92,7 +99,7 @@ def run_eval(model_args: ModelArguments, data_args: DataArguments, args: EvalArg
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
     )
-    model = loaded.model.to(_device(args.device))
+    model = loaded.model.to(device)
     splits = build_splits(eval_data_args(data_args), loaded.spec, seed=args.seed, need_train=False)
     print(splits.schema.describe())
     sampling = {"do_sample": args.do_sample, "num_beams": args.num_beams}
