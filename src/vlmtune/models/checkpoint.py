@@ -62,8 +62,12 @@ def check_adapter_path(adapter: str, flag: str = "--adapter") -> None:
         raise ModelError(f"{flag} {adapter}: no adapter_config.json in this folder; {hint}")
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _offline() -> str | None:
+    """The environment variable that switched the hub off, if one did."""
+    return next((v for v in OFFLINE_VARIABLES if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")), None)
 
 
 def _explain(name: str, flag: str, err: Exception) -> str | None:
@@ -83,7 +87,7 @@ def _explain(name: str, flag: str, err: Exception) -> str | None:
     if Path(name).expanduser().is_dir():
         return f"{flag} {name}: cannot load it: {text}"
     if _offline() or "couldn't connect" in text or "offline" in text.lower():
-        reason = "HF_HUB_OFFLINE is set" if _offline() else "no network connection to huggingface.co"
+        reason = f"{_offline()} is set" if _offline() else "no network connection to huggingface.co"
         return (
             f"{flag} {name}: cannot download it ({reason}) and it is not in the local cache; pass a local "
             f"folder, or download it where there is a network (hf download {name})"
