@@ -77,6 +77,12 @@ CASES = {
     "4-bit and 8-bit": Case(
         [*TRAIN, "--load_in_4bit", "true", "--load_in_8bit", "true"], USAGE, ["--load_in_4bit", "--load_in_8bit"]
     ),
+    "early stopping without evaluations": Case(
+        [*TRAIN, "--early_stopping_patience", "3"],
+        USAGE,
+        ["--early_stopping_patience needs evaluations", "--eval_strategy"],
+    ),
+    "streaming without max_steps": Case([*TRAIN, "--streaming", "true"], USAGE, ["--streaming needs --max_steps"]),
     "TrainingArguments' own check": Case(
         [*TRAIN, "--eval_strategy", "steps", "--save_strategy", "epoch", "--load_best_model_at_end", "true"],
         USAGE,

@@ -243,6 +243,13 @@ def _pair_problems(values: dict) -> list[tuple[str, str]]:
         problems.append(("num_train_epochs", f"must be greater than 0 unless --max_steps is set, got {epochs:g}"))
     if values.get("load_in_4bit") and values.get("load_in_8bit"):
         problems.append(("load_in_4bit", "and --load_in_8bit cannot both be on; choose one"))
+    if values.get("streaming") and not (max_steps and max_steps > 0):
+        problems.append(("streaming", "needs --max_steps: a stream has no length to count epochs by"))
+    patience, ratio = values.get("early_stopping_patience"), values.get("early_stopping_patience_ratio")
+    if patience is not None and ratio is not None:
+        problems.append(("early_stopping_patience", "and --early_stopping_patience_ratio: give one, not both"))
+    if (patience is not None or ratio is not None) and values.get("eval_strategy") == "no":
+        problems.append(("early_stopping_patience", "needs evaluations: set --eval_strategy steps (and --eval_steps)"))
     return problems + _report_to_problems(values.get("report_to"))
 
 
