@@ -222,7 +222,7 @@ def test_bad_input_is_one_message_and_an_exit_code(name, tmp_path, capsys, reque
         places["{tiny}"] = request.getfixturevalue("tiny_model_dir")("qwen2_vl")
     if any("{data}" in a for a in case.argv):
         places["{data}"] = str(request.getfixturevalue("shapes_data")["train"])
-    argv = [a for a in case.argv]
+    argv = list(case.argv)
     for key, value in places.items():
         argv = [a.replace(key, value) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
@@ -242,3 +242,9 @@ def test_suggestions_take_extra_names_that_map_to_options():
     known = ["lora_r", "lora_alpha", "learning_rate"]
     assert did_you_mean("lora_rnk", known, {"lora_rank": "lora_r"}, "--") == "; did you mean --lora_r?"
     assert did_you_mean("zzz", known) == ""
+
+
+def test_help_shows_each_options_allowed_values(capsys):
+    main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "LoRA rank. [at least 1]" in text and "[in [0, 1)]" in text and "[one of error, skip]" in text
