@@ -130,7 +130,9 @@ CASES = {
         [*TRAIN[:2], "./no/such/model", *TRAIN[3:]], RUNTIME, ["--model_name_or_path ./no/such/model: no such folder"]
     ),
     "model: hub id while offline": Case(
-        [*TRAIN[:2], "vlmtune-tests/no-such-model", *TRAIN[3:]], RUNTIME, ["cannot download it", "HF_HUB_OFFLINE"]
+        [*TRAIN[:2], "vlmtune-tests/no-such-model", *TRAIN[3:]],
+        RUNTIME,
+        ["no such local folder", "cannot be downloaded (HF_HUB_OFFLINE is set)"],
     ),
     "model: folder that is not a model": Case(
         TRAIN, RUNTIME, ["model: not a model folder (no config.json)"], {"model/readme.txt": "hi"}

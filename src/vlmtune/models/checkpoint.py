@@ -89,8 +89,8 @@ def _explain(name: str, flag: str, err: Exception) -> str | None:
     if _offline() or "couldn't connect" in text or "offline" in text.lower():
         reason = f"{_offline()} is set" if _offline() else "no network connection to huggingface.co"
         return (
-            f"{flag} {name}: cannot download it ({reason}) and it is not in the local cache; pass a local "
-            f"folder, or download it where there is a network (hf download {name})"
+            f"{flag} {name}: no such local folder, and as a hub id it cannot be downloaded ({reason}) and is "
+            f"not in the local cache; pass a local folder, or download it where there is a network (hf download {name})"
         )
     return (
         f"{flag} {name}: not found on the Hugging Face hub (check the spelling; a private or gated model "
