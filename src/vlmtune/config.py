@@ -13,6 +13,8 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .train.distributed import prepare_launch_environment, resolve_launch_shortcuts
+
 
 def arg(default, help: str, **kwargs):  # noqa: A002 - argparse's own word
     """A dataclass field with its `--help` text (default_factory given: `default` is ignored)."""
@@ -177,6 +179,9 @@ def parse_args(argv: list[str], classes=ARGUMENT_CLASSES) -> tuple:
         del argv[i : i + 2]
     for f in reversed(files):
         argv = _file_to_argv(f) + argv
+    # Before TrainingArguments: it opens the DeepSpeed/FSDP files and sets up the process group.
+    argv = resolve_launch_shortcuts(argv)
+    prepare_launch_environment()
     parsed = make_parser(classes).parse_args_into_dataclasses(args=argv)
     return parsed
 
