@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,16 +151,26 @@ def detect_topology(training_args) -> Topology:
             f"{flag} needs GPUs: on CPU accelerate does not shard the model (it would silently run plain data "
             f"parallelism). Drop {flag} to train data parallel on CPU, or run on GPUs (docs/multi-gpu.md)"
         )
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", training_args.world_size) or 1)
+    hosts = _hosts(training_args.world_size)
     return Topology(
         world_size=training_args.world_size,
         rank=training_args.process_index,
-        local_world_size=local,
-        nodes=max(1, training_args.world_size // max(local, 1)),
+        local_world_size=max(hosts.count(h) for h in hosts),
+        nodes=len(set(hosts)),
         backend=getattr(state, "backend", None),
         device=device.type,
         engine=engine_name(training_args),
     )
+
+
+def _hosts(world_size: int) -> list[str]:
+    """Each process's host name, in rank order (one gather through accelerate): the node count, which no
+    variable reliably gives (LOCAL_WORLD_SIZE is torchrun's; a hand launch may set only RANK/WORLD_SIZE)."""
+    if world_size == 1:
+        return [socket.gethostname()]
+    from accelerate.utils import gather_object
+
+    return gather_object([socket.gethostname()])
 
 
 def announce(topology: Topology) -> None:
