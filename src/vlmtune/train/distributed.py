@@ -8,6 +8,7 @@ written, and says what it found.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import socket
@@ -57,6 +58,11 @@ def resolve_launch_shortcuts(argv: list[str]) -> list[str]:
         raise UsageError(
             f"--deepspeed {ds[2]}: no such file. Give a DeepSpeed JSON config or one of the shipped ones: "
             f"{', '.join(DEEPSPEED_CONFIGS)} (see docs/multi-gpu.md)"
+        )
+    if ds and importlib.util.find_spec("deepspeed") is None:
+        raise UsageError(
+            "--deepspeed needs the deepspeed package: pip install 'vlmtune[deepspeed]' (on a machine without "
+            "CUDA build tools: DS_BUILD_OPS=0 pip install deepspeed)"
         )
     fsdp = _flag_value(argv, "--fsdp")
     if fsdp and fsdp[2] in FSDP_CONFIGS:
