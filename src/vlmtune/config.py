@@ -141,6 +141,18 @@ class VlmTrainingArguments(TrainingArguments):
     learning_rate: float = arg(1e-4, "Peak learning rate.")
     logging_steps: float = arg(10, "Log every N steps.")
     per_device_eval_batch_size: int = arg(8, "Batch size for evaluation and generation.")
+    deepspeed: dict | str | None = arg(
+        None, "DeepSpeed (GPUs): zero2, zero3, zero3_offload (configs shipped with vlmtune) or your JSON config file."
+    )
+    fsdp: str | None = field(
+        default=None,
+        metadata={
+            "help": "FSDP (GPUs): full_shard or hybrid_shard (configs shipped with vlmtune, the family's layers "
+            "wrapped), or bare --fsdp with your own --fsdp_config.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, FinetuneArguments, VlmTrainingArguments)

@@ -203,12 +203,13 @@ def sharded_quantization_kwargs(finetune_args, training_args, compute_dtype: tor
 
 
 def full_parameters_for_generation(trainer):
-    """A context in which `trainer.model` can generate: FSDP1 keeps root weights as flat shards, so they
-    are gathered for the duration; FSDP2 and ZeRO-3 gather per module in forward (generate passes
-    `synced_gpus` itself), DDP and single processes hold full weights."""
+    """A context in which the trained model can generate: FSDP1 keeps the root's own weights (embeddings,
+    output layer) as flat shards outside any wrapped block, so those are gathered for the duration (the
+    wrapped blocks gather themselves as they run); FSDP2 and ZeRO-3 gather per module in forward
+    (`generate` passes `synced_gpus` itself); DDP and single processes hold full weights."""
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if plugin is None or plugin.fsdp_version != 1:
         return contextlib.nullcontext()
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    return FullyShardedDataParallel.summon_full_params(trainer.model_wrapped, writeback=False, recurse=True)
+    return FullyShardedDataParallel.summon_full_params(trainer.model_wrapped, writeback=False, recurse=False)
