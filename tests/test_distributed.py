@@ -20,6 +20,7 @@ import torch
 from tests.helpers import train_args
 from vlmtune.cli import main
 from vlmtune.config import parse_args
+from vlmtune.errors import RunError
 from vlmtune.models.loading import load_model
 from vlmtune.train.distributed import config_path, resolve_launch_shortcuts, sharded_quantization_kwargs
 from vlmtune.train.fsdp import default_fsdp_wrap
@@ -163,6 +164,17 @@ def test_incomplete_launch_variables_are_refused_before_any_work(
     err = capsys.readouterr().err
     assert "WORLD_SIZE=2" in err and missing in err and "torchrun" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_launch_that_did_not_become_one_job_is_refused_before_any_writing(
+    tiny_model_dir, shapes_data, tmp_path, monkeypatch
+):
+    out = tmp_path / "alone"
+    args = train_args(tiny_model_dir("qwen2_vl"), str(shapes_data["train"]), str(out), max_steps=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a launcher asked for 2 processes; this one is alone
+    with pytest.raises(RunError, match="WORLD_SIZE=2 is set but accelerate formed a job of 1 process"):
+        run_training(*args)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("flag", [["--fsdp", "full_shard"], ["--deepspeed", "zero2"]])
