@@ -18,6 +18,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import UsageError
+from .train.distributed import prepare_launch_environment, resolve_launch_shortcuts
 
 
 def arg(default, help: str, **kwargs):  # noqa: A002 - argparse's own word
@@ -145,6 +146,18 @@ class VlmTrainingArguments(TrainingArguments):
     learning_rate: float = arg(1e-4, "Peak learning rate.")
     logging_steps: float = arg(10, "Log every N steps.")
     per_device_eval_batch_size: int = arg(8, "Batch size for evaluation and generation.")
+    deepspeed: dict | str | None = arg(
+        None, "DeepSpeed (GPUs): zero2, zero3, zero3_offload (configs shipped with vlmtune) or your JSON config file."
+    )
+    fsdp: str | None = field(
+        default=None,
+        metadata={
+            "help": "FSDP (GPUs): full_shard or hybrid_shard (configs shipped with vlmtune, the family's layers "
+            "wrapped), or bare --fsdp with your own --fsdp_config.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, FinetuneArguments, VlmTrainingArguments)
@@ -457,8 +470,11 @@ def parse_args(
         file_argv += _file_to_argv(values)
     for flag in (a for a in argv if a.startswith("--")):  # a value the command line gives is not the file's
         parser.sources.pop(flag.split("=", 1)[0][2:].replace("-", "_"), None)
+    # Before TrainingArguments: it opens the DeepSpeed/FSDP files and sets up the process group.
+    args = resolve_launch_shortcuts(file_argv + argv)
+    prepare_launch_environment()
     try:
-        parsed = parser.parse_args_into_dataclasses(args=file_argv + argv, look_for_args_file=False)
+        parsed = parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
     except UsageError:
         raise
     except ValueError as err:  # TrainingArguments' own checks (in its __post_init__)

@@ -18,6 +18,7 @@ import logging
 import torch
 
 from ..data.collate import Preparer
+from ..train.distributed import full_parameters_for_generation
 from .evaluate import evaluate_generation
 from .metrics import check_metric_names
 
@@ -86,16 +87,17 @@ class GenerationMetrics:
         model = self.trainer.model
         was_training = model.training
         model.eval()
-        try:
-            result = evaluate_generation(
-                model,
-                self.processor,
-                self.preparer,
-                self.rows,
-                metrics=self.metrics,
-                batch_size=self.batch_size,
-                max_new_tokens=self.max_new_tokens,
-            )
+        try:  # under several processes each answers its share of the rows (FSDP1: with full weights)
+            with full_parameters_for_generation(self.trainer):
+                result = evaluate_generation(
+                    model,
+                    self.processor,
+                    self.preparer,
+                    self.rows,
+                    metrics=self.metrics,
+                    batch_size=self.batch_size,
+                    max_new_tokens=self.max_new_tokens,
+                )
         finally:
             model.train(was_training)
         logger.info("Generation metrics on %d eval samples: %s", result.metrics["samples"], result.metrics)

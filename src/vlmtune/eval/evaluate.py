@@ -28,6 +28,8 @@ class EvalResult:
     groups: dict = field(default_factory=dict)
     metric_names: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     conversations: list[Conversation] = field(default_factory=list, repr=False)
+    # Rows each process generated answers for (one entry per process; [n] without distribution).
+    shares: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {**self.metrics, "groups": self.groups} if self.groups else dict(self.metrics)
@@ -135,11 +137,16 @@ def evaluate_generation(
         if convs and column not in convs[0].meta:
             available = sorted(k for k in convs[0].meta if k not in ("references", "row", "__index__"))
             raise DataError(f"--group_by {column!r}: no such metadata column; available: {', '.join(available)}")
-    images = (preparer.load_images(c) for c in convs)  # loaded batch by batch, not all at once
+    mine = my_share(len(rows))
+    images = (preparer.load_images(convs[i]) for i in mine)  # loaded batch by batch, not all at once
     answers = generate_answers(
-        model, processor, convs, images, batch_size=batch_size, progress=progress, **generate_kwargs
+        model, processor, [convs[i] for i in mine], images, batch_size=batch_size, progress=progress, **generate_kwargs
     )
-    losses = answer_losses(model, processor, preparer, rows, batch_size) if "loss" in names else None
+    losses = None
+    if "loss" in names:
+        losses = dict(zip(mine, answer_losses(model, processor, preparer, [rows[i] for i in mine], batch_size)))
+    shares, answers = gather_shares(dict(zip(mine, answers)))
+    losses = gather_shares(losses)[1] if losses is not None else None
 
     predictions = []
     for i, (conv, answer) in enumerate(zip(convs, answers)):
@@ -167,7 +174,35 @@ def evaluate_generation(
         groups=group_metrics(predictions, names, columns),
         metric_names=names,
         conversations=convs,
+        shares=shares,
     )
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def my_share(n: int) -> list[int]:
+    """Indices of the rows this process answers: all of them alone; under several processes a
+    contiguous slice each (accelerate's split, padded by repeating the last index so every process runs
+    the same number of batches, which ZeRO-3 and FSDP need to stay in step)."""
+    if not _distributed() or n == 0:
+        return list(range(n))
+    from accelerate import PartialState
+
+    with PartialState().split_between_processes(list(range(n)), apply_padding=True) as share:
+        return list(share)
+
+
+def gather_shares(by_index: dict) -> tuple[list[int], list]:
+    """Every process's `{row index: value}` joined: (rows per process, values in row order)."""
+    if not _distributed():
+        return [len(by_index)], [by_index[i] for i in sorted(by_index)]
+    from accelerate.utils import gather_object
+
+    parts = gather_object([by_index])  # one dict per process, in rank order
+    merged = {i: v for part in parts for i, v in part.items()}
+    return [len(part) for part in parts], [merged[i] for i in sorted(merged)]
 
 
 def debug_view(predictions: list[dict], n: int) -> str:

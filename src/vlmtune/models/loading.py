@@ -165,6 +165,7 @@ def quantization_config(
     load_in_8bit: bool = False,
     compute_dtype: torch.dtype = torch.float32,
     quantize_vision_tower: bool = False,
+    quant_storage: torch.dtype | None = None,
 ):
     """bitsandbytes settings for QLoRA: NF4 with double quantisation (or 8-bit), vision tower, projector
     and output layer kept in full precision unless asked otherwise. None when not quantising."""
@@ -183,6 +184,7 @@ def quantization_config(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=quant_storage or torch.uint8,  # FSDP/ZeRO-3 shard it: the compute dtype
             llm_int8_skip_modules=skip,
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
@@ -216,7 +218,8 @@ def load_model(
     """
     processor, spec = load_processing(model_name_or_path, processor_path, trust_remote_code)
     compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
-    quant = quantization_config(spec, load_in_4bit, load_in_8bit, compute_dtype, quantize_vision_tower)
+    storage = kwargs.pop("bnb_4bit_quant_storage", None)
+    quant = quantization_config(spec, load_in_4bit, load_in_8bit, compute_dtype, quantize_vision_tower, storage)
     if quant is not None:
         kwargs.setdefault("quantization_config", quant)
         kwargs.setdefault("device_map", _device_map())
@@ -328,7 +331,8 @@ def trainable_table(model: torch.nn.Module, spec: FamilySpec) -> str:
         counts = totals[part_of(strip_peft_prefix(name).replace(".modules_to_save.default", ""), spec)]
         # A 4-bit weight packs two values per byte; count the values, not the bytes.
         quant_state = getattr(param, "quant_state", None)
-        numel = math.prod(quant_state.shape) if quant_state is not None else param.numel()
+        # ZeRO-3 leaves an empty tensor on the module and keeps the real size in `ds_numel`.
+        numel = math.prod(quant_state.shape) if quant_state is not None else getattr(param, "ds_numel", param.numel())
         counts[1] += numel
         if param.requires_grad:
             counts[0] += numel

@@ -19,7 +19,7 @@ def default_fsdp_wrap(training_args, model, spec: FamilySpec) -> list[str] | Non
     plugin = getattr(training_args, "fsdp_plugin_args", None) or {}
     if plugin.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP") != "TRANSFORMER_BASED_WRAP":
         return None
-    classes = decoder_layer_classes(model, spec)
+    classes = list(dict.fromkeys(decoder_layer_classes(model, spec)))  # one entry per class
     present = {type(m).__name__ for m in model.modules()}
     if spec.vision_layer in present:
         classes.append(spec.vision_layer)

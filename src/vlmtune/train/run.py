@@ -20,8 +20,16 @@ from ..eval.plots import write_training_plots
 from ..models.loading import apply_finetuning, load_model, trainable_table
 from ..outputs import check_output_folder
 from .callbacks import early_stopping_callback
+from .distributed import (
+    announce,
+    detect_topology,
+    full_parameters_for_generation,
+    sharded_quantization_kwargs,
+    shards_parameters,
+)
 from .fsdp import default_fsdp_wrap
 from .optim import VlmTrainer
+from .vision_step import run_vision_every_step
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +82,9 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     `callbacks`: extra `TrainerCallback`s (for programmatic use and tests).
     """
     out = check_output_dir(training_args)
+    topology = detect_topology(training_args)  # refuses a launch that did not become one job
+    announce(topology)
+    main_process = topology.rank == 0  # one process prints and writes; the Trainer saves on it only
     if data_args.streaming:
         if training_args.max_steps <= 0:
             raise UsageError("--streaming needs --max_steps: a stream has no length to count epochs by")
@@ -87,16 +98,21 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
         **quantization_kwargs(finetune_args),
+        **sharded_quantization_kwargs(finetune_args, training_args, _dtype(training_args)),
     )
     # Every row is converted and its images opened before training; encoding each one with the processor
     # as well (a second pass over all images) is only needed to measure it against --max_seq_length.
     measure = loaded.processor if data_args.max_seq_length else None
     splits: Splits = build_splits(data_args, loaded.spec, seed=training_args.seed, processor=measure)
-    print(splits.schema.describe())
-    print(splits.summary())
+    if main_process:
+        print(splits.schema.describe())
+        print(splits.summary())
     default_fsdp_wrap(training_args, loaded.model, loaded.spec)
     model = apply_finetuning(loaded.model, loaded.spec, finetune_args)
-    print(trainable_table(model, loaded.spec))
+    if shards_parameters(training_args):  # ZeRO-3/FSDP: a text-only batch must still run the vision tower
+        run_vision_every_step(model, loaded.processor)
+    if main_process:
+        print(trainable_table(model, loaded.spec))
     if training_args.label_names is None:
         training_args.label_names = ["labels"]
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
@@ -122,12 +138,11 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     resume = training_args.resume_from_checkpoint
     train_output = trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
     metrics = dict(train_output.metrics)
-    if data_args.streaming:  # streamed samples are checked as they are read: counts of the rows read
+    if data_args.streaming and main_process:  # streamed samples are checked as they are read: rows read
         print(splits.summary())
 
     # `_internal_call`: no upload yet with --push_to_hub; the whole folder goes up once at the end.
     trainer.save_model(str(out), _internal_call=True)
-    main_process = trainer.is_world_process_zero()  # under torchrun/accelerate, one process writes files
     if main_process:
         loaded.processor.save_pretrained(str(out))
         write_training_plots(trainer.state.log_history, out)
@@ -136,17 +151,21 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     trainer.save_state()
 
     if splits.eval is not None and finetune_args.eval_accuracy:
-        result = evaluate_generation(
-            model,
-            loaded.processor,
-            splits.preparer,
-            splits.eval,
-            batch_size=training_args.per_device_eval_batch_size,
-            max_new_tokens=finetune_args.max_new_tokens,
-            metrics=finetune_args.eval_metrics or DEFAULT_METRICS,
-        )
+        with full_parameters_for_generation(trainer):  # each process answers its share of the rows
+            result = evaluate_generation(
+                model,
+                loaded.processor,
+                splits.preparer,
+                splits.eval,
+                batch_size=training_args.per_device_eval_batch_size,
+                max_new_tokens=finetune_args.max_new_tokens,
+                metrics=finetune_args.eval_metrics or DEFAULT_METRICS,
+            )
         metrics.update({f"eval_{k}": v for k, v in result.metrics.items()})
         if main_process:
+            if len(result.shares) > 1:
+                shares = result.shares
+                print(f"Evaluation: {sum(shares)} rows answered by {len(shares)} processes {shares}")
             result.write(out)
     trainer.save_metrics("all", metrics)
     if training_args.push_to_hub:  # the whole output_dir: adapter, processor, metrics, plots

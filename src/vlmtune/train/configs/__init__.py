@@ -1,0 +1,1 @@
+"""DeepSpeed, FSDP and accelerate configs shipped with vlmtune (see docs/multi-gpu.md)."""
