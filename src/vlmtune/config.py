@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
@@ -139,6 +140,14 @@ class VlmTrainingArguments(TrainingArguments):
     learning_rate: float = arg(1e-4, "Peak learning rate.")
     logging_steps: float = arg(10, "Log every N steps.")
     per_device_eval_batch_size: int = arg(8, "Batch size for evaluation and generation.")
+    resume_from_checkpoint: str | None = arg(
+        None, "Continue from a checkpoint-N folder, or `latest`: the newest complete checkpoint in --output_dir."
+    )
+    on_nonfinite: Literal["stop", "skip"] = arg(
+        "stop",
+        "A NaN/inf loss or gradient norm at a step: stop (default; exit 1 naming the step, nothing saved for it) "
+        "or skip (drop that optimizer step, count and report it, go on).",
+    )
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, FinetuneArguments, VlmTrainingArguments)
