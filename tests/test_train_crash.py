@@ -64,6 +64,11 @@ def names(folders) -> list[str]:
     return [p.name for p in folders]
 
 
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder` with its size and modification time."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
 # --- SIGKILL while a checkpoint is being written ---------------------------------------------------
 
 
@@ -119,6 +124,7 @@ def test_kills_during_checkpoint_saves_resume_to_the_uninterrupted_adapter(
     tiny_model_dir, shapes_data, tmp_path, forkserver, straight, capsys
 ):
     model_dir, train, out = tiny_model_dir(QWEN), str(shapes_data["train"]), tmp_path / "run"
+    inputs = {folder: snapshot(folder) for folder in (Path(model_dir), Path(train).parent)}
 
     def kill_at(step: int, point: str, resume: str | None = "latest") -> None:
         child = forkserver.Process(target=train_and_die, args=(model_dir, train, str(out), step, point, resume))
@@ -153,6 +159,9 @@ def test_kills_during_checkpoint_saves_resume_to_the_uninterrupted_adapter(
     assert_same_adapter(straight, out)
     assert names(checkpoint_folders(out)) == names(complete_checkpoints(out)) == ["checkpoint-12"]
     assert not list(out.glob(".vlmtune-deleting-*")), "the interrupted deletion was finished"
+    # Nothing outside output_dir was written or deleted: the model and data folders are as they were.
+    assert list(tmp_path.iterdir()) == [out]
+    assert {folder: snapshot(folder) for folder in inputs} == inputs
 
 
 def test_resume_latest_without_a_complete_checkpoint_says_so(tiny_model_dir, shapes_data, tmp_path, capsys):
