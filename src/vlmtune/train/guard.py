@@ -135,10 +135,19 @@ class StopOnSignal(TrainerCallback):
             self._restore()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signum is not None:
+        if self._requested_anywhere(args):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def _requested_anywhere(self, args) -> bool:
+        """Whether any process got the signal: all must save and stop at the same step, or they hang."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self.signum is not None
+        signum = torch.tensor([self.signum or 0], device=args.device)
+        torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+        self.signum = int(signum.item()) or None
+        return self.signum is not None
 
     def raise_if_stopped_early(self, trainer) -> None:
         """After a signal stopped training early: say where the checkpoint is and how to go on."""
