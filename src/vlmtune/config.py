@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from difflib import get_close_matches
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
@@ -157,6 +158,14 @@ class VlmTrainingArguments(TrainingArguments):
             "nargs": "?",
             "const": True,
         },
+    )
+    resume_from_checkpoint: str | None = arg(
+        None, "Continue from a checkpoint-N folder, or `latest`: the newest complete checkpoint in --output_dir."
+    )
+    on_nonfinite: Literal["stop", "skip"] = arg(
+        "stop",
+        "A NaN/inf loss or gradient norm at a step: stop (default; exit 1 naming the step, nothing saved for it) "
+        "or skip (drop that optimizer step, count and report it, go on).",
     )
 
 

@@ -13,6 +13,8 @@ from transformers import Trainer
 
 from ..models.loading import part_of, strip_peft_prefix
 from ..models.registry import FamilySpec
+from .checkpoints import CompleteCheckpoints
+from .guard import NonFiniteGuard
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +45,9 @@ def param_groups(model, spec: FamilySpec, lrs: dict[str, float], decay_names: se
     return list(groups.values())
 
 
-class VlmTrainer(Trainer):
-    """`Trainer` that gives the vision tower and projector their own learning rates when asked."""
+class VlmTrainer(NonFiniteGuard, CompleteCheckpoints, Trainer):
+    """`Trainer` that gives the vision tower and projector their own learning rates when asked (and, by
+    its mixins, stops on non-finite steps and marks each checkpoint complete once written)."""
 
     def __init__(self, *args, spec: FamilySpec, vision_lr=None, projector_lr=None, **kw):
         super().__init__(*args, **kw)

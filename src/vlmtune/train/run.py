@@ -20,6 +20,7 @@ from ..eval.plots import write_training_plots
 from ..models.loading import apply_finetuning, load_model, trainable_table
 from ..outputs import check_output_folder
 from .callbacks import early_stopping_callback
+from .checkpoints import remove_deletion_leftovers, resolve_resume
 from .distributed import (
     announce,
     detect_topology,
@@ -28,6 +29,7 @@ from .distributed import (
     shards_parameters,
 )
 from .fsdp import default_fsdp_wrap
+from .guard import StopOnSignal, check_finite_weights
 from .optim import VlmTrainer
 from .vision_step import run_vision_every_step
 
@@ -85,6 +87,9 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     topology = detect_topology(training_args)  # refuses a launch that did not become one job
     announce(topology)
     main_process = topology.rank == 0  # one process prints and writes; the Trainer saves on it only
+    resume = resolve_resume(training_args.resume_from_checkpoint, out)  # before the slow part: fail fast
+    if training_args.should_save:
+        remove_deletion_leftovers(out)
     if data_args.streaming:
         if training_args.max_steps <= 0:
             raise UsageError("--streaming needs --max_steps: a stream has no length to count epochs by")
@@ -121,6 +126,7 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
         raise UsageError("--eval_strategy needs evaluation data: add --eval_dataset_name or --val_split_ratio")
     generation_metrics = GenerationMetrics.from_args(loaded.processor, splits, finetune_args, training_args)
     early_stopping = early_stopping_callback(finetune_args, training_args)
+    stop_on_signal = StopOnSignal()
     trainer = VlmTrainer(
         model=model,
         args=training_args,
@@ -129,18 +135,24 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
         data_collator=VlmCollator(loaded.processor, splits.preparer, data_args.train_on_prompt),
         processing_class=loaded.processor,
         **(generation_metrics.trainer_kwargs() if generation_metrics else {}),
-        callbacks=[c for c in (early_stopping, *(callbacks or [])) if c is not None],
+        callbacks=[c for c in (early_stopping, stop_on_signal, *(callbacks or [])) if c is not None],
         spec=loaded.spec,
         vision_lr=finetune_args.vision_lr,
         projector_lr=finetune_args.projector_lr,
     )
     attach(trainer, generation_metrics)
-    resume = training_args.resume_from_checkpoint
-    train_output = trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    with stop_on_signal.installed():
+        train_output = trainer.train(resume_from_checkpoint=resume)
+    stop_on_signal.raise_if_stopped_early(trainer)
     metrics = dict(train_output.metrics)
+    if skipped := trainer.nonfinite_steps:
+        metrics["train_nonfinite_steps_skipped"] = len(skipped)
+        if main_process:
+            print(f"Skipped {len(skipped)} optimizer steps with a non-finite loss or gradient: steps {skipped}")
     if data_args.streaming and main_process:  # streamed samples are checked as they are read: rows read
         print(splits.summary())
 
+    check_finite_weights(trainer.model, f"the result in {out}")  # a previous good result stays as it was
     # `_internal_call`: no upload yet with --push_to_hub; the whole folder goes up once at the end.
     trainer.save_model(str(out), _internal_call=True)
     if main_process:
