@@ -108,11 +108,14 @@ def _check_text(path: Path) -> None:
 
 
 def _csv_header(path: Path, delimiter: str) -> list[str]:
-    """The header's column names, which must be present, named and unique (a row-naming CSV needs them)."""
+    """The header's column names, which must be present, named and unique, followed by at least one row."""
     with open(path, newline="", encoding="utf-8-sig") as f:
-        header = next((row for row in csv.reader(f, delimiter=delimiter) if row), None)
+        lines = (row for row in csv.reader(f, delimiter=delimiter) if row)
+        header, first = next(lines, None), next(lines, None)
     if not header:
         raise DataError(f"{path}: the file has no header line (it holds only blank lines)")
+    if first is None:
+        raise DataError(f"{path}: no rows in this file, only the header")
     unnamed = [str(i + 1) for i, name in enumerate(header) if not name.strip()]
     if unnamed:
         raise DataError(
@@ -126,6 +129,20 @@ def _csv_header(path: Path, delimiter: str) -> list[str]:
 
 
 _PANDAS_FIELDS = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+
+
+def _stream_errors_named(rows: datasets.IterableDataset, path: Path, error) -> datasets.IterableDataset:
+    """A stream reads its file lazily, so parser errors surface mid-run: turn them into `error(path, cause)`."""
+
+    def guarded() -> Iterator[dict]:
+        try:
+            yield from rows
+        except DataError:
+            raise
+        except Exception as err:  # the parsers' own types, wrapped by datasets
+            raise error(path, _root_cause(err)) from err
+
+    return datasets.IterableDataset.from_generator(guarded)
 
 
 def _csv_error(path: Path, err: BaseException) -> DataError:
@@ -146,7 +163,7 @@ def _load_csv(path: Path, streaming: bool) -> Rows:
     header = _csv_header(path, delimiter)
     features = datasets.Features({name: datasets.Value("string") for name in header})
     try:
-        return datasets.load_dataset(
+        rows = datasets.load_dataset(
             "csv",
             data_files=str(path),
             split="train",
@@ -159,6 +176,7 @@ def _load_csv(path: Path, streaming: bool) -> Rows:
         )
     except Exception as err:  # datasets wraps pandas' parser errors
         raise _csv_error(path, _root_cause(err)) from err
+    return _stream_errors_named(rows, path, _csv_error) if streaming else rows
 
 
 def _literal(text: str) -> str:
@@ -168,6 +186,14 @@ def _literal(text: str) -> str:
 def _parse(text: str) -> object:
     """JSON with numbers (and NaN/Infinity) kept as the text written: `1.50` is "1.50", not 1.5."""
     return json.loads(text, parse_float=_literal, parse_int=_literal, parse_constant=_literal)
+
+
+def _kind(value: object) -> str:
+    """A parsed JSON value's kind in JSON's words (numbers arrive as their text, see `_parse`)."""
+    if isinstance(value, bool):
+        return "true/false"
+    names = {list: "an array", str: "a string or number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _json_lines(path: Path) -> Iterator[dict]:
@@ -183,7 +209,7 @@ def _json_lines(path: Path) -> Iterator[dict]:
                     "JSON Lines file must be one complete JSON object"
                 ) from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(f"{path}, line {number}: expected a JSON object {{...}}, got {_kind(row)}")
             yield row
 
 
@@ -201,10 +227,10 @@ def _json_document(path: Path) -> list[dict]:
         if len(lengths) == 1:
             return [dict(zip(doc, values)) for values in zip(*doc.values())]
     if not isinstance(doc, list):
-        raise DataError(f"{path}: expected a JSON array of objects (one per row), got a {type(doc).__name__}")
+        raise DataError(f"{path}: expected a JSON array of objects (one per row), got {_kind(doc)}")
     for i, row in enumerate(doc):
         if not isinstance(row, dict):
-            raise DataError(f"{path}, row {i}: expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"{path}, row {i}: expected a JSON object {{...}}, got {_kind(row)}")
     return doc
 
 
@@ -252,13 +278,16 @@ def _load_json(path: Path, streaming: bool) -> Rows:
     return _table(list(_json_rows(str(path))))
 
 
+def _parquet_error(path: Path, err: BaseException) -> DataError:
+    return DataError(f"{path}: cannot read this Parquet file ({err}); it may be damaged or not Parquet")
+
+
 def _load_parquet(path: Path, streaming: bool) -> Rows:
     try:
-        return datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=streaming)
+        rows = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=streaming)
     except Exception as err:  # pyarrow's errors for a damaged file, wrapped by datasets
-        raise DataError(
-            f"{path}: cannot read this Parquet file ({_root_cause(err)}); it may be damaged or not Parquet"
-        ) from err
+        raise _parquet_error(path, _root_cause(err)) from err
+    return _stream_errors_named(rows, path, _parquet_error) if streaming else rows
 
 
 def _load_file(path: Path, streaming: bool) -> Rows:
