@@ -362,3 +362,59 @@ def test_short_run_trains_on_messy_but_valid_data(tmp_path, tiny_model_dir):
     result = short_run(tiny_model_dir("qwen2_vl"), {"train": data}, tmp_path / "out")
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     assert np.isfinite(result.trainer.state.log_history[-1]["train_loss"])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"prompt": "Q?", "response": 1.50}\n{"prompt": "Q?", "response": "b"}\n',  # JSON Lines named .json
+        '{"prompt": ["Q?", "Q?"], "response": [1.50, "b"]}',  # an object of columns
+    ],
+)
+def test_other_json_layouts_are_read_as_rows(tmp_path, text):
+    from vlmtune.data.sources import load_splits
+
+    (rows,) = load_splits(str(_write(tmp_path / "d.json", text))).splits.values()
+    assert [r["response"] for r in rows] == ["1.50", "b"]
+
+
+@pytest.fixture
+def http_server():
+    """A local web server: /ok.png is an image, /away redirects to an ftp:// address."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/away":
+                self.send_response(302)
+                self.send_header("Location", "ftp://example.invalid/ok.png")
+                self.end_headers()
+                return
+            body = png_bytes("green", (32, 32))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_urls_are_http_only_with_a_byte_cap(http_server, monkeypatch):
+    from vlmtune.data import images
+    from vlmtune.data.images import ImageError, load_image
+
+    assert load_image(f"{http_server}/ok.png").getpixel((0, 0)) == (0, 128, 0)
+    with pytest.raises(ImageError, match="redirects to a ftp: URL; only http"):
+        load_image(f"{http_server}/away")
+    monkeypatch.setattr(images, "URL_MAX_BYTES", 20)
+    with pytest.raises(ImageError, match="is larger than"):
+        load_image(f"{http_server}/ok.png")

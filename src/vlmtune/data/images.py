@@ -36,6 +36,7 @@ URL_SCHEMES = ("http", "https")
 MIN_IMAGE_SIDE = 28
 MAX_IMAGE_ASPECT = 100.0
 PAD_COLOUR = (255, 255, 255)
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageError(DataError):
@@ -174,7 +175,8 @@ def _has_alpha(image: Image.Image) -> bool:
 def to_rgb(image: Image.Image) -> Image.Image:
     """`image` upright and in 8-bit RGB, as it looks in an image viewer."""
     try:
-        image = ImageOps.exif_transpose(image)
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # most images: no copy made
+            image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I") or image.mode == "F":
             image = _scaled_to_8bit(image)
         if _has_alpha(image):
