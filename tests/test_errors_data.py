@@ -256,6 +256,14 @@ def test_json_messages_keep_numbers_and_structure(tmp_path, tiny_model_dir):
     assert [_answer_of(t) for t in trained] == ["2.50"]
 
 
+def test_messages_as_json_text_in_a_csv_keep_numbers(tmp_path, tiny_model_dir):
+    png(tmp_path / "ok.png")
+    messages = f'[{json.dumps(USER)}, {{"role": "assistant", "content": 0.50}}]'
+    data = write_rows(tmp_path / "d.csv", [{"messages": messages, "image": "ok.png"}])
+    _, trained = _trained_texts(tiny_model_dir("qwen2_vl"), data)
+    assert [_answer_of(t) for t in trained] == ["0.50"]
+
+
 # ---- pictures as they look in a viewer ---------------------------------------------------------------------
 
 

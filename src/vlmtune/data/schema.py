@@ -176,7 +176,7 @@ class Schema:
         raw = row.get(name)
         if isinstance(raw, str) and raw.lstrip().startswith("["):  # messages stored as JSON text (CSV)
             try:
-                raw = json.loads(raw)
+                raw = json.loads(raw, parse_float=str, parse_int=str, parse_constant=str)  # numbers as written
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}, field {name!r}: not valid JSON: {err}") from err
         if not isinstance(raw, (list, tuple)) or not raw:
