@@ -304,6 +304,16 @@ def _grey_with_alpha() -> bytes:
     return _encoded(Image.new("LA", (32, 32), (0, 0)))
 
 
+def _float_in_unit_range() -> bytes:
+    return _encoded(Image.fromarray(np.full((32, 32), 0.25, np.float32)), "TIFF")
+
+
+def _one_bit() -> bytes:
+    image = Image.new("1", (32, 32), 1)
+    image.paste(0, (0, 0, 16, 32))
+    return _encoded(image)
+
+
 def _close(pixel, expected, tol: int = 12) -> bool:
     return all(abs(a - b) <= tol for a, b in zip(pixel, expected))
 
@@ -319,6 +329,8 @@ PICTURES = {
     ),
     "CMYK JPEG": (_cmyk, (32, 32), [((16, 16), (255, 0, 0))]),
     "transparent grey": (_grey_with_alpha, (32, 32), [((16, 16), (255, 255, 255))]),
+    "float TIFF in [0, 1]": (_float_in_unit_range, (32, 32), [((16, 16), (64, 64, 64))]),
+    "1-bit": (_one_bit, (32, 32), [((4, 4), (0, 0, 0)), ((28, 4), (255, 255, 255))]),
 }
 
 
