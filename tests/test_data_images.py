@@ -69,7 +69,7 @@ def test_pixel_budget_keeps_the_aspect_ratio():
     wide = Image.new("RGB", (400, 100))
     small = fit_pixels(wide, max_pixels=10_000)
     assert small.size == (200, 50)
-    assert fit_pixels(Image.new("RGB", (20, 10)), min_pixels=800).size == (40, 20)
+    assert fit_pixels(Image.new("RGB", (60, 30)), min_pixels=7200).size == (120, 60)
     assert fit_pixels(wide, max_pixels=10**6, min_pixels=10) is wide
     options = ImageOptions(max_pixels=10_000)
     assert options.load([wide], "x")[0].size == (200, 50) and options.open([wide], "x")[0].size == (400, 100)

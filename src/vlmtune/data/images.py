@@ -3,6 +3,10 @@
 Accepted: a local path (absolute, relative to the data file's folder or to `--image_root`, or a
 ``file://`` URL), an http(s) URL, a base64 string or data URI, raw bytes, a `datasets` Image feature
 value (``{"bytes": ..., "path": ...}``) and a PIL image.
+
+Conversion keeps what the picture shows: EXIF orientation is applied, 16-bit and float pixels are scaled
+(not clipped) to 8 bits, transparency is composited onto white, CMYK and palettes become RGB. Before the
+processor, images too small or too elongated for some processors are padded (never cropped or stretched).
 """
 
 from __future__ import annotations
@@ -12,16 +16,27 @@ import binascii
 import io
 import math
 import re
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from ..errors import DataError
 
 URL_TIMEOUT_S = 10
 URL_MAX_BYTES = 50 * 1024 * 1024
+URL_SCHEMES = ("http", "https")
+# What every supported processor accepts: Qwen-VL's resizing needs sides of at least one 28-pixel
+# patch group and an aspect ratio under 200; sides of 1 or 3 pixels are also mistaken for the channel
+# axis by transformers' layout guess. Padding to these bounds keeps all content, unscaled.
+MIN_IMAGE_SIDE = 28
+MAX_IMAGE_ASPECT = 100.0
+PAD_COLOUR = (255, 255, 255)
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageError(DataError):
@@ -37,10 +52,25 @@ def _open_bytes(data: bytes, what: str) -> Image.Image:
     return image
 
 
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to http(s): a server must not turn an image URL into a local file read."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+        if scheme not in URL_SCHEMES:
+            raise ImageError(f"image {req.full_url!r} redirects to a {scheme}: URL; only http(s) is followed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
+
+
 def _fetch_url(url: str) -> bytes:
     try:
-        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as resp:  # noqa: S310 - user data
+        with _OPENER.open(url, timeout=URL_TIMEOUT_S) as resp:
             data = resp.read(URL_MAX_BYTES + 1)
+    except ImageError:
+        raise
     except Exception as err:
         raise ImageError(f"cannot download image {url!r} (timeout {URL_TIMEOUT_S}s): {err}") from err
     if len(data) > URL_MAX_BYTES:
@@ -59,6 +89,19 @@ def _resolve_path(ref: str, base_dirs: tuple[Path, ...]) -> Path:
             return candidate
     tried = ", ".join(str(c) for c in candidates)
     raise ImageError(f"image file not found: {ref!r} (looked in: {tried})")
+
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+)://")
+
+
+def _refuse_other_schemes(ref: str) -> None:
+    """`s3://`, `ftp://`, `gs://` ... would otherwise be looked up as a relative path and reported missing."""
+    match = _SCHEME.match(ref)
+    if match and match.group(1).lower() not in (*URL_SCHEMES, "file"):
+        raise ImageError(
+            f"unsupported URL scheme {match.group(1)!r} in {ref!r}: images are read from http(s) URLs, "
+            "local paths or file:// URLs; download the files and use their paths"
+        )
 
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/=\s]{64,}")
@@ -83,7 +126,8 @@ def load_image(ref: Any, base_dirs: tuple[Path, ...] = ()) -> Image.Image:
         )
     elif isinstance(ref, str) and ref.strip():
         ref = ref.strip()
-        if ref.startswith(("http://", "https://")):
+        _refuse_other_schemes(ref)
+        if ref.lower().startswith(("http://", "https://")):
             image = _open_bytes(_fetch_url(ref), f"from {ref!r}")
         elif ref.startswith("data:") or _looks_base64(ref):
             payload = ref.split(",", 1)[1] if ref.startswith("data:") else ref
@@ -97,11 +141,67 @@ def load_image(ref: Any, base_dirs: tuple[Path, ...] = ()) -> Image.Image:
             image = _open_bytes(path.read_bytes(), f"file {str(path)!r}")
     else:
         raise ImageError(f"no usable image reference (got {type(ref).__name__}: {str(ref)[:60]!r})")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return to_rgb(image)
+
+
+def _scaled_to_8bit(image: Image.Image) -> Image.Image:
+    """16/32-bit integer or float greyscale as 8-bit "L", scaled by the range the mode can hold.
+
+    Pillow's own conversion clips these values at 255, which turns almost every 16-bit picture white.
+    """
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    elif image.mode == "F" and pixels.size and 0.0 <= pixels.min() and pixels.max() <= 1.0:
+        top = 1.0  # float images in [0, 1]
+    else:  # "I" (16-bit PNGs open as this too) and other floats: the smallest usual range that fits
+        peak = float(pixels.max()) if pixels.size else 0.0
+        top = next((t for t in (255.0, 65535.0) if peak <= t), peak)
+        pixels = pixels - min(0.0, float(pixels.min()))
+    return Image.fromarray(np.clip(np.rint(pixels * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    """Composite an image with transparency onto white (dropping alpha leaves hidden colour, often black)."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, PAD_COLOUR + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` upright and in 8-bit RGB, as it looks in an image viewer."""
+    try:
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # most images: no copy made
+            image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I") or image.mode == "F":
+            image = _scaled_to_8bit(image)
+        if _has_alpha(image):
+            return _on_white(image)
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except Exception as err:  # Pillow raises many types for unusual modes and broken EXIF
+        raise ImageError(f"cannot convert a {image.mode} image to RGB: {err}") from err
+
+
+def pad_to_processable(image: Image.Image) -> Image.Image:
+    """Pad (centred, white) so both sides are at least `MIN_IMAGE_SIDE` and the aspect ratio at most
+    `MAX_IMAGE_ASPECT`: such images crash or confuse some processors, and padding loses nothing."""
+    w, h = image.size
+    width = max(w, MIN_IMAGE_SIDE, math.ceil(h / MAX_IMAGE_ASPECT))
+    height = max(h, MIN_IMAGE_SIDE, math.ceil(w / MAX_IMAGE_ASPECT))
+    if (width, height) == (w, h):
+        return image
+    canvas = Image.new("RGB", (width, height), PAD_COLOUR)
+    canvas.paste(image, ((width - w) // 2, (height - h) // 2))
+    return canvas
 
 
 def fit_pixels(image: Image.Image, max_pixels: int | None = None, min_pixels: int | None = None) -> Image.Image:
-    """Resize keeping the aspect ratio so width*height lies within [min_pixels, max_pixels].
+    """Resize keeping the aspect ratio so width*height lies within [min_pixels, max_pixels], then pad
+    what no processor would take (`pad_to_processable`).
 
     This runs before the processor, so users bound memory (and image token count) themselves.
     """
@@ -112,7 +212,7 @@ def fit_pixels(image: Image.Image, max_pixels: int | None = None, min_pixels: in
         scale = math.sqrt(max_pixels / area)
     elif min_pixels and area < min_pixels:
         scale = math.sqrt(min_pixels / area)
-    if scale == 1.0:
-        return image
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return image.resize(size, Image.Resampling.BICUBIC)
+    if scale != 1.0:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    return pad_to_processable(image)

@@ -80,11 +80,17 @@ class Context:
 
 
 def _as_text(value: Any, name: str, where: str) -> str:
-    """`value` as non-empty text; numbers are fine (answers like 42), structures are not."""
+    """`value` as non-empty text; numbers are fine (answers like 42), structures are not.
+
+    Text files arrive as the exact text written (see `sources`); a typed boolean (JSON, Parquet) is
+    written the JSON way, `true`/`false`, not Python's `True`.
+    """
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise DataError(f"{where}, field {name!r}: empty")
+        raise DataError(f"{where}, field {name!r}: empty (a required field; fill it in or drop the row)")
     if not isinstance(value, SCALARS):
         raise DataError(f"{where}, field {name!r}: expected text, got {type(value).__name__}")
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return str(value)
 
 
@@ -170,7 +176,7 @@ class Schema:
         raw = row.get(name)
         if isinstance(raw, str) and raw.lstrip().startswith("["):  # messages stored as JSON text (CSV)
             try:
-                raw = json.loads(raw)
+                raw = json.loads(raw, parse_float=str, parse_int=str, parse_constant=str)  # numbers as written
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}, field {name!r}: not valid JSON: {err}") from err
         if not isinstance(raw, (list, tuple)) or not raw:

@@ -4,14 +4,26 @@ Everything becomes a `datasets.Dataset` (or `IterableDataset` when streaming) of
 row carries two private columns: `__source__`, the file (or folder/hub split) it came from, and
 `__index__`, its 0-based position there. Error messages name both, and relative image paths resolve
 against the row's own file's folder, so data spread over several files and folders just works.
+
+Text files are read as the user wrote them: every CSV/TSV cell is a string (no type or missing-value
+guessing, so `007`, `1.50`, `NA` and `None` stay text), and JSON/JSONL are parsed here with each number
+kept as its literal text (`1.50` stays "1.50"). A file that cannot be read is named with the reason and,
+where there is one, the line.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
+import json
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+from datasets.features.features import generate_from_arrow_type
 
 from .schema import DataError
 
@@ -64,16 +76,252 @@ def _labelled(rows: Rows, label: str) -> Rows:
     return rows.add_column(INDEX, list(range(len(rows)))).add_column(SOURCE, [label] * len(rows))
 
 
-def _load_file(path: Path, streaming: bool) -> Rows:
-    suffix = path.suffix.lower()
-    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception: `datasets` wraps parser errors in "An error occurred while generating"."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _check_text(path: Path) -> None:
+    """Refuse an empty file, and a file that is not UTF-8 with the line and byte where it stops being so."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        try:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            data = path.read_bytes()  # only on failure: find the exact place
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                line = data.count(b"\n", 0, err.start) + 1
+                column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+                raise DataError(
+                    f"{path}, line {line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at byte {column} of the "
+                    f"line, offset {err.start} in the file); save the file with UTF-8 encoding "
+                    "(in a spreadsheet: \"CSV UTF-8\")"
+                ) from None
+
+
+def _csv_header(path: Path, delimiter: str) -> list[str]:
+    """The header's column names, which must be present, named and unique, followed by at least one row."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        lines = (row for row in csv.reader(f, delimiter=delimiter) if row)
+        header, first = next(lines, None), next(lines, None)
+    if not header:
+        raise DataError(f"{path}: the file has no header line (it holds only blank lines)")
+    if first is None:
+        raise DataError(f"{path}: no rows in this file, only the header")
+    unnamed = [str(i + 1) for i, name in enumerate(header) if not name.strip()]
+    if unnamed:
+        raise DataError(
+            f"{path}, line 1: column {', '.join(unnamed)} of the header has no name (a trailing delimiter?); "
+            "name every column or remove the empty one"
+        )
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataError(f"{path}, line 1: column name(s) {', '.join(map(repr, repeated))} appear more than once")
+    return header
+
+
+_PANDAS_FIELDS = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+
+
+def _stream_errors_named(rows: datasets.IterableDataset, path: Path, error) -> datasets.IterableDataset:
+    """A stream reads its file lazily, so parser errors surface mid-run: turn them into `error(path, cause)`."""
+
+    def guarded() -> Iterator[dict]:
+        try:
+            yield from rows
+        except DataError:
+            raise
+        except Exception as err:  # the parsers' own types, wrapped by datasets
+            raise error(path, _root_cause(err)) from err
+
+    return datasets.IterableDataset.from_generator(guarded)
+
+
+def _csv_error(path: Path, err: BaseException) -> DataError:
+    match = _PANDAS_FIELDS.search(str(err))
+    if match:
+        want, line, got = match.groups()
+        return DataError(
+            f"{path}, line {line}: {got} fields, but the header has {want}; quote values that contain the "
+            "delimiter (\"a, b\") or fix the row"
+        )
+    return DataError(f"{path}: cannot read this {path.suffix} file: {err}")
+
+
+def _load_csv(path: Path, streaming: bool) -> Rows:
+    """Every cell as the exact text in the file: no number, date or missing-value guessing (an empty
+    cell is an empty string)."""
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    header = _csv_header(path, delimiter)
+    features = datasets.Features({name: datasets.Value("string") for name in header})
     try:
         rows = datasets.load_dataset(
-            BUILDERS[suffix], data_files=str(path), split="train", streaming=streaming, **kwargs
+            "csv",
+            data_files=str(path),
+            split="train",
+            streaming=streaming,
+            features=features,
+            delimiter=delimiter,
+            keep_default_na=False,
+            na_filter=False,
+            encoding="utf-8-sig",
         )
-    except Exception as err:  # datasets wraps parser errors in several types
-        raise DataError(f"{path}: cannot read this {suffix} file: {err}") from err
+    except Exception as err:  # datasets wraps pandas' parser errors
+        raise _csv_error(path, _root_cause(err)) from err
+    return _stream_errors_named(rows, path, _csv_error) if streaming else rows
+
+
+def _literal(text: str) -> str:
+    return text
+
+
+def _parse(text: str) -> object:
+    """JSON with numbers (and NaN/Infinity) kept as the text written: `1.50` is "1.50", not 1.5."""
+    return json.loads(text, parse_float=_literal, parse_int=_literal, parse_constant=_literal)
+
+
+def _kind(value: object) -> str:
+    """A parsed JSON value's kind in JSON's words (numbers arrive as their text, see `_parse`)."""
+    if isinstance(value, bool):
+        return "true/false"
+    names = {list: "an array", str: "a string or number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _json_lines(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = _parse(line)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno}); each line of a "
+                    "JSON Lines file must be one complete JSON object"
+                ) from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object {{...}}, got {_kind(row)}")
+            yield row
+
+
+def _json_document(path: Path) -> list[dict]:
+    """A JSON array of objects, an object of equally long columns, or JSON Lines saved as ``.json``."""
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        doc = _parse(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON Lines in a .json file
+            return list(_json_lines(path))
+        raise DataError(f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})") from None
+    if isinstance(doc, dict) and doc and all(isinstance(v, list) for v in doc.values()):
+        lengths = {len(v) for v in doc.values()}
+        if len(lengths) == 1:
+            return [dict(zip(doc, values)) for values in zip(*doc.values())]
+    if not isinstance(doc, list):
+        raise DataError(f"{path}: expected a JSON array of objects (one per row), got {_kind(doc)}")
+    for i, row in enumerate(doc):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, row {i}: expected a JSON object {{...}}, got {_kind(row)}")
+    return doc
+
+
+def _json_rows(path: str) -> Iterator[dict]:
+    path = Path(path)
+    yield from _json_lines(path) if path.suffix.lower() == ".jsonl" else _json_document(path)
+
+
+def _mixed(values: list) -> bool:
+    """True when Arrow cannot hold `values` in one column type (e.g. text in some rows, a list in others)."""
+    try:
+        pa.array(values)
+    except (pa.ArrowException, TypeError, ValueError):
+        return True
+    return False
+
+
+def _table(rows: list[dict]) -> datasets.Dataset:
+    """Rows as a `Dataset` with the union of every row's keys (a key missing from a row is None).
+
+    A field whose values differ in kind is stored as `datasets.Json`, each value pre-encoded so that it
+    decodes to exactly what the file held (text that looks like a number stays text); the row with the
+    wrong kind is then reported (or skipped) by the per-row checks, like any other bad value.
+    """
+    columns = {name: [row.get(name) for row in rows] for name in dict.fromkeys(k for row in rows for k in row)}
+    mixed = [name for name, values in columns.items() if _mixed(values)]
+    if not mixed:
+        return datasets.Dataset.from_dict(columns)
+    features = {}
+    for name, values in columns.items():
+        if name in mixed:
+            columns[name] = [json.dumps(v) for v in values]
+            features[name] = datasets.Json()
+        else:
+            features[name] = generate_from_arrow_type(pa.array(values).type)
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+
+def _load_json(path: Path, streaming: bool) -> Rows:
+    if streaming:
+        first = next(_json_rows(str(path)), None)  # fail now, not mid-run, on an unreadable start
+        if first is None:
+            raise DataError(f"{path}: no rows in this file")
+        return datasets.IterableDataset.from_generator(_json_rows, gen_kwargs={"path": str(path)})
+    return _table(list(_json_rows(str(path))))
+
+
+def _parquet_error(path: Path, err: BaseException) -> DataError:
+    return DataError(f"{path}: cannot read this Parquet file ({err}); it may be damaged or not Parquet")
+
+
+def _load_parquet(path: Path, streaming: bool) -> Rows:
+    try:
+        rows = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=streaming)
+    except Exception as err:  # pyarrow's errors for a damaged file, wrapped by datasets
+        raise _parquet_error(path, _root_cause(err)) from err
+    return _stream_errors_named(rows, path, _parquet_error) if streaming else rows
+
+
+def _load_file(path: Path, streaming: bool) -> Rows:
+    suffix = path.suffix.lower()
+    if suffix != ".parquet":
+        _check_text(path)
+    loader = {".csv": _load_csv, ".tsv": _load_csv, ".json": _load_json, ".jsonl": _load_json}.get(suffix)
+    rows = (loader or _load_parquet)(path, streaming)
+    if isinstance(rows, datasets.Dataset) and len(rows) == 0:
+        raise DataError(f"{path}: no rows in this file")
     return _labelled(rows, str(path))
+
+
+def _column_names(rows: Rows) -> list[str]:
+    """Column names; a stream that does not know them yet shows its first row."""
+    if rows.column_names is not None:
+        return list(rows.column_names)
+    return list(next(iter(rows), {}))
+
+
+def _same_columns(folder: Path, split: str, group: list[Path], parts: list[Rows]) -> None:
+    """Files of one split are stacked, so their columns must agree; name the files and columns that do not."""
+    columns = [set(_column_names(part)) for part in parts]
+    if all(c == columns[0] for c in columns):
+        return
+    differ = "; ".join(
+        f"{f.name} lacks {', '.join(sorted(columns[0] - c)) or '-'} and adds {', '.join(sorted(c - columns[0])) or '-'}"
+        for f, c in zip(group[1:], columns[1:])
+        if c != columns[0]
+    )
+    raise DataError(
+        f"{folder}: the {split} files do not have the same columns; compared with {group[0]}: {differ}. "
+        "Rename the columns to match, or move the odd files out of the folder"
+    )
 
 
 def _load_folder_of_files(path: Path, streaming: bool) -> Loaded:
@@ -86,16 +334,23 @@ def _load_folder_of_files(path: Path, streaming: bool) -> Loaded:
     splits = {}
     for split, group in by_split.items():
         parts = [_load_file(f, streaming) for f in group]
+        _same_columns(path, split, group, parts)
         try:
             splits[split] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         except ValueError as err:
             names = ", ".join(str(f) for f in group)
-            raise DataError(f"{path}: the {split} files ({names}) do not have the same columns: {err}") from err
+            raise DataError(f"{path}: the {split} files ({names}) hold different kinds of values: {err}") from err
     return Loaded(splits, {str(f): f.parent for f in files})
 
 
 def _load_saved(path: Path, streaming: bool) -> Loaded:
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # missing/damaged arrow files or state.json, in several types
+        raise DataError(
+            f"{path}: cannot read this save_to_disk folder ({type(_root_cause(err)).__name__}: {_root_cause(err)}); "
+            "it may be incomplete or damaged: save it again with save_to_disk"
+        ) from err
     raw = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
     splits, folders = {}, {}
     for split, rows in raw.items():
@@ -108,7 +363,13 @@ def _load_saved(path: Path, streaming: bool) -> Loaded:
 
 def load_hub(name: str, config: str | None = None, streaming: bool = False) -> Loaded:
     """A dataset `datasets.load_dataset` understands by name (hub id, or a local dataset folder)."""
-    loaded = datasets.load_dataset(name, config, streaming=streaming)
+    try:
+        loaded = datasets.load_dataset(name, config, streaming=streaming)
+    except Exception as err:  # not found, offline, gated, bad config: many types
+        raise DataError(
+            f"{name}: not a local file or folder, and it cannot be loaded as a hub dataset "
+            f"({type(_root_cause(err)).__name__}: {_root_cause(err)})"
+        ) from err
     return Loaded({split: _labelled(rows, f"{name} [{split}]") for split, rows in dict(loaded).items()})
 
 
