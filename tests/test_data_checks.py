@@ -8,14 +8,15 @@ import re
 import pytest
 
 from tests.data_files import data_args, png, write_rows
-from vlmtune.data.collate import VlmCollator, encode_one
+from vlmtune.data.collate import VlmCollator
+from vlmtune.data.encode import encode
 from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.data.schema import DataError
 from vlmtune.data.splits import build_splits
 from vlmtune.models.processors import load_processor
 from vlmtune.models.registry import get_family
 
-QWEN = get_family("qwen2_vl")
+QWEN = get_family("qwen2_vl").encoding
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_over_long_samples_lose_prompt_text_never_image_tokens_or_answer(tmp_pat
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     assert limit - 3 <= len(ids) <= limit
     conv = full.preparer.conversation(full.train[0], 0)
-    original = encode_one(processor, conv, full.preparer.load_images(conv))
+    original = encode(processor, conv, full.preparer.load_images(conv), QWEN)
     image_id = processor.tokenizer.convert_tokens_to_ids(QWEN.image_token)
     assert ids.count(image_id) == original.input_ids.count(image_id) > 0
     assert [t for t in labels if t != IGNORE_INDEX] == [t for t in original.labels if t != IGNORE_INDEX]

@@ -170,11 +170,11 @@ def test_context_file_through_build_splits_names_a_missing_data_column(tmp_path)
     path = write_rows(tmp_path / "d.json", [{"image": "1.png", "question": "Who?", "answer": "Monet"}])
     (tmp_path / "k.csv").write_text("image,context\n1.png,Impressionist\n")
     spec = get_family("qwen2_vl")
-    splits = build_splits(data_args(str(path), context_file=str(tmp_path / "k.csv"), context_join_on="image"), spec)
+    splits = build_splits(data_args(str(path), context_file=str(tmp_path / "k.csv"), context_join_on="image"), spec.encoding)
     assert "context from" in splits.schema.describe()
     assert "Context: Impressionist" in user_parts(splits.preparer.conversation(splits.train[0], 0))[1]
     with pytest.raises(DataError, match="--context_join_on column 'painting' not found; columns are: image"):
-        build_splits(data_args(str(path), context_file=str(tmp_path / "k.csv"), context_join_on="painting=image"), spec)
+        build_splits(data_args(str(path), context_file=str(tmp_path / "k.csv"), context_join_on="painting=image"), spec.encoding)
 
 
 def test_cut_prompt_removes_user_text_from_the_start_only():

@@ -7,6 +7,7 @@ adapted by accident.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel
+from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig, PreTrainedModel
 
 from .processors import load_processor
 from .registry import FamilySpec, get_family
@@ -235,7 +236,20 @@ def load_processing(
     config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     spec = get_family(config.model_type)
     processor = load_processor(processor_path or model_name_or_path, trust_remote_code=trust_remote_code)
-    return with_chat_template(processor, spec), spec
+    return with_chat_template(processor, spec), with_checkpoint_turn_end(spec, processor, model_name_or_path)
+
+
+def with_checkpoint_turn_end(spec: FamilySpec, processor, model_name_or_path: str) -> FamilySpec:
+    """`spec` whose `turn_end` also holds the tokens the checkpoint's generation config stops at: what
+    the checkpoint itself says ends a turn (Gemma 3's ``<end_of_turn>``, Llama's ``<|eot_id|>``)."""
+    try:
+        eos = GenerationConfig.from_pretrained(model_name_or_path).eos_token_id
+    except (OSError, ValueError):  # no generation_config.json: the registry's and the tokenizer's EOS
+        return spec
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    tokens = [processor.tokenizer.convert_ids_to_tokens(i) for i in ids]
+    extra = tuple(t for t in tokens if t and t not in spec.turn_end)
+    return dataclasses.replace(spec, turn_end=spec.turn_end + extra) if extra else spec
 
 
 def with_chat_template(processor, spec: FamilySpec):
