@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from vlmtune.data.collate import VlmCollator
-from vlmtune.data.prepare import Preparer
 from vlmtune.data.encode import IGNORE_INDEX
+from vlmtune.data.prepare import Preparer
 from vlmtune.data.schema import detect_schema
 from vlmtune.models.loading import load_model
 from vlmtune.models.processors import load_processor
@@ -104,7 +104,8 @@ def test_train_on_prompt_trains_the_text_but_never_image_tokens(tiny_model_dir):
     processor = load_processor(tiny_model_dir("qwen2_vl"))
     spec = get_family("qwen2_vl")
     row = {"__index__": 0, "messages": SINGLE_TURN, "images": [Image.new("RGB", (64, 64), "green")]}
-    collator = VlmCollator(processor, Preparer(detect_schema(["messages", "images"]), spec.encoding), train_on_prompt=True)
+    preparer = Preparer(detect_schema(["messages", "images"]), spec.encoding)
+    collator = VlmCollator(processor, preparer, train_on_prompt=True)
     batch = collator([row])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     image_id = processor.tokenizer.convert_tokens_to_ids(spec.image_token)
