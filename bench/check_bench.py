@@ -6,7 +6,9 @@ Three ways to check every row of a CSV of 3-turn conversations with a real-sized
 - baseline: the check as it was (conversation + every image decoded in full; no chat template);
 - vlmtune's check (no `--max_seq_length`): conversation + chat template + trained spans + placeholder
   count, images read by header only, image tokens from the processor's arithmetic;
-- with `--max_seq_length`: every row through the full processor, for exact lengths.
+- with `--max_seq_length`: the same, plus the full processor for rows whose estimate is near or over the
+  limit (none here);
+- for scale: the full processor on every row (what a check that encodes every row costs).
 
     python bench/check_bench.py [--rows 2000] [--image_size 1024x768]
 """
@@ -25,6 +27,7 @@ import torch
 from PIL import Image
 
 from vlmtune.config import DataArguments
+from vlmtune.data.collate import VlmCollator
 from vlmtune.data.sources import load_splits
 from vlmtune.data.splits import build_splits
 from vlmtune.models.loading import load_processing
@@ -73,7 +76,8 @@ def main() -> None:
         results = {
             "baseline: decode every image, no template": _baseline(path, facts),
             "vlmtune check (template, header-only images)": timed(path, facts, processor),
-            "vlmtune check with --max_seq_length (full processor)": timed(path, facts, processor, max_seq_length=8192),
+            "vlmtune check with --max_seq_length 8192": timed(path, facts, processor, max_seq_length=8192),
+            "full processor on every row (200 rows, scaled)": _full(path, facts, processor, 200) * args.rows / 200,
         }
     base = next(iter(results.values()))
     print(f"check benchmark, {date.today()}, {platform.machine()}, 1 thread, {args.rows} rows, {args.image_size} JPEG")
@@ -92,6 +96,17 @@ def _baseline(path: Path, facts) -> float:
     for i, row in enumerate(rows):
         conv = splits.preparer.conversation(row, i)
         splits.preparer.load_images(conv)
+    return time.perf_counter() - start
+
+
+def _full(path: Path, facts, processor, rows: int) -> float:
+    """`rows` rows encoded exactly as training encodes them (images decoded, image processor run)."""
+    splits = build_splits(DataArguments(dataset_name=str(path), val_split_ratio=0.0), facts)
+    collator = VlmCollator(processor, splits.preparer)
+    chosen = list(load_splits(str(path)).splits["train"].select(range(rows)))
+    start = time.perf_counter()
+    for i, row in enumerate(chosen):
+        collator.encode({**row, "__index__": i})
     return time.perf_counter() - start
 
 
