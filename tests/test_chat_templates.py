@@ -3,6 +3,7 @@ README), and `data inspect` showing exactly what training trains, for every regi
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from vlmtune.cli import main
 from vlmtune.data.collate import VlmCollator
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.encode import IGNORE_INDEX, TemplateError, encode, prompt_text
+from vlmtune.data.preview import inspect_sample
 from vlmtune.data.splits import build_splits
 from vlmtune.models.loading import load_processing
 from vlmtune.models.registry import FAMILIES, get_family
@@ -177,7 +179,24 @@ def test_data_inspect_shows_what_training_trains(tmp_path, tiny_model_dir, famil
     for i, sample in enumerate(shown):
         length = int(batch["attention_mask"][i].sum())
         ids, labels = batch["input_ids"][i, :length].tolist(), batch["labels"][i, :length].tolist()
+        inspected = inspect_sample(processor, splits.preparer, splits.train[i], train_on_prompt=False)[3]
+        assert (inspected.input_ids, inspected.labels) == (ids, labels)
         trained = [t for t in labels if t != IGNORE_INDEX]
         assert f"tokens: {length} total, {ids.count(image_id)} image, {len(trained)} trained" in sample
         marked = "".join(re.findall(r"\[\[(.*?)\]\]", sample, flags=re.S))
         assert marked == processor.tokenizer.decode(trained, clean_up_tokenization_spaces=False)
+
+
+def test_the_checkpoints_generation_config_says_what_else_ends_a_turn(tmp_path, tiny_model_dir):
+    """A stop token the checkpoint's generation config lists counts as a turn end, beside the registry's."""
+    import shutil
+
+    folder = shutil.copytree(tiny_model_dir("qwen2_vl"), tmp_path / "model")
+    processor, spec = load_processing(str(folder))
+    assert "<|endoftext|>" not in spec.turn_end
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["eos_token_id"] = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    processor, spec = load_processing(str(folder))
+    assert spec.turn_end == ("<|im_end|>", "<|endoftext|>")
+    assert get_family("qwen2_vl").turn_end == ("<|im_end|>",), "the registry entry itself is unchanged"

@@ -1,10 +1,9 @@
 """`vlmtune data inspect`: the first samples exactly as the model will see them, before any GPU hour.
 
 Each sample goes through the same path as training (schema, images, `encode.encode`: chat template,
-processor, labels);
-the trained spans are highlighted in the rendered text, in colour on a terminal and between ``[[`` and
-``]]`` otherwise. Every sample of the shown split is checked and summarised (schema, skipped rows and
-why, token lengths). Bad samples are reported rather than stopping the command, whatever
+processor, labels); the trained spans are highlighted in the rendered text, in colour on a terminal
+and between ``[[`` and ``]]`` otherwise. Every sample of the shown split is checked and summarised
+(schema, skipped rows and why, token lengths). Bad samples are reported rather than stopping the command, whatever
 `--on_bad_sample` says, because finding them is the point.
 """
 
@@ -18,7 +17,6 @@ from typing import TextIO
 
 from ..config import arg
 from ..errors import UsageError
-from ..models.loading import load_processing
 from .encode import Rendered, encode
 from .prepare import CUT, Preparer
 from .splits import Splits, build_splits
@@ -43,12 +41,17 @@ def highlight(rendered: Rendered, marks: tuple[str, str]) -> str:
     return "".join(pieces) + rendered.text[cursor:]
 
 
-def describe_sample(processor, preparer: Preparer, row: dict, marks: tuple[str, str], train_on_prompt: bool) -> str:
-    """One sample: where it came from, image sizes before/after resizing, token counts, highlighted text."""
+def inspect_sample(processor, preparer: Preparer, row: dict, train_on_prompt: bool) -> tuple:
+    """(conversation, images as read, images as fitted, encoding) of one row, through training's path."""
     conv = preparer.conversation(row, row["__index__"])
     raw = preparer.open_images(conv)
     fitted = [preparer.images.fit(image) for image in raw]
-    encoded = encode(processor, conv, fitted, preparer.facts, train_on_prompt)
+    return conv, raw, fitted, encode(processor, conv, fitted, preparer.facts, train_on_prompt)
+
+
+def describe_sample(processor, preparer: Preparer, row: dict, marks: tuple[str, str], train_on_prompt: bool) -> str:
+    """One sample: where it came from, image sizes before/after resizing, token counts, highlighted text."""
+    conv, raw, fitted, encoded = inspect_sample(processor, preparer, row, train_on_prompt)
     image_id = processor.tokenizer.convert_tokens_to_ids(preparer.facts.image_token)
     trained = sum(label != -100 for label in encoded.labels)
     lines = [f"== {conv.meta['source']}, row {conv.meta['row']} =="]
@@ -67,6 +70,8 @@ def inspect_data(model_args, data_args, args: InspectArguments, out: TextIO | No
     """Print the first `args.num_examples` samples of a split and the check's summary; return the splits."""
     if not model_args.model_name_or_path:
         raise UsageError("vlmtune data inspect: --model_name_or_path is required (its processor and chat template)")
+    from ..models.loading import load_processing  # the command's entry point; the rest of data/ never needs models/
+
     processor, spec = load_processing(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
     # Show the training data in file order: no hold-out unless the held-out split is what is shown.
     hold_out = data_args.val_split_ratio if args.inspect_split == "eval" else 0.0

@@ -248,7 +248,8 @@ def with_checkpoint_turn_end(spec: FamilySpec, processor, model_name_or_path: st
         return spec
     ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
     tokens = [processor.tokenizer.convert_ids_to_tokens(i) for i in ids]
-    extra = tuple(t for t in tokens if t and t not in spec.turn_end)
+    known = (*spec.turn_end, processor.tokenizer.eos_token)  # the tokenizer's EOS always ends a turn
+    extra = tuple(t for t in tokens if t and t not in known)
     return dataclasses.replace(spec, turn_end=spec.turn_end + extra) if extra else spec
 
 
