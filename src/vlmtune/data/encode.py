@@ -248,7 +248,7 @@ def _compress(ids: list[int], runs_of: set[int]) -> tuple[list[int], list[int]]:
     """`ids` with each run of one repeated image token kept once, and each kept token's position."""
     kept, where = [], []
     for i, tok in enumerate(ids):
-        if tok in runs_of and kept and kept[-1] == tok and ids[i - 1] == tok:
+        if tok in runs_of and i and ids[i - 1] == tok:
             continue
         kept.append(tok)
         where.append(i)
@@ -378,6 +378,7 @@ def _encode_prefix_suffix(
     prefix = prompt_only.text[: prompt_only.spans[0][0]]
     inputs = _call(processor, conv, texts=[prefix], images=[images], suffix=[conv.answer])
     ids = inputs.pop("input_ids")[0]
+    inputs.pop("labels", None)  # the processor's own (prompt masked, images not): ours follow the rules above
     trained = inputs["attention_mask"][0].bool()
     if not train_on_prompt:
         trained &= inputs["token_type_ids"][0] == 1

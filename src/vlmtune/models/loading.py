@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig, PreTrainedModel
 
 from .processors import load_processor
-from .registry import FamilySpec, get_family
+from .registry import GENERIC, FamilySpec, get_family
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,23 @@ def load_processing(
     config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     spec = get_family(config.model_type)
     processor = load_processor(processor_path or model_name_or_path, trust_remote_code=trust_remote_code)
+    spec = with_processor_image_tokens(spec, processor)
     return with_chat_template(processor, spec), with_checkpoint_turn_end(spec, processor, model_name_or_path)
+
+
+def with_processor_image_tokens(spec: FamilySpec, processor) -> FamilySpec:
+    """For a family vlmtune does not know, the image tokens the processor itself names (its
+    ``image_token``, and Gemma-style ``boi_token``/``eoi_token``) instead of the generic guess."""
+    if spec is not GENERIC or not isinstance(getattr(processor, "image_token", None), str):
+        return spec
+    placeholder = getattr(processor, "boi_token", None)
+    extras = tuple(t for t in (placeholder, getattr(processor, "eoi_token", None)) if isinstance(t, str))
+    return dataclasses.replace(
+        spec,
+        image_token=processor.image_token,
+        image_placeholder=placeholder if isinstance(placeholder, str) else None,
+        image_extra_tokens=extras,
+    )
 
 
 def with_checkpoint_turn_end(spec: FamilySpec, processor, model_name_or_path: str) -> FamilySpec:
