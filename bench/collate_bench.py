@@ -23,8 +23,9 @@ from datetime import date
 import torch
 from PIL import Image
 
-from vlmtune.data.collate import Preparer, VlmCollator
+from vlmtune.data.collate import VlmCollator
 from vlmtune.data.encode import IGNORE_INDEX
+from vlmtune.data.prepare import Preparer
 from vlmtune.data.schema import detect_schema
 from vlmtune.models.processors import load_processor
 from vlmtune.models.registry import get_family
@@ -95,7 +96,7 @@ def main() -> None:
     # The real checkpoints' pixel range (Qwen/Qwen2-VL-*-Instruct), not the tiny model's.
     processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
     rows = make_rows(args.batch_size * 4, args.image_size)
-    ours = VlmCollator(processor, Preparer(detect_schema(["messages", "images"]), get_family("qwen2_vl")))
+    ours = VlmCollator(processor, Preparer(detect_schema(["messages", "images"]), get_family("qwen2_vl").encoding))
 
     base_s, base_batch = seconds_per_batch(RecipeCollator(processor), rows, args.batch_size, args.batches)
     ours_s, ours_batch = seconds_per_batch(ours, rows, args.batch_size, args.batches)

@@ -6,16 +6,21 @@ from __future__ import annotations
 import re
 
 import pytest
+from PIL import Image
 
 from tests.data_files import data_args, png, write_rows
-from vlmtune.data.collate import VlmCollator, encode_one
-from vlmtune.data.encode import IGNORE_INDEX
-from vlmtune.data.schema import DataError
+from vlmtune.data.collate import VlmCollator
+from vlmtune.data.conversation import Conversation
+from vlmtune.data.encode import IGNORE_INDEX, encode
+from vlmtune.data.prepare import Preparer
+from vlmtune.data.schema import DataError, detect_schema
 from vlmtune.data.splits import build_splits
+from vlmtune.data.validate import ESTIMATE_MARGIN, Checker
+from vlmtune.models.loading import load_processing
 from vlmtune.models.processors import load_processor
-from vlmtune.models.registry import get_family
+from vlmtune.models.registry import FAMILIES, get_family
 
-QWEN = get_family("qwen2_vl")
+QWEN = get_family("qwen2_vl").encoding
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +117,39 @@ def test_over_long_samples_lose_prompt_text_never_image_tokens_or_answer(tmp_pat
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     assert limit - 3 <= len(ids) <= limit
     conv = full.preparer.conversation(full.train[0], 0)
-    original = encode_one(processor, conv, full.preparer.load_images(conv))
+    original = encode(processor, conv, full.preparer.load_images(conv), QWEN)
     image_id = processor.tokenizer.convert_tokens_to_ids(QWEN.image_token)
     assert ids.count(image_id) == original.input_ids.count(image_id) > 0
     assert [t for t in labels if t != IGNORE_INDEX] == [t for t in original.labels if t != IGNORE_INDEX]
     text = processor.tokenizer.decode(ids)
     assert text.count("<|vision_start|>") == 1 and "What colour is the square?" in text
     assert text.count("background") < 12  # cut from the start of the prompt
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_fast_length_estimate_never_undercounts_by_more_than_its_margin(tiny_model_dir, family):
+    """Rows are kept on the header-only estimate when it is clearly within --max_seq_length: the exact
+    length (full processor) may exceed it by at most the margin, for every family."""
+    processor, spec = load_processing(tiny_model_dir(family))
+    facts = spec.encoding
+    sizes = [(64, 64), (96, 40)][: 2 if facts.multi_image else 1]
+    messages = [
+        {"role": "user", "content": [{"type": "image"} for _ in sizes] + [{"type": "text", "text": "What\n\nis it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red  "}]},
+    ]
+    conv = Conversation(messages, [Image.new("RGB", s, "red") for s in sizes], {"source": "d.jsonl", "row": 0})
+    checker = Checker(Preparer(detect_schema(["messages"]), facts), processor)
+    estimate = checker.estimate(conv, sizes)
+    exact = encode(processor, conv, conv.images, facts).length
+    if getattr(processor, "_get_num_multimodal_tokens", None) is not None:
+        assert 0 <= exact - estimate <= ESTIMATE_MARGIN[0] * len(sizes) + ESTIMATE_MARGIN[1]
+    else:  # without the processor's arithmetic the estimate is not trusted with --max_seq_length
+        assert not Checker(checker.preparer, processor, max_seq_length=10**6)._surely_fits(estimate, len(sizes))
+
+
+def test_an_image_without_its_placeholder_is_found_before_training(tmp_path, processor):
+    png(tmp_path / "ok.png")
+    messages = [{"role": "user", "content": "<|image_pad|> Q?"}, {"role": "assistant", "content": "red"}]
+    path = write_rows(tmp_path / "chat.jsonl", [{"messages": messages, "images": ["ok.png", "ok.png"]}])
+    with pytest.raises(DataError, match=rf"^{path}, row 0, .*image placeholder"):
+        build_splits(data_args(str(path), val_split_ratio=0), QWEN, processor=processor)

@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from tests.data_files import data_uri, png, png_bytes
-from vlmtune.data.collate import ImageOptions
-from vlmtune.data.images import ImageError, fit_pixels, load_image
+from vlmtune.data.images import ImageError, ImageOptions, fit_pixels, load_image
 from vlmtune.data.schema import DataError
 
 

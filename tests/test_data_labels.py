@@ -53,7 +53,7 @@ def test_file_conversations_train_every_assistant_turn_and_nothing_else(tmp_path
     processor = load_processor(tiny_model_dir(family))
     spec = get_family(family)
     with caplog.at_level(logging.WARNING):
-        splits = build_splits(data_args(str(path), val_split_ratio=0), spec, processor=processor)
+        splits = build_splits(data_args(str(path), val_split_ratio=0), spec.encoding, processor=processor)
         batch = VlmCollator(processor, splits.preparer)(list(splits.train))
     warnings = [r for r in caplog.records if "takes one image per sample" in r.getMessage()]
     assert len(warnings) == (0 if spec.multi_image else 1), "single-image families warn once"

@@ -169,12 +169,13 @@ def test_context_file_through_build_splits_names_a_missing_data_column(tmp_path)
     png(tmp_path / "1.png")
     path = write_rows(tmp_path / "d.json", [{"image": "1.png", "question": "Who?", "answer": "Monet"}])
     (tmp_path / "k.csv").write_text("image,context\n1.png,Impressionist\n")
-    spec = get_family("qwen2_vl")
-    splits = build_splits(data_args(str(path), context_file=str(tmp_path / "k.csv"), context_join_on="image"), spec)
+    facts = get_family("qwen2_vl").encoding
+    splits = build_splits(data_args(str(path), context_file=str(tmp_path / "k.csv"), context_join_on="image"), facts)
     assert "context from" in splits.schema.describe()
     assert "Context: Impressionist" in user_parts(splits.preparer.conversation(splits.train[0], 0))[1]
     with pytest.raises(DataError, match="--context_join_on column 'painting' not found; columns are: image"):
-        build_splits(data_args(str(path), context_file=str(tmp_path / "k.csv"), context_join_on="painting=image"), spec)
+        args = data_args(str(path), context_file=str(tmp_path / "k.csv"), context_join_on="painting=image")
+        build_splits(args, facts)
 
 
 def test_cut_prompt_removes_user_text_from_the_start_only():

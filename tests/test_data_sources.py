@@ -12,7 +12,7 @@ from vlmtune.data.sources import INDEX, SOURCE, load_hub, load_splits
 from vlmtune.data.splits import build_splits
 from vlmtune.models.registry import get_family
 
-QWEN = get_family("qwen2_vl")
+QWEN = get_family("qwen2_vl").encoding
 TEXT = datasets.Value("string")
 IMAGE_QA = datasets.Features({"image": datasets.Image(), "question": TEXT, "answer": TEXT})
 

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-from vlmtune.data.collate import Preparer
+from vlmtune.data.prepare import Preparer
 from vlmtune.data.schema import Conversation, Schema
 from vlmtune.eval.evaluate import EvalResult, aggregate, group_metrics
 from vlmtune.eval.report import write_report
@@ -80,7 +80,7 @@ def report(tmp_path):
         metric_names=names,
         conversations=convs,
     )
-    preparer = Preparer(schema=Schema("prompt_response", source="test"), spec=get_family("qwen2_vl"))
+    preparer = Preparer(schema=Schema("prompt_response", source="test"), facts=get_family("qwen2_vl").encoding)
     return write_report(result, tmp_path / "report.html", preparer, details={"model": "tiny"})
 
 

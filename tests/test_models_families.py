@@ -12,7 +12,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from tests.helpers import short_run
-from vlmtune.data.collate import Preparer, VlmCollator
+from vlmtune.data.collate import VlmCollator
+from vlmtune.data.prepare import Preparer
 from vlmtune.data.schema import Conversation, detect_schema
 from vlmtune.eval.generate import generate_answers
 from vlmtune.models.loading import decoder_layer_classes, load_model, part_of, strip_peft_prefix
@@ -32,7 +33,7 @@ def batch_for(processor, spec, colours=("red", "blue")):
         }
         for i, colour in enumerate(colours)
     ]
-    return VlmCollator(processor, Preparer(detect_schema(["messages", "images"]), spec))(rows)
+    return VlmCollator(processor, Preparer(detect_schema(["messages", "images"]), spec.encoding))(rows)
 
 
 def test_every_registered_family_has_a_tiny_builder():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from vlmtune.data.collate import Preparer, VlmCollator
+from vlmtune.data.collate import VlmCollator
 from vlmtune.data.encode import IGNORE_INDEX
+from vlmtune.data.prepare import Preparer
 from vlmtune.data.schema import detect_schema
 from vlmtune.models.loading import load_model
 from vlmtune.models.processors import load_processor
@@ -79,10 +80,10 @@ def test_labels_cover_exactly_the_answers(tiny_model_dir, family):
         },
         {"__index__": 1, "messages": SINGLE_TURN, "images": [Image.new("RGB", (64, 64), "green")]},
     ]
-    batch = VlmCollator(processor, Preparer(detect_schema(["messages", "images"]), spec))(rows)
+    batch = VlmCollator(processor, Preparer(detect_schema(["messages", "images"]), spec.encoding))(rows)
     tokenizer = processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids(spec.image_token)
-    last_only = spec.encode_batch is not None
+    last_only = spec.prefix_suffix
     for i in range(len(rows)):
         ids, labels = batch["input_ids"][i].tolist(), batch["labels"][i].tolist()
         length = int(batch["attention_mask"][i].sum())
@@ -103,7 +104,8 @@ def test_train_on_prompt_trains_the_text_but_never_image_tokens(tiny_model_dir):
     processor = load_processor(tiny_model_dir("qwen2_vl"))
     spec = get_family("qwen2_vl")
     row = {"__index__": 0, "messages": SINGLE_TURN, "images": [Image.new("RGB", (64, 64), "green")]}
-    collator = VlmCollator(processor, Preparer(detect_schema(["messages", "images"]), spec), train_on_prompt=True)
+    preparer = Preparer(detect_schema(["messages", "images"]), spec.encoding)
+    collator = VlmCollator(processor, preparer, train_on_prompt=True)
     batch = collator([row])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     image_id = processor.tokenizer.convert_tokens_to_ids(spec.image_token)

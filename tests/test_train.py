@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from tests.helpers import train_args
-from vlmtune.data.collate import processor_inputs
+from vlmtune.data.encode import processor_inputs
 from vlmtune.errors import OutputError
 from vlmtune.models.loading import load_for_inference, load_model, part_of
 from vlmtune.train.run import run_training

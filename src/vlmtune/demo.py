@@ -76,7 +76,7 @@ def run_demo(args: DemoArguments) -> dict:
     )
 
     base = load_model(str(model_dir))
-    splits = build_splits(data_args, base.spec, need_train=False)
+    splits = build_splits(data_args, base.spec.encoding, need_train=False)
     before = evaluate_generation(base.model, base.processor, splits.preparer, splits.eval, max_new_tokens=8)
     n = before.metrics["samples"]
     print(f"Held-out accuracy before fine-tuning: {before.metrics['exact_match']:.1%} ({n} images)")

@@ -19,6 +19,7 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -190,13 +191,31 @@ def pad_to_processable(image: Image.Image) -> Image.Image:
     """Pad (centred, white) so both sides are at least `MIN_IMAGE_SIDE` and the aspect ratio at most
     `MAX_IMAGE_ASPECT`: such images crash or confuse some processors, and padding loses nothing."""
     w, h = image.size
-    width = max(w, MIN_IMAGE_SIDE, math.ceil(h / MAX_IMAGE_ASPECT))
-    height = max(h, MIN_IMAGE_SIDE, math.ceil(w / MAX_IMAGE_ASPECT))
+    width, height = _padded_size(image.size)
     if (width, height) == (w, h):
         return image
     canvas = Image.new("RGB", (width, height), PAD_COLOUR)
     canvas.paste(image, ((width - w) // 2, (height - h) // 2))
     return canvas
+
+
+def _padded_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The size `pad_to_processable` gives an image of `size`."""
+    w, h = size
+    width = max(w, MIN_IMAGE_SIDE, math.ceil(h / MAX_IMAGE_ASPECT))
+    return width, max(h, MIN_IMAGE_SIDE, math.ceil(w / MAX_IMAGE_ASPECT))
+
+
+def _scaled_size(size: tuple[int, int], max_pixels: int | None, min_pixels: int | None) -> tuple[int, int]:
+    """`size` scaled (aspect kept) so that width*height lies within [min_pixels, max_pixels]."""
+    w, h = size
+    area = w * h
+    scale = 1.0
+    if max_pixels and area > max_pixels:
+        scale = math.sqrt(max_pixels / area)
+    elif min_pixels and area < min_pixels:
+        scale = math.sqrt(min_pixels / area)
+    return size if scale == 1.0 else (max(1, round(w * scale)), max(1, round(h * scale)))
 
 
 def fit_pixels(image: Image.Image, max_pixels: int | None = None, min_pixels: int | None = None) -> Image.Image:
@@ -205,14 +224,82 @@ def fit_pixels(image: Image.Image, max_pixels: int | None = None, min_pixels: in
 
     This runs before the processor, so users bound memory (and image token count) themselves.
     """
-    w, h = image.size
-    area = w * h
-    scale = 1.0
-    if max_pixels and area > max_pixels:
-        scale = math.sqrt(max_pixels / area)
-    elif min_pixels and area < min_pixels:
-        scale = math.sqrt(min_pixels / area)
-    if scale != 1.0:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    size = _scaled_size(image.size, max_pixels, min_pixels)
+    if size != image.size:
         image = image.resize(size, Image.Resampling.BICUBIC)
     return pad_to_processable(image)
+
+
+def image_size(ref: Any, base_dirs: tuple[Path, ...] = ()) -> tuple[int, int]:
+    """(width, height) of `ref` as `load_image` would return it, reading only the file's header.
+
+    PIL opens lazily: the size (and the EXIF orientation, which swaps width and height for rotated
+    photos) come from the header without decoding pixels, so checking every row before training does
+    not decode every image. References that are not files (URLs, base64, bytes) are loaded in full.
+    """
+    if not (isinstance(ref, str) and ref.strip()) or ref.strip().startswith(("http://", "https://", "data:")):
+        return load_image(ref, base_dirs).size
+    ref = ref.strip()
+    if _looks_base64(ref):
+        return load_image(ref, base_dirs).size
+    path = _resolve_path(ref, base_dirs)
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            rotated = image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    except Exception as err:  # PIL raises many types for bad data
+        raise ImageError(f"cannot decode image file {str(path)!r}: {err}") from err
+    return (height, width) if rotated else (width, height)
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def fitted_size(size: tuple[int, int], max_pixels: int | None, min_pixels: int | None) -> tuple[int, int]:
+    """The size `fit_pixels` gives an image of `size`, without the image."""
+    return _padded_size(_scaled_size(size, max_pixels, min_pixels))
+
+
+@dataclass
+class ImageOptions:
+    """Where relative image paths are looked up and the pixel budget applied before the processor.
+
+    `base_dirs` (``--image_root``) are tried for every row, then the folder of the row's own data file
+    (`folders`, keyed by the row's `__source__`), so eval data in another folder finds its images.
+    """
+
+    base_dirs: tuple[Path, ...] = ()
+    max_pixels: int | None = None
+    min_pixels: int | None = None
+    folders: dict[str, Path] = field(default_factory=dict)
+
+    def _dirs(self, source: str | None) -> tuple[Path, ...]:
+        return self.base_dirs + ((self.folders[source],) if source in self.folders else ())
+
+    def open(self, refs: list, where: str, source: str | None = None) -> list[Image.Image]:
+        """Load each image as RGB, unresized; errors name `where` (file, row, field) and the image's position."""
+        loaded = []
+        for i, ref in enumerate(refs):
+            try:
+                loaded.append(load_image(ref, self._dirs(source)))
+            except ValueError as err:
+                raise DataError(f"{where}, image {i}: {err}") from err
+        return loaded
+
+    def fit(self, image: Image.Image) -> Image.Image:
+        return fit_pixels(image, self.max_pixels, self.min_pixels)
+
+    def load(self, refs: list, where: str, source: str | None = None) -> list[Image.Image]:
+        """Load and fit each image (what the processor receives)."""
+        return [self.fit(image) for image in self.open(refs, where, source)]
+
+    def sizes(self, refs: list, where: str, source: str | None = None) -> list[tuple[int, int]]:
+        """(width, height) of each image as the processor will receive it, from file headers only."""
+        sizes = []
+        for i, ref in enumerate(refs):
+            try:
+                size = image_size(ref, self._dirs(source))
+            except ValueError as err:
+                raise DataError(f"{where}, image {i}: {err}") from err
+            sizes.append(fitted_size(size, self.max_pixels, self.min_pixels))
+        return sizes

@@ -1,9 +1,9 @@
 """`vlmtune data inspect`: the first samples exactly as the model will see them, before any GPU hour.
 
-Each sample goes through the same path as training (schema, images, chat template, processor, labels);
-the trained spans are highlighted in the rendered text, in colour on a terminal and between ``[[`` and
-``]]`` otherwise. Every sample of the shown split is checked and summarised (schema, skipped rows and
-why, token lengths). Bad samples are reported rather than stopping the command, whatever
+Each sample goes through the same path as training (schema, images, `encode.encode`: chat template,
+processor, labels); the trained spans are highlighted in the rendered text, in colour on a terminal
+and between ``[[`` and ``]]`` otherwise. Every sample of the shown split is checked and summarised
+(schema, skipped rows and why, token lengths). Bad samples are reported rather than stopping the command, whatever
 `--on_bad_sample` says, because finding them is the point.
 """
 
@@ -17,9 +17,8 @@ from typing import TextIO
 
 from ..config import arg
 from ..errors import UsageError
-from ..models.loading import load_processing
-from .collate import CUT, Preparer, encode_one
-from .encode import Rendered
+from .encode import Rendered, encode
+from .prepare import CUT, Preparer
 from .splits import Splits, build_splits
 
 COLOUR = ("\x1b[1;32m", "\x1b[0m")
@@ -42,13 +41,18 @@ def highlight(rendered: Rendered, marks: tuple[str, str]) -> str:
     return "".join(pieces) + rendered.text[cursor:]
 
 
-def describe_sample(processor, preparer: Preparer, row: dict, marks: tuple[str, str], train_on_prompt: bool) -> str:
-    """One sample: where it came from, image sizes before/after resizing, token counts, highlighted text."""
+def inspect_sample(processor, preparer: Preparer, row: dict, train_on_prompt: bool) -> tuple:
+    """(conversation, images as read, images as fitted, encoding) of one row, through training's path."""
     conv = preparer.conversation(row, row["__index__"])
     raw = preparer.open_images(conv)
     fitted = [preparer.images.fit(image) for image in raw]
-    encoded = encode_one(processor, conv, fitted, train_on_prompt)
-    image_id = processor.tokenizer.convert_tokens_to_ids(preparer.spec.image_token)
+    return conv, raw, fitted, encode(processor, conv, fitted, preparer.facts, train_on_prompt)
+
+
+def describe_sample(processor, preparer: Preparer, row: dict, marks: tuple[str, str], train_on_prompt: bool) -> str:
+    """One sample: where it came from, image sizes before/after resizing, token counts, highlighted text."""
+    conv, raw, fitted, encoded = inspect_sample(processor, preparer, row, train_on_prompt)
+    image_id = processor.tokenizer.convert_tokens_to_ids(preparer.facts.image_token)
     trained = sum(label != -100 for label in encoded.labels)
     lines = [f"== {conv.meta['source']}, row {conv.meta['row']} =="]
     for i, (before, after) in enumerate(zip(raw, fitted)):
@@ -66,11 +70,13 @@ def inspect_data(model_args, data_args, args: InspectArguments, out: TextIO | No
     """Print the first `args.num_examples` samples of a split and the check's summary; return the splits."""
     if not model_args.model_name_or_path:
         raise UsageError("vlmtune data inspect: --model_name_or_path is required (its processor and chat template)")
+    from ..models.loading import load_processing  # the command's entry point; the rest of data/ never needs models/
+
     processor, spec = load_processing(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
     # Show the training data in file order: no hold-out unless the held-out split is what is shown.
     hold_out = data_args.val_split_ratio if args.inspect_split == "eval" else 0.0
     data_args = dataclasses.replace(data_args, on_bad_sample="skip", val_split_ratio=hold_out)
-    splits = build_splits(data_args, spec, need_train=False, processor=processor)
+    splits = build_splits(data_args, spec.encoding, need_train=False, processor=processor)
     rows = {"train": splits.train, "eval": splits.eval, "test": splits.test}.get(args.inspect_split)
     if rows is None:
         raise UsageError(f"vlmtune data inspect: no {args.inspect_split!r} split (have: {', '.join(splits.reports)})")

@@ -8,11 +8,12 @@ placeholders appear, and the remaining columns as metadata (for per-group evalua
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from .conversation import Conversation, text_of  # noqa: F401 - re-exported: the hand-off type's old home
 
 # Column names tried in order when the user does not name them.
 IMAGE_COLUMNS = ("image_path", "image", "images", "img", "image_url", "file_name")
@@ -26,37 +27,6 @@ SCALARS = (str, int, float, bool)
 
 # Where LLaVA-format data marks an image inside the text.
 IMAGE_LITERAL = "<image>"
-
-
-@dataclass
-class Conversation:
-    """One training or evaluation example, independent of where it came from."""
-
-    messages: list[dict]
-    images: list[Any] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def references(self) -> list[str]:
-        """All acceptable answers for the last assistant turn (several when a `label` is a list)."""
-        return self.meta.get("references") or [self.answer]
-
-    @property
-    def answer(self) -> str:
-        """Text of the last assistant turn."""
-        return text_of(self.messages[-1]) if self.messages and self.messages[-1]["role"] == "assistant" else ""
-
-    def prompt_messages(self) -> list[dict]:
-        """The conversation up to (not including) the last assistant turn: what generation starts from."""
-        return self.messages[:-1] if self.messages and self.messages[-1]["role"] == "assistant" else self.messages
-
-
-def text_of(message: dict) -> str:
-    """Concatenated text parts of one message."""
-    content = message["content"]
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text") or "" for part in content if part.get("type") == "text")
 
 
 @dataclass

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import datasets
 
-from ..models.registry import FamilySpec
-from .collate import ImageOptions, Preparer
 from .context import load_context
+from .encode import EncodingFacts
+from .images import ImageOptions
+from .prepare import Preparer
 from .schema import DataError, Schema, detect_schema
 from .sources import Loaded, Rows, load_splits
 from .validate import Checker, CheckReport, check_rows
@@ -98,10 +99,14 @@ def _schema(data_args, rows: Rows) -> Schema:
     return schema
 
 
-def build_splits(data_args, spec: FamilySpec, seed: int = 42, need_train: bool = True, processor=None) -> Splits:
+def build_splits(
+    data_args, facts: EncodingFacts, seed: int = 42, need_train: bool = True, processor=None
+) -> Splits:
     """Load, pick the splits, hold out validation rows when there are none, detect the schema and check.
 
-    With `processor`, each sample is also encoded once to measure it against `--max_seq_length`.
+    With `processor`, each sample is also rendered with the chat template (and, with `--max_seq_length`,
+    encoded by the processor to measure it); `facts` come from the family's registry entry
+    (`FamilySpec.encoding`).
     """
     if not data_args.dataset_name:
         raise DataError("--dataset_name is required")
@@ -126,7 +131,7 @@ def build_splits(data_args, spec: FamilySpec, seed: int = 42, need_train: bool =
     logger.info(schema.describe())
     base_dirs = (Path(data_args.image_root),) if data_args.image_root else ()
     images = ImageOptions(base_dirs, data_args.image_max_pixels, data_args.image_min_pixels, folders)
-    preparer = Preparer(schema=schema, spec=spec, images=images)
+    preparer = Preparer(schema=schema, facts=facts, images=images)
     checker = Checker(preparer, processor, data_args.max_seq_length, data_args.on_bad_sample, data_args.train_on_prompt)
     checked, reports = {}, {}
     for split, rows in (("train", train), ("eval", eval_rows), ("test", test)):

@@ -1,11 +1,17 @@
 """Check samples before they reach the model: bad ones stop the run or are skipped, over-long ones are
 shortened from the prompt side or skipped, and every decision is counted for the run's report.
 
-A sample is checked by preparing it exactly as training will (conversation, images decoded, chat template,
-processor), so what passes here trains. Non-streaming data is checked in one pass before training, so a
-bad row at 90% cannot end a run hours in; streaming data is checked lazily by the same function as it is
-read. The pass stores nothing but how many prompt characters to cut (`__cut__`); images are decoded again
-when batches are built, which keeps memory flat.
+Every row goes through the same encoding path as training (`encode.render_row`: conversation, chat
+template, trained spans), so template errors and image/placeholder mismatches are found before the
+first step, naming file, row and field. Kept fast: images are opened for their header only (size, EXIF
+orientation), and each image's token count comes from the processor's own arithmetic
+(`_get_num_multimodal_tokens`) instead of running the image processor. With `--max_seq_length`, a
+row whose estimate is clearly within the limit is kept on the estimate; only rows near or over it (and
+rows of processors without that arithmetic) go through the full processor for their exact length.
+
+Non-streaming data is checked in one pass before training, so a bad row at 90% cannot end a run hours
+in; streaming data is checked lazily by the same function as it is read. The pass stores nothing but how
+many prompt characters to cut (`__cut__`).
 """
 
 from __future__ import annotations
@@ -16,13 +22,17 @@ from dataclasses import dataclass, field
 import datasets
 
 from ..errors import UsageError
-from .collate import CUT, Preparer, encode_one
-from .encode import TemplateError
-from .schema import Conversation, DataError, cut_prompt, user_text
+from .conversation import Conversation
+from .encode import encode, render_row, token_ids
+from .prepare import CUT, Preparer
+from .schema import DataError, cut_prompt, user_text
 from .sources import INDEX, Rows
 
 MAX_REASONS = 5
 SKIP = -1
+# How far below the exact length an estimate may be: tokens per image (Gemma 3's newlines and end-of-image
+# marker) and per row (PaliGemma's BOS, separator and EOS). tests/test_data_checks.py holds every family to it.
+ESTIMATE_MARGIN = (8, 4)
 
 
 @dataclass
@@ -37,6 +47,7 @@ class CheckReport:
     reasons: list[str] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     lazy: bool = False
+    estimated: bool = False
 
     @property
     def kept(self) -> int:
@@ -59,13 +70,14 @@ class CheckReport:
             parts.append(f"{self.too_long} longer than --max_seq_length skipped")
         if self.lengths:
             median = statistics.median(self.lengths)
-            parts.append(f"tokens min/median/max {min(self.lengths)}/{median:g}/{max(self.lengths)}")
+            how = " (estimated from image sizes)" if self.estimated else ""
+            parts.append(f"tokens min/median/max {min(self.lengths)}/{median:g}/{max(self.lengths)}{how}")
         return "; ".join(parts) + "".join(f"\n  skipped: {r}" for r in self.reasons)
 
 
 @dataclass
 class Checker:
-    """Prepares each row as training will and decides: keep (cutting how much prompt), or skip.
+    """Renders each row as training will and decides: keep (cutting how much prompt), or skip.
 
     Without a processor only conversion and images are checked (no lengths).
     """
@@ -85,34 +97,72 @@ class Checker:
         report.rows += 1
         try:
             conv = self.preparer.conversation(row, row.get(INDEX, report.rows - 1))
-            images = self.preparer.load_images(conv)
+            sizes = self.preparer.image_sizes(conv)
             if self.processor is None:
                 return 0
+            estimate = self.estimate(conv, sizes)
+            if self.max_seq_length is None or self._surely_fits(estimate, len(sizes)):
+                report.estimated = True
+                report.lengths.append(estimate)
+                return 0
+            images = self.preparer.load_images(conv)
             length = self._length(conv, images)
         except DataError as err:
             if self.on_bad_sample == "error":
                 raise DataError(f"{err}\n(pass --on_bad_sample skip to drop bad samples instead)") from err
             report.bad += 1
             return report.skip(str(err))
-        if self.max_seq_length is None or length <= self.max_seq_length:
+        if length <= self.max_seq_length:
             report.lengths.append(length)
             return 0
         cut, length = self._shorten(conv, images, length)
         if cut == SKIP:
             report.too_long += 1
-            where = f"{conv.meta['source']}, row {conv.meta['row']}"
             return report.skip(
-                f"{where}: {length} tokens; cutting the prompt cannot fit --max_seq_length {self.max_seq_length}"
+                f"{conv.where}: {length} tokens; cutting the prompt cannot fit --max_seq_length {self.max_seq_length}"
             )
         report.shortened += 1
         report.lengths.append(length)
         return cut
 
-    def _length(self, conv: Conversation, images: list) -> int:
+    def estimate(self, conv: Conversation, sizes: list[tuple[int, int]]) -> int:
+        """The row's token count without running the image processor; a placeholder count that does not
+        match the images is a `DataError`.
+
+        Text tokens come from the chat-template text; each image's tokens from the processor's own
+        arithmetic on the image size where transformers has it, else one token (Mllama's, which reads
+        images by cross-attention, is exactly that).
+        """
+        facts = self.preparer.facts
+        rendered = render_row(self.processor, conv, facts, self.train_on_prompt)
+        ids = self.processor.tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"]
+        placeholder = token_ids(self.processor, [facts.image_placeholder])
+        found = sum(tok in placeholder for tok in ids)
+        if placeholder and found != len(sizes):  # (a placeholder the tokenizer lacks cannot be counted)
+            raise DataError(
+                f"{self.preparer.where(conv)}: the chat template wrote {found} image placeholder(s) "
+                f"({facts.image_placeholder}) for {len(sizes)} image(s); every image needs its placeholder"
+            )
+        return len(ids) - found + sum(self._image_tokens(sizes))
+
+    def _surely_fits(self, estimate: int, images: int) -> bool:
+        """Whether a row fits `max_seq_length` whatever the estimate missed (tokens the processor adds
+        around each image or to the row); without the processor's arithmetic, only the exact length tells."""
+        if images and getattr(self.processor, "_get_num_multimodal_tokens", None) is None:
+            return False
+        return estimate + ESTIMATE_MARGIN[0] * images + ESTIMATE_MARGIN[1] <= self.max_seq_length
+
+    def _image_tokens(self, sizes: list[tuple[int, int]]) -> list[int]:
+        count = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if not sizes or count is None:
+            return [1] * len(sizes)
         try:
-            return len(encode_one(self.processor, conv, images, self.train_on_prompt).input_ids)
-        except TemplateError as err:
-            raise DataError(f"{conv.meta['source']}, row {conv.meta['row']}: {err}") from err
+            return list(count(image_sizes=[(h, w) for w, h in sizes]).num_image_tokens)
+        except (AttributeError, KeyError, TypeError, ValueError):  # a processor without the helper's inputs
+            return [1] * len(sizes)
+
+    def _length(self, conv: Conversation, images: list) -> int:
+        return encode(self.processor, conv, images, self.preparer.facts, self.train_on_prompt).length
 
     def _shorten(self, conv: Conversation, images: list, length: int) -> tuple[int, int]:
         """Cut prompt text from the start until the sample fits; images and answers are never cut.

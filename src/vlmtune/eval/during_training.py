@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from ..data.collate import Preparer
+from ..data.prepare import Preparer
 from ..train.distributed import full_parameters_for_generation
 from .evaluate import evaluate_generation
 from .metrics import check_metric_names

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ..data.collate import Preparer, VlmCollator
+from ..data.collate import VlmCollator
+from ..data.conversation import Conversation, text_of
 from ..data.encode import IGNORE_INDEX
-from ..data.schema import Conversation, DataError, text_of
+from ..data.prepare import Preparer
+from ..errors import DataError
 from .generate import _batches, generate_answers
 from .metrics import TEXT_METRICS, check_metric_names, normalize_answer
 

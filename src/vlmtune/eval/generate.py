@@ -7,8 +7,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..data.collate import processor_inputs
-from ..data.schema import Conversation
+from ..data.conversation import Conversation
+from ..data.encode import processor_inputs, prompt_text
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -42,10 +42,7 @@ def generate_answers(
     try:
         for batch_convs in _batches(convs, batch_size):
             batch = [(conv, next(image_lists)) for conv in batch_convs]
-            texts = [
-                processor.apply_chat_template(conv.prompt_messages(), tokenize=False, add_generation_prompt=True)
-                for conv, _ in batch
-            ]
+            texts = [prompt_text(processor, conv.prompt_messages()) for conv, _ in batch]
             bos = tokenizer.bos_token
             inputs = processor_inputs(
                 processor, texts, [imgs for _, imgs in batch], not (bos and texts[0].startswith(bos))

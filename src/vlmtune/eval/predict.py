@@ -16,8 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from ..data.collate import ImageOptions
-from ..data.schema import Conversation, DataError
+from ..data.conversation import Conversation
+from ..data.images import ImageOptions
+from ..errors import DataError
 from .generate import generate_answers
 
 PROMPT_KEYS = ("prompt", "question", "query")

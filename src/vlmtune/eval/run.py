@@ -100,7 +100,7 @@ def run_eval(model_args: ModelArguments, data_args: DataArguments, args: EvalArg
         trust_remote_code=model_args.trust_remote_code,
     )
     model = loaded.model.to(device)
-    splits = build_splits(eval_data_args(data_args), loaded.spec, seed=args.seed, need_train=False)
+    splits = build_splits(eval_data_args(data_args), loaded.spec.encoding, seed=args.seed, need_train=False)
     print(splits.schema.describe())
     sampling = {"do_sample": args.do_sample, "num_beams": args.num_beams}
     if args.do_sample:

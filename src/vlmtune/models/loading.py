@@ -7,6 +7,7 @@ adapted by accident.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -16,12 +17,12 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel
+from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig, PreTrainedModel
 
 from ..errors import UsageError
 from .checkpoint import check_adapter_path, check_model_path, model_errors
 from .processors import load_processor
-from .registry import FamilySpec, get_family
+from .registry import GENERIC, FamilySpec, get_family
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +245,37 @@ def load_processing(
     spec = get_family(config.model_type)
     with model_errors(processor_path or model_name_or_path, "--adapter" if processor_path else "--model_name_or_path"):
         processor = load_processor(processor_path or model_name_or_path, trust_remote_code=trust_remote_code)
-    return with_chat_template(processor, spec), spec
+    spec = with_processor_image_tokens(spec, processor)
+    return with_chat_template(processor, spec), with_checkpoint_turn_end(spec, processor, model_name_or_path)
+
+
+def with_processor_image_tokens(spec: FamilySpec, processor) -> FamilySpec:
+    """For a family vlmtune does not know, the image tokens the processor itself names (its
+    ``image_token``, and Gemma-style ``boi_token``/``eoi_token``) instead of the generic guess."""
+    if spec is not GENERIC or not isinstance(getattr(processor, "image_token", None), str):
+        return spec
+    placeholder = getattr(processor, "boi_token", None)
+    extras = tuple(t for t in (placeholder, getattr(processor, "eoi_token", None)) if isinstance(t, str))
+    return dataclasses.replace(
+        spec,
+        image_token=processor.image_token,
+        image_placeholder=placeholder if isinstance(placeholder, str) else None,
+        image_extra_tokens=extras,
+    )
+
+
+def with_checkpoint_turn_end(spec: FamilySpec, processor, model_name_or_path: str) -> FamilySpec:
+    """`spec` whose `turn_end` also holds the tokens the checkpoint's generation config stops at: what
+    the checkpoint itself says ends a turn (Gemma 3's ``<end_of_turn>``, Llama's ``<|eot_id|>``)."""
+    try:
+        eos = GenerationConfig.from_pretrained(model_name_or_path).eos_token_id
+    except (OSError, ValueError):  # no generation_config.json: the registry's and the tokenizer's EOS
+        return spec
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    tokens = [processor.tokenizer.convert_ids_to_tokens(i) for i in ids]
+    known = (*spec.turn_end, processor.tokenizer.eos_token)  # the tokenizer's EOS always ends a turn
+    extra = tuple(t for t in tokens if t and t not in known)
+    return dataclasses.replace(spec, turn_end=spec.turn_end + extra) if extra else spec
 
 
 def with_chat_template(processor, spec: FamilySpec):

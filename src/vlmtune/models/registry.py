@@ -9,10 +9,10 @@ small field (a flag or a hook) and the code that honours it stays generic.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from .hooks import PALIGEMMA_TEMPLATE, prefix_suffix_batch
+from ..data.encode import EncodingFacts
+from .hooks import PALIGEMMA_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,14 @@ class FamilySpec:
     projector_keys: tuple[str, ...]
     language_keys: tuple[str, ...]
     image_token: str  # the token the processor repeats for each image's features
+    # The token the chat template writes per image, when it is not `image_token` (the processor expands it).
+    image_placeholder: str | None = None
+    # Other tokens the processor puts around each image (begin/end markers): inputs, never targets.
+    image_extra_tokens: tuple[str, ...] = ()
+    # Text that closes an assistant turn and is trained with the answer (the model learns to stop).
+    # The checkpoint's generation-config EOS tokens are added on loading; a template whose turns end
+    # with none of these gets the tokenizer's EOS appended to each answer (LLaVA-1.5's).
+    turn_end: tuple[str, ...] = ()
     # Classes of the language model's decoder blocks (FSDP wrapping, gradient checkpointing); empty:
     # read the classes off the loaded model's language model.
     decoder_layers: tuple[str, ...] = ()
@@ -44,10 +52,22 @@ class FamilySpec:
     lora_leaves: tuple[str, ...] = TEXT_LINEAR_LEAVES
     # Used when a checkpoint ships no chat template (PaliGemma's).
     default_chat_template: str | None = None
-    # Hook replacing the generic chat-template encoding of a training batch:
-    # (processor, conversations, images per sample, train_on_prompt) -> batch with "labels".
-    encode_batch: Callable | None = None
+    # Not a chat model: the prompt is the processor's text and the answer its `suffix=` (PaliGemma).
+    prefix_suffix: bool = False
     notes: str = ""
+
+    @property
+    def encoding(self) -> EncodingFacts:
+        """The facts `data/` needs to encode conversations for this family."""
+        return EncodingFacts(
+            name=self.model_type,
+            image_token=self.image_token,
+            image_placeholder=self.image_placeholder or self.image_token,
+            image_tokens=(self.image_token, *self.image_extra_tokens),
+            turn_end=self.turn_end,
+            multi_image=self.multi_image,
+            prefix_suffix=self.prefix_suffix,
+        )
 
 
 FAMILIES: dict[str, FamilySpec] = {}
@@ -64,6 +84,8 @@ _QWEN_KEYS = dict(
     projector_keys=("model.visual.merger",),
     language_keys=("model.language_model", "lm_head"),
     image_token="<|image_pad|>",
+    image_extra_tokens=("<|vision_start|>", "<|vision_end|>"),
+    turn_end=("<|im_end|>",),
 )
 # LLaVA-style composites: vision_tower -> multi_modal_projector -> language_model.
 _LLAVA_KEYS = dict(
@@ -77,6 +99,8 @@ _IDEFICS_KEYS = dict(
     projector_keys=("model.connector",),
     language_keys=("model.text_model", "lm_head"),
     image_token="<image>",
+    image_extra_tokens=("<fake_token_around_image>", "<global-img>"),
+    turn_end=("<end_of_utterance>",),
 )
 
 register(
@@ -112,6 +136,8 @@ register(
         projector_keys=("model.visual.merger", "model.visual.deepstack_merger_list"),
         language_keys=("model.language_model", "lm_head"),
         image_token="<|image_pad|>",
+        image_extra_tokens=("<|vision_start|>", "<|vision_end|>"),
+        turn_end=("<|im_end|>",),
         decoder_layers=("Qwen3VLTextDecoderLayer",),
         vision_layer="Qwen3VLVisionBlock",
         example_checkpoints=("Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-8B-Instruct"),
@@ -164,6 +190,10 @@ register(
         model_type="gemma3",
         **_LLAVA_KEYS,
         image_token="<image_soft_token>",
+        image_placeholder="<start_of_image>",
+        image_extra_tokens=("<start_of_image>", "<end_of_image>"),
+        # An ordinary added token in some tokenizers (not in `all_special_tokens`): a family fact.
+        turn_end=("<end_of_turn>",),
         decoder_layers=("Gemma3DecoderLayer",),
         vision_layer="SiglipEncoderLayer",
         example_checkpoints=("google/gemma-3-4b-it", "google/gemma-3-12b-it", "google/gemma-3-27b-it"),
@@ -179,6 +209,7 @@ register(
         projector_keys=("model.multi_modal_projector",),
         language_keys=("model.language_model", "lm_head"),
         image_token="<|image|>",
+        turn_end=("<|eot_id|>",),
         decoder_layers=("MllamaSelfAttentionDecoderLayer", "MllamaCrossAttentionDecoderLayer"),
         vision_layer="MllamaVisionEncoderLayer",
         multi_image=False,
@@ -226,7 +257,7 @@ register(
         vision_layer="SiglipEncoderLayer",
         multi_image=False,
         default_chat_template=PALIGEMMA_TEMPLATE,
-        encode_batch=prefix_suffix_batch,
+        prefix_suffix=True,
         example_checkpoints=(
             "google/paligemma-3b-pt-224",
             "google/paligemma-3b-mix-224",

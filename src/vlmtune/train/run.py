@@ -105,10 +105,9 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
         **quantization_kwargs(finetune_args),
         **sharded_quantization_kwargs(finetune_args, training_args, _dtype(training_args)),
     )
-    # Every row is converted and its images opened before training; encoding each one with the processor
-    # as well (a second pass over all images) is only needed to measure it against --max_seq_length.
-    measure = loaded.processor if data_args.max_seq_length else None
-    splits: Splits = build_splits(data_args, loaded.spec, seed=training_args.seed, processor=measure)
+    # Every row is rendered through the training encoding path before training (images read by header
+    # only; the full processor runs only to measure rows against --max_seq_length).
+    splits: Splits = build_splits(data_args, loaded.spec.encoding, seed=training_args.seed, processor=loaded.processor)
     if main_process:
         print(splits.schema.describe())
         print(splits.summary())
