@@ -205,7 +205,7 @@ def _trained_texts(model_dir: str, dataset: Path, family: str = "qwen2_vl") -> t
     from vlmtune.models.processors import load_processor
 
     processor = load_processor(model_dir)
-    splits = build_splits(data_args(str(dataset), val_split_ratio=0), get_family(family), processor=processor)
+    splits = build_splits(data_args(str(dataset), val_split_ratio=0), get_family(family).encoding, processor=processor)
     rows = list(splits.train)
     batch = VlmCollator(processor, splits.preparer)(rows)
     texts = [processor.tokenizer.decode(labels[labels != IGNORE_INDEX]) for labels in batch["labels"]]
@@ -339,7 +339,7 @@ def test_images_reach_the_processor_as_they_look(tmp_path, kind):
     make, size, points = PICTURES[kind]
     _write(tmp_path / "pic.img", make())
     data = write_rows(tmp_path / "d.csv", [{**ROW, "image_path": "pic.img"}])
-    splits = build_splits(data_args(str(data), val_split_ratio=0), get_family("qwen2_vl"))
+    splits = build_splits(data_args(str(data), val_split_ratio=0), get_family("qwen2_vl").encoding)
     (image,) = splits.preparer.load_images(splits.preparer.conversation(splits.train[0], 0))
     assert image.mode == "RGB" and image.size == size
     for point, colour in points:
@@ -359,7 +359,7 @@ def test_tiny_and_elongated_images_are_padded_for_every_family(tmp_path, family)
         png(tmp_path / f"{name}.png", "red", size)
         rows.append({**ROW, "image_path": f"{name}.png"})
     data = write_rows(tmp_path / "d.csv", rows)
-    splits = build_splits(data_args(str(data), val_split_ratio=0), get_family(family))
+    splits = build_splits(data_args(str(data), val_split_ratio=0), get_family(family).encoding)
     for row, (w0, h0) in zip(splits.train, EXTREME.values()):
         (image,) = splits.preparer.load_images(splits.preparer.conversation(row, row["__index__"]))
         w, h = image.size
