@@ -237,11 +237,12 @@ def image_size(ref: Any, base_dirs: tuple[Path, ...] = ()) -> tuple[int, int]:
     photos) come from the header without decoding pixels, so checking every row before training does
     not decode every image. References that are not files (URLs, base64, bytes) are loaded in full.
     """
-    if not (isinstance(ref, str) and ref.strip()) or ref.strip().startswith(("http://", "https://", "data:")):
+    if not (isinstance(ref, str) and ref.strip()) or ref.strip().lower().startswith(("http://", "https://", "data:")):
         return load_image(ref, base_dirs).size
     ref = ref.strip()
     if _looks_base64(ref):
         return load_image(ref, base_dirs).size
+    _refuse_other_schemes(ref)
     path = _resolve_path(ref, base_dirs)
     try:
         with Image.open(path) as image:
