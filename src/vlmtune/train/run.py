@@ -19,7 +19,7 @@ from ..eval.plots import write_training_plots
 from ..models.loading import apply_finetuning, load_model, trainable_table
 from .callbacks import early_stopping_callback
 from .fsdp import default_fsdp_wrap
-from .optim import VlmTrainer
+from .trainer import VlmTrainer
 
 logger = logging.getLogger(__name__)
 
