@@ -84,6 +84,20 @@ def labelled_forward(model, inputs: dict, num_items_in_batch=None) -> tuple[torc
     return labelled_loss(outputs.logits, targets, num_items_in_batch), outputs, int(targets.numel())
 
 
+def labelled_nll_per_row(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of `batch` (with `labels`): summed negative log-likelihood of its labelled tokens and their
+    number, from logits at the labelled positions only (evaluation's loss and perplexity)."""
+    labels = batch["labels"]
+    keep = labelled_positions(labels)
+    rest = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**rest, logits_to_keep=keep, use_cache=False).logits.float()
+    targets = labelled_targets(labels, keep).to(logits.device)
+    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    rows = keep.nonzero()[:, 0].to(logits.device)
+    sums = torch.zeros(labels.shape[0], device=logits.device).index_add_(0, rows, nll)
+    return sums, keep.sum(dim=1)
+
+
 class _FrozenPartsOutOfAutograd(TrainerCallback):
     """At the start of training (after the Trainer turned gradient checkpointing on), drop the hooks that
     would make frozen parts' outputs require grad."""
