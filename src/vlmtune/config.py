@@ -139,6 +139,27 @@ class VlmTrainingArguments(TrainingArguments):
     learning_rate: float = arg(1e-4, "Peak learning rate.")
     logging_steps: float = arg(10, "Log every N steps.")
     per_device_eval_batch_size: int = arg(8, "Batch size for evaluation and generation.")
+    dataloader_num_workers: int | None = arg(
+        None,
+        "Processes that load images and build batches beside training (default: with a GPU, half the CPU "
+        "cores up to 4; without, 0: on CPU they would take cores from the model).",
+    )
+
+    def __post_init__(self):
+        if self.dataloader_num_workers is None:
+            self.dataloader_num_workers = default_num_workers()
+        super().__post_init__()
+
+
+def default_num_workers() -> int:
+    """Data-loader workers: images are decoded and processed while the GPU computes, off the training loop."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, FinetuneArguments, VlmTrainingArguments)
