@@ -63,20 +63,46 @@ def qwen2_vl_config(size: str, tokenizer_ids: dict):
     rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
     vision = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2)
     if size == "2b":
-        text = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                    num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+        text = dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
     elif size == "7b":
-        text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                    num_key_value_heads=4, tie_word_embeddings=False)  # fmt: skip
+        text = dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+        )
     else:  # reduced: a quarter of 2B's widths, few layers; real head sizes, vocabulary and image path
-        text = dict(hidden_size=384, intermediate_size=2240, num_hidden_layers=4, num_attention_heads=3,
-                    num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
+        text = dict(
+            hidden_size=384,
+            intermediate_size=2240,
+            num_hidden_layers=4,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+        )
         vision.update(depth=4, embed_dim=320, num_heads=4)
     vision["hidden_size"] = text["hidden_size"]
     tie = text.pop("tie_word_embeddings")
-    text_config = dict(text, vocab_size=151936, max_position_embeddings=32768, rope_parameters=rope,
-                       rms_norm_eps=1e-6, hidden_act="silu", eos_token_id=tokenizer_ids["eos_token_id"],
-                       pad_token_id=tokenizer_ids["pad_token_id"], bos_token_id=None)  # fmt: skip
+    text_config = dict(
+        text,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        rope_parameters=rope,
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
+        eos_token_id=tokenizer_ids["eos_token_id"],
+        pad_token_id=tokenizer_ids["pad_token_id"],
+        bos_token_id=None,
+    )
     ids = {k: v for k, v in tokenizer_ids.items() if k.endswith("token_id") and k not in text_config}
     return Qwen2VLConfig(text_config=text_config, vision_config=vision, tie_word_embeddings=tie, **ids)
 
@@ -238,9 +264,13 @@ def run_recipe(args, timer, out_dir: str) -> None:
     )
     processor = load_processor(args.model_dir)
     peft_config = LoraConfig(
-        lora_alpha=2 * args.lora_r, lora_dropout=0.05, r=args.lora_r, bias="none",
-        target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
-    )  # fmt: skip
+        lora_alpha=2 * args.lora_r,
+        lora_dropout=0.05,
+        r=args.lora_r,
+        bias="none",
+        target_modules=["q_proj", "v_proj"],
+        task_type="CAUSAL_LM",
+    )
     training_args = SFTConfig(
         output_dir=out_dir,
         max_steps=args.warmup + args.steps,
@@ -280,12 +310,33 @@ def run_vlmtune(args, timer, out_dir: str) -> None:
     from vlmtune.train.run import run_training
 
     argv = [
-        "--model_name_or_path", args.model_dir, "--dataset_name", args.data_file,
-        "--dataset_text_field", "messages", "--dataset_image_field", "images",
-        "--output_dir", out_dir, "--max_steps", str(args.warmup + args.steps),
-        "--per_device_train_batch_size", str(args.batch), "--val_split_ratio", "0", "--eval_accuracy", "false",
-        "--save_strategy", "no", "--report_to", "none", "--logging_steps", "10", "--lora_r", str(args.lora_r),
-    ]  # fmt: skip
+        "--model_name_or_path",
+        args.model_dir,
+        "--dataset_name",
+        args.data_file,
+        "--dataset_text_field",
+        "messages",
+        "--dataset_image_field",
+        "images",
+        "--output_dir",
+        out_dir,
+        "--max_steps",
+        str(args.warmup + args.steps),
+        "--per_device_train_batch_size",
+        str(args.batch),
+        "--val_split_ratio",
+        "0",
+        "--eval_accuracy",
+        "false",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "10",
+        "--lora_r",
+        str(args.lora_r),
+    ]
     argv += ["--bf16", "true"] if args.device == "cuda" else ["--use_cpu", "true"]
     run_training(*parse_args(argv + args.vlmtune_args), callbacks=[timer])
 
@@ -340,9 +391,28 @@ def tokens_per_sample(model_dir: str, data_file: Path, n: int) -> dict[str, dict
 
 
 def measure(args, side: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--worker", side, "--model_dir", args.model_dir, "--data_file", args.data_file,
-           "--device", args.device, "--batch", str(args.batch), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--lora_r", str(args.lora_r), "--threads", str(args.threads)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        side,
+        "--model_dir",
+        args.model_dir,
+        "--data_file",
+        args.data_file,
+        "--device",
+        args.device,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--lora_r",
+        str(args.lora_r),
+        "--threads",
+        str(args.threads),
+    ]
     if extra:
         cmd += ["--vlmtune_args", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -389,10 +459,14 @@ def report(args, runs: dict[str, list[dict]], tokens: dict, batch: int) -> tuple
         )
     speedup = rows["vlmtune"]["samples"] / rows["recipe"]["samples"]
     memory = rows["vlmtune"]["memory"] / rows["recipe"]["memory"]
-    print(f"per run (s): recipe {[round(r['seconds'], 2) for r in runs['recipe']]}, "
-          f"vlmtune {[round(r['seconds'], 2) for r in runs['vlmtune']]}")  # fmt: skip
-    print(f"trained tokens per sample: recipe {tokens['recipe']['trained']:.0f} (system and user text too), "
-          f"vlmtune {tokens['vlmtune']['trained']:.0f} (answers); tokens per sample {tokens['vlmtune']['tokens']:.0f}")  # fmt: skip
+    print(
+        f"per run (s): recipe {[round(r['seconds'], 2) for r in runs['recipe']]}, "
+        f"vlmtune {[round(r['seconds'], 2) for r in runs['vlmtune']]}"
+    )
+    print(
+        f"trained tokens per sample: recipe {tokens['recipe']['trained']:.0f} (system and user text too), "
+        f"vlmtune {tokens['vlmtune']['trained']:.0f} (answers); tokens per sample {tokens['vlmtune']['tokens']:.0f}"
+    )
     if args.device == "cuda":
         import torch
 
@@ -409,16 +483,28 @@ def report(args, runs: dict[str, list[dict]], tokens: dict, batch: int) -> tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--model", choices=("reduced", "2b", "7b"), default=None, help="default: reduced on CPU, 2b on CUDA")
+    parser.add_argument(
+        "--model", choices=("reduced", "2b", "7b"), default=None, help="default: reduced on CPU, 2b on CUDA"
+    )
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--batch_sizes", type=int, nargs="*", default=None, help="CUDA: measure each; the largest both fit is the headline")
+    parser.add_argument(
+        "--batch_sizes",
+        type=int,
+        nargs="*",
+        default=None,
+        help="CUDA: measure each; the largest both fit is the headline",
+    )
     parser.add_argument("--steps", type=int, default=8, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side (alternating)")
     parser.add_argument("--image_size", type=int, default=448)
-    parser.add_argument("--lora_r", type=int, default=None, help="LoRA rank for both (default: 8 on CPU as the recipe, 16 on CUDA)")
+    parser.add_argument(
+        "--lora_r", type=int, default=None, help="LoRA rank for both (default: 8 on CPU as the recipe, 16 on CUDA)"
+    )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--vlmtune_args", nargs=argparse.REMAINDER, default=[], help="extra `vlmtune train` flags (ablations)")
+    parser.add_argument(
+        "--vlmtune_args", nargs=argparse.REMAINDER, default=[], help="extra `vlmtune train` flags (ablations)"
+    )
     parser.add_argument("--workdir", default=None, help="keep the model and data here (default: a temporary folder)")
     # internal: one measured run
     parser.add_argument("--worker", choices=("recipe", "vlmtune"), help=argparse.SUPPRESS)
@@ -448,10 +534,17 @@ def main() -> None:
         args.model_dir, args.data_file = str(model_dir), str(data_file)
         tokens = tokens_per_sample(args.model_dir, data_file, 8)
 
-        device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} CPU, {args.threads} threads"
-        print(f"bench/compare.py: Qwen2-VL {size} (vocabulary 151,936), {args.image_size} px images, LoRA r={args.lora_r}, "
-              f"{args.steps} timed steps after {args.warmup} warm-up, {args.repeats} runs per side; {device}; "
-              f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")  # fmt: skip
+        device = (
+            torch.cuda.get_device_name()
+            if args.device == "cuda"
+            else f"{platform.machine()} CPU, {args.threads} threads"
+        )
+        print(
+            f"bench/compare.py: Qwen2-VL {size} (vocabulary 151,936), {args.image_size} px images, "
+            f"LoRA r={args.lora_r}, "
+            f"{args.steps} timed steps after {args.warmup} warm-up, {args.repeats} runs per side; {device}; "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
+        )
         result = None
         for batch in batch_sizes:
             args.batch = batch
