@@ -94,7 +94,7 @@ class FinetuneArguments:
     lora_dropout: float = arg(
         0.0,
         "Dropout on the LoRA path (default 0: a dropout copies every adapted layer's input, which cost 20%% of "
-        "the step time and memory in bench/compare.py; 0.05 is a common regulariser for small data).",
+        "the step time in bench/compare.py; 0.05 is a common regulariser for small data).",
     )
     lora_target_modules: list[str] | None = arg(
         None, "Modules to adapt: names, one regex, or all-linear (the language model's linear layers, the default)."

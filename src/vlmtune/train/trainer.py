@@ -124,7 +124,8 @@ class VlmTrainer(Trainer):
         self.add_callback(_FrozenPartsOutOfAutograd())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        custom = self.label_smoother is not None or self.compute_loss_func is not None
+        # Liger patches the forward with its own fused linear cross-entropy, which also never builds logits.
+        custom = self.label_smoother is not None or self.compute_loss_func is not None or self.args.use_liger_kernel
         if not self.labelled_only or custom or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs, _ = labelled_forward(model, inputs, num_items_in_batch)
