@@ -179,7 +179,7 @@ def make_timer(warmup: int, steps: int):
 
     class Timer(TrainerCallback):
         start = end = None
-        rss_at_start = 0
+        rss_at_start = cuda_at_start = 0
 
         def _sync(self):
             if torch.cuda.is_available():
@@ -189,6 +189,7 @@ def make_timer(warmup: int, steps: int):
             self.rss_at_start = rss_bytes()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
+                self.cuda_at_start = torch.cuda.memory_allocated()
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == warmup:
@@ -354,6 +355,7 @@ def worker(args) -> None:
         "seconds": timer.end - timer.start,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_at_start": timer.rss_at_start,
+        "cuda_at_start": timer.cuda_at_start,
     }
     if torch.cuda.is_available():
         result["peak_cuda"] = torch.cuda.max_memory_allocated()
@@ -439,7 +441,7 @@ def median_of(runs: list[dict], key: str) -> float:
 
 
 def report(args, runs: dict[str, list[dict]], tokens: dict, batch: int) -> tuple[float, float]:
-    memory_key = "peak_cuda" if args.device == "cuda" else "peak_rss"
+    memory_key, start_key = ("peak_cuda", "cuda_at_start") if args.device == "cuda" else ("peak_rss", "rss_at_start")
     rows = {}
     for side in ("recipe", "vlmtune"):
         seconds = median_of(runs[side], "seconds")
@@ -448,7 +450,7 @@ def report(args, runs: dict[str, list[dict]], tokens: dict, batch: int) -> tuple
             samples=samples,
             trained=samples * tokens[side]["trained"],
             memory=median_of(runs[side], memory_key),
-            growth=median_of(runs[side], memory_key) - median_of(runs[side], "rss_at_start"),
+            growth=median_of(runs[side], memory_key) - median_of(runs[side], start_key),
             step=seconds / args.steps,
         )
     print(f"\n{'':<10}{'s/step':>9}{'samples/s':>11}{'trained tok/s':>15}{'peak memory':>14}{'peak-start':>12}")
