@@ -12,9 +12,9 @@ import torch
 
 from ..data.collate import VlmCollator
 from ..data.conversation import Conversation, text_of
-from ..data.encode import IGNORE_INDEX
 from ..data.prepare import Preparer
 from ..errors import DataError
+from ..train.trainer import labelled_nll_per_row
 from .generate import _batches, generate_answers
 from .metrics import TEXT_METRICS, check_metric_names, normalize_answer
 
@@ -74,16 +74,8 @@ def answer_losses(model, processor, preparer: Preparer, rows: Sequence[dict], ba
     collate = VlmCollator(processor, preparer)
     results: list[tuple[float, int]] = []
     for batch_rows in _batches(list(rows), batch_size):
-        batch = collate(batch_rows).to(model.device)
-        labels = batch.pop("labels")
-        logits = model(**batch).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        mask = targets != IGNORE_INDEX
-        for i in range(len(batch_rows)):
-            results.append((float(nll[i][mask[i]].sum()), int(mask[i].sum())))
+        sums, counts = labelled_nll_per_row(model, collate(batch_rows).to(model.device))
+        results += [(float(s), int(n)) for s, n in zip(sums, counts)]
     return results
 
 

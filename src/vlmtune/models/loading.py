@@ -353,6 +353,41 @@ def apply_finetuning(model: PreTrainedModel, spec: FamilySpec, args) -> PreTrain
     return get_peft_model(model, lora)
 
 
+# Names of the forward hooks transformers (`enable_input_require_grads`) and PEFT register on input
+# embeddings to make their outputs require grad.
+_REQUIRE_GRADS_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
+def keep_frozen_parts_out_of_autograd(model: torch.nn.Module, reentrant: bool = False) -> int:
+    """Remove the hooks that make input embeddings' outputs require grad; return how many were removed.
+
+    transformers and PEFT hook every input embedding when gradient checkpointing is on, the vision
+    tower's patch embedding included, so a frozen vision tower is recorded by autograd, kept (or
+    recomputed) and back-propagated through for no gradient. Non-reentrant checkpointing needs no such
+    hook; reentrant checkpointing needs it on the language model's token embedding only, which is put back.
+    Trainable vision parameters (full fine-tuning, vision LoRA) still bring the tower into autograd.
+    """
+    removed = 0
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") in _REQUIRE_GRADS_HOOKS:
+                del module._forward_hooks[key]
+                removed += 1
+    base = getattr(model, "module", model)  # DDP / FSDP wrapper
+    base = base.get_base_model() if isinstance(base, PeftModel) else base
+    if hasattr(base, "_require_grads_hooks"):
+        base._require_grads_hooks = []
+    if reentrant and base.get_input_embeddings() is not None:
+
+        def make_inputs_require_grads(module, inputs, output):
+            output.requires_grad_(True)
+
+        base.get_input_embeddings().register_forward_hook(make_inputs_require_grads)
+    if removed:
+        logger.info("Frozen parts kept out of autograd (%d input-gradient hooks removed).", removed)
+    return removed
+
+
 def trainable_table(model: torch.nn.Module, spec: FamilySpec) -> str:
     """A table of trainable and total parameters per part, printed at the start of every run."""
     totals = {p: [0, 0] for p in PARTS}

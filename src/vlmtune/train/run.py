@@ -30,7 +30,7 @@ from .distributed import (
 )
 from .fsdp import default_fsdp_wrap
 from .guard import StopOnSignal, check_finite_weights
-from .optim import VlmTrainer
+from .trainer import VlmTrainer
 from .vision_step import run_vision_every_step
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,154 @@
+"""vlmtune's `transformers.Trainer`: loss only where labels are, frozen parts out of autograd, per-part rates.
+
+Loss: the language model's output projection is as wide as the vocabulary (151,936 for Qwen2-VL), while
+the trained tokens of a VLM sample are a few answer tokens among hundreds of image and prompt tokens.
+`compute_loss` asks the model for logits at the labelled positions only (transformers' `logits_to_keep`
+with a boolean mask), so the full `batch x length x vocabulary` logits are never built, in training or
+in evaluation; the model's own forward runs, so PEFT, DDP/FSDP wrapping, LoRA or `modules_to_save` on
+the output layer and logit soft-capping all behave as in the plain forward. The loss is the one
+transformers' causal-LM loss computes (same shift, same reduction, same `num_items_in_batch` scaling).
+
+Frozen parts: gradient checkpointing makes transformers and PEFT hook every input embedding (the vision
+tower's patch embedding included) so its output requires grad; that pulls a frozen vision tower into
+autograd: its activations are kept (or recomputed) and its backward runs for nothing. Non-reentrant
+checkpointing needs none of it, so the hooks are removed when training starts.
+
+Per-part learning rates: the parameters are split into groups by part (and by weight decay, as the
+Trainer does); optimizer class and settings are the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..data.encode import IGNORE_INDEX
+from ..models.loading import keep_frozen_parts_out_of_autograd
+from ..models.registry import FamilySpec
+from .checkpoints import CompleteCheckpoints
+from .guard import NonFiniteGuard
+from .optim import param_groups, part_learning_rates
+
+logger = logging.getLogger(__name__)
+
+
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Boolean `(batch, length)` mask of the positions whose logits are scored: position t predicts token
+    t + 1, so it is kept when `labels[:, t + 1]` is not ignored (the last position never is)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def labelled_targets(labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The token each kept position predicts, in the order `hidden[keep]` flattens them (row by row)."""
+    return labels[:, 1:][keep[:, :-1]]
+
+
+def labelled_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy of `(n, vocab)` logits, reduced as transformers' causal-LM loss reduces it: summed and
+    divided by `num_items_in_batch` when given (gradient accumulation), else the mean over the `n` tokens."""
+    if targets.numel() == 0:  # a batch with nothing to learn: zero, still attached to the graph
+        return logits.sum() * 0.0
+    logits = logits.float()
+    if num_items_in_batch is None:
+        return torch.nn.functional.cross_entropy(logits, targets)
+    loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (every family in the registry does)."""
+    while True:  # DDP / FSDP / PEFT wrappers: look at the model inside
+        inner = getattr(model, "module", None) or getattr(model, "get_base_model", lambda: None)()
+        if inner is None or inner is model:
+            break
+        model = inner
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def labelled_forward(model, inputs: dict, num_items_in_batch=None) -> tuple[torch.Tensor, object, int]:
+    """Run `model` on `inputs` (with `labels`) scoring only the labelled positions.
+
+    Returns the loss, the model's outputs (their `logits` are `(n, vocab)`, one row per scored token)
+    and `n`.
+    """
+    labels = inputs["labels"]
+    keep = labelled_positions(labels)
+    rest = {k: v for k, v in inputs.items() if k != "labels"}
+    outputs = model(**rest, logits_to_keep=keep, use_cache=False)
+    targets = labelled_targets(labels, keep).to(outputs.logits.device)
+    return labelled_loss(outputs.logits, targets, num_items_in_batch), outputs, int(targets.numel())
+
+
+def labelled_nll_per_row(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of `batch` (with `labels`): summed negative log-likelihood of its labelled tokens and their
+    number, from logits at the labelled positions only (evaluation's loss and perplexity)."""
+    labels = batch["labels"]
+    keep = labelled_positions(labels)
+    rest = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**rest, logits_to_keep=keep, use_cache=False).logits.float()
+    targets = labelled_targets(labels, keep).to(logits.device)
+    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    rows = keep.nonzero()[:, 0].to(logits.device)
+    sums = torch.zeros(labels.shape[0], device=logits.device).index_add_(0, rows, nll)
+    return sums, keep.sum(dim=1)
+
+
+class _FrozenPartsOutOfAutograd(TrainerCallback):
+    """At the start of training (after the Trainer turned gradient checkpointing on), drop the hooks that
+    would make frozen parts' outputs require grad."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            reentrant = bool((args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False))
+            keep_frozen_parts_out_of_autograd(model, reentrant=args.gradient_checkpointing and reentrant)
+
+
+class VlmTrainer(NonFiniteGuard, CompleteCheckpoints, Trainer):
+    """`Trainer` scoring labelled positions only, keeping frozen parts out of autograd, and giving the
+    vision tower and projector their own learning rates when asked; its mixins stop on non-finite steps
+    and mark each checkpoint complete once written."""
+
+    def __init__(self, *args, spec: FamilySpec, vision_lr=None, projector_lr=None, **kw):
+        super().__init__(*args, **kw)
+        self.spec = spec
+        self.vision_lr = vision_lr
+        self.projector_lr = projector_lr
+        self.labelled_only = accepts_logits_to_keep(self.model)
+        if self.labelled_only:
+            # compute_loss divides by `num_items_in_batch` itself: have the Trainer count and pass it.
+            self.model_accepts_loss_kwargs = True
+        self.add_callback(_FrozenPartsOutOfAutograd())
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Liger patches the forward with its own fused linear cross-entropy, which also never builds logits.
+        custom = self.label_smoother is not None or self.compute_loss_func is not None or self.args.use_liger_kernel
+        if not self.labelled_only or custom or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs, _ = labelled_forward(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # As Trainer.compute_loss: num_items_in_batch counts every rank's tokens, DDP averages gradients.
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        if self.vision_lr is None and self.projector_lr is None:
+            return super().create_optimizer(model)
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        lrs = part_learning_rates(self.args.learning_rate, self.vision_lr, self.projector_lr)
+        decay_names = set(self.get_decay_parameter_names(model))
+        groups = param_groups(model, self.spec, lrs, decay_names, self.args.weight_decay)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("lr", None)  # each group carries its own
+        self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        for group in groups:
+            logger.info("%s: %d tensors at lr %g", group["part"], len(group["params"]), group["lr"])
+        return self.optimizer
