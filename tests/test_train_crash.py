@@ -86,7 +86,7 @@ def train_and_die(model_dir: str, train: str, out: str, step: int, point: str, r
     marker: every file written, the completion marker not yet in place; rotation: the new checkpoint
     complete, the older one renamed for deletion but not yet deleted.
     """
-    from vlmtune.train.optim import VlmTrainer
+    from vlmtune.train.trainer import VlmTrainer
 
     saving: list[int] = []
     folder = Path(out) / f"checkpoint-{step}"
@@ -227,7 +227,7 @@ def test_a_diverged_run_stops_at_its_step_and_saves_no_result(
 
 def poison_step(monkeypatch, step: int) -> None:
     """Make the loss of optimizer step `step` infinite (a stand-in for one bad batch)."""
-    from vlmtune.train.optim import VlmTrainer
+    from vlmtune.train.trainer import VlmTrainer
 
     compute_loss = VlmTrainer.compute_loss
 
@@ -260,7 +260,7 @@ def test_a_bad_step_stops_the_run_by_default(tiny_model_dir, shapes_data, tmp_pa
 
 def train_slowly(argv: list[str], stderr_file: str) -> None:
     """Forked child: the `vlmtune` command, each step slowed so that a signal arrives mid-run."""
-    from vlmtune.train.optim import VlmTrainer
+    from vlmtune.train.trainer import VlmTrainer
 
     training_step = VlmTrainer.training_step
 

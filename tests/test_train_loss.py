@@ -15,8 +15,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForImageTextToText
 
 from tests.helpers import short_run
-from vlmtune.data.collate import ImageOptions, Preparer, VlmCollator
+from vlmtune.data.collate import VlmCollator
 from vlmtune.data.encode import IGNORE_INDEX
+from vlmtune.data.images import ImageOptions
+from vlmtune.data.prepare import Preparer
 from vlmtune.data.schema import detect_schema
 from vlmtune.models.processors import load_processor
 from vlmtune.models.registry import get_family
@@ -29,7 +31,7 @@ def shapes_batch(model_dir: str, shapes_data, n: int = 3) -> dict:
     with open(shapes_data["train"]) as f:
         rows = [dict(row, __index__=i) for i, row in zip(range(n), csv.DictReader(f))]
     model_type = AutoModelForImageTextToText.from_pretrained(model_dir).config.model_type
-    preparer = Preparer(detect_schema(list(rows[0])), get_family(model_type))
+    preparer = Preparer(detect_schema(list(rows[0])), get_family(model_type).encoding)
     preparer.images = ImageOptions(base_dirs=(shapes_data["train"].parent,))
     return dict(VlmCollator(processor, preparer)(rows))
 
