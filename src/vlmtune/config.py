@@ -6,12 +6,15 @@ field passes through by name; vlmtune's own fields are grouped ahead of them.
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
+
+from . import aliases, compat
 
 
 def arg(default, help: str, **kwargs):  # noqa: A002 - argparse's own word
@@ -35,6 +38,9 @@ class ModelArguments:
         "sdpa", "Attention kernel: sdpa (default), eager, or flash_attention_2 (GPU, if installed)."
     )
     trust_remote_code: bool = arg(False, "Allow model code from the hub checkpoint.")
+    model_type: str | None = arg(
+        None, "Architecture the checkpoint must be (e.g. llava, qwen2_vl); checked, never needed: read from config.json."
+    )
 
 
 @dataclass
@@ -139,13 +145,27 @@ class VlmTrainingArguments(TrainingArguments):
     learning_rate: float = arg(1e-4, "Peak learning rate.")
     logging_steps: float = arg(10, "Log every N steps.")
     per_device_eval_batch_size: int = arg(8, "Batch size for evaluation and generation.")
+    def __post_init__(self):
+        compat.fit_training_args(self)
+        super().__post_init__()
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, FinetuneArguments, VlmTrainingArguments)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option; the epilog (other tools' option names) kept as written."""
+
+
 def make_parser(classes=ARGUMENT_CLASSES, **kwargs) -> HfArgumentParser:
+    kwargs.setdefault("epilog", aliases.help_epilog())
+    kwargs.setdefault("formatter_class", HelpFormatter)
     return HfArgumentParser(classes, **kwargs)
+
+
+def flag_names(parser: argparse.ArgumentParser) -> set[str]:
+    """Every `--flag` the parser takes, without dashes."""
+    return {s[2:] for action in parser._actions for s in action.option_strings if s.startswith("--")}
 
 
 def _file_to_argv(path: str) -> list[str]:
@@ -175,9 +195,16 @@ def parse_args(argv: list[str], classes=ARGUMENT_CLASSES) -> tuple:
         i = argv.index("--config")
         files.append(argv[i + 1])
         del argv[i : i + 2]
+    parser = make_parser(classes)
+    known = flag_names(parser)
+    train_known = known if classes is ARGUMENT_CLASSES else flag_names(make_parser())
+    argv = aliases.translate(argv, known)
     for f in reversed(files):
-        argv = _file_to_argv(f) + argv
-    parsed = make_parser(classes).parse_args_into_dataclasses(args=argv)
+        argv = aliases.shared_config(aliases.translate(_file_to_argv(f), known), known, train_known, f) + argv
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    for obj in parsed:  # what the user wrote, before transformers sets do_eval from --eval_strategy
+        if isinstance(obj, TrainingArguments):
+            obj.do_train_given, obj.do_eval_given = compat.given_bools(argv, ("do_train", "do_eval"))
     return parsed
 
 
