@@ -96,7 +96,8 @@ def wandb_project(values: list[str], known: set[str]) -> Tokens:
 
 def gradient_checkpointing(values: list[str], known: set[str]) -> Tokens:
     """Unsloth's `"unsloth"` (its offloading variant) becomes plain checkpointing, non-reentrant."""
-    return ["--gradient_checkpointing", "true" if (not values or values[0] == "unsloth" or _truthy(values)) else "false"]
+    on = not values or values[0] == "unsloth" or _truthy(values)
+    return ["--gradient_checkpointing", "true" if on else "false"]
 
 
 def accelerate_launch_args(values: list[str], known: set[str]) -> Tokens:
@@ -123,10 +124,8 @@ def lora_bias(values: list[str], known: set[str]) -> Tokens:
 
 
 def peft_method(values: list[str], known: set[str]) -> Tokens:
-    return choice(
-        {"lora": ["--finetuning_type", "lora"], "none": ["--finetuning_type", "full"], "": ["--finetuning_type", "full"]},
-        "peft_method",
-    )(values, known)
+    full = ["--finetuning_type", "full"]
+    return choice({"lora": ["--finetuning_type", "lora"], "none": full, "": full}, "peft_method")(values, known)
 
 
 @dataclass(frozen=True)
@@ -263,7 +262,8 @@ def _vizsage_data(groups, foreign: dict[str, list[str]], known: set[str]) -> Tok
     if "dataset" in foreign and "group_by" in known and _last(groups, "group_by") is None:
         tokens += ["--group_by", "need_external_knowledge"]  # VizSage's test step reports these two groups
     if "external_knowledge" in foreign and _truthy(foreign["external_knowledge"]):
-        path = (foreign.get("external_knowledge_path") or [os.path.join(foreign.get("base_path", ["data"])[0], "semart.csv")])[0]
+        default = os.path.join(foreign.get("base_path", ["data"])[0], "semart.csv")
+        path = (foreign.get("external_knowledge_path") or [default])[0]
         tokens += ["--context_file", path]
         if _last(groups, "context_join_on") is None:
             tokens += ["--context_join_on", "image=IMAGE_FILE"]

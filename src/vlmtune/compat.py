@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
+from pathlib import Path
 
 import torch
 
@@ -104,3 +106,24 @@ def run_steps(args) -> tuple[bool, bool]:
     do_train, do_eval = getattr(args, "do_train_given", None), getattr(args, "do_eval_given", None)
     train = do_train if do_train is not None else not (do_eval or args.do_predict)
     return train, bool(do_eval) or not train
+
+
+def loss_metrics(trainer) -> dict:
+    """`Trainer.evaluate()` (eval loss, runtime, samples per second) plus perplexity, exp(eval loss): the
+    headline evaluation metric of run_lora_vlm.py."""
+    metrics = trainer.evaluate()
+    loss = metrics.get("eval_loss")
+    if loss is not None:
+        metrics["eval_perplexity"] = math.exp(loss) if loss < 700 else float("inf")
+    return metrics
+
+
+def save_base_config(model_args, out: Path) -> None:
+    """The base checkpoint's own `config.json` beside an adapter (Axolotl's outputs have it): tools that
+    read the architecture from the output folder find it. A full fine-tune already saved its own."""
+    if (out / "config.json").exists():
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    config.save_pretrained(out)

@@ -39,7 +39,7 @@ class ModelArguments:
     )
     trust_remote_code: bool = arg(False, "Allow model code from the hub checkpoint.")
     model_type: str | None = arg(
-        None, "Architecture the checkpoint must be (e.g. llava, qwen2_vl); checked, never needed: read from config.json."
+        None, "Architecture the checkpoint must be (llava, qwen2_vl...): checked, never needed (read from config.json)."
     )
 
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 from transformers import Trainer, set_seed
 
+from .. import compat
 from ..config import to_dict
 from ..data.collate import VlmCollator
 from ..data.splits import Splits, build_splits
+from ..errors import UsageError
 from ..eval.during_training import GenerationMetrics, attach
 from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..eval.plots import write_training_plots
@@ -71,7 +73,8 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
 
     `callbacks`: extra `TrainerCallback`s (for programmatic use and tests).
     """
-    out = check_output_dir(training_args)
+    do_train, do_eval = compat.run_steps(training_args)
+    out = check_output_dir(training_args) if do_train else Path(training_args.output_dir or ".")
     if data_args.streaming:
         if training_args.max_steps <= 0:
             raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs by")
@@ -86,6 +89,7 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
         trust_remote_code=model_args.trust_remote_code,
         **quantization_kwargs(finetune_args),
     )
+    compat.check_model_type(model_args.model_type, loaded.model.config)
     # Every row is converted and its images opened before training; encoding each one with the processor
     # as well (a second pass over all images) is only needed to measure it against --max_seq_length.
     measure = loaded.processor if data_args.max_seq_length else None
@@ -94,6 +98,7 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     print(splits.summary())
     default_fsdp_wrap(training_args, loaded.model, loaded.spec)
     model = apply_finetuning(loaded.model, loaded.spec, finetune_args)
+    compat.keep_4bit_trainable(model)
     print(trainable_table(model, loaded.spec))
     if training_args.label_names is None:
         training_args.label_names = ["labels"]
@@ -117,6 +122,8 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
         projector_lr=finetune_args.projector_lr,
     )
     attach(trainer, generation_metrics)
+    if not do_train:
+        return _evaluate_only(trainer, loaded, splits, finetune_args, training_args, out)
     resume = training_args.resume_from_checkpoint
     train_output = trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
     metrics = dict(train_output.metrics)
@@ -128,10 +135,13 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     main_process = trainer.is_world_process_zero()  # under torchrun/accelerate, one process writes files
     if main_process:
         loaded.processor.save_pretrained(str(out))
+        compat.save_base_config(model_args, out)
         write_training_plots(trainer.state.log_history, out)
         config = to_dict(model_args, data_args, finetune_args, training_args)
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     trainer.save_state()
+    if do_eval and splits.eval is not None:
+        metrics.update(compat.loss_metrics(trainer))
 
     if splits.eval is not None and finetune_args.eval_accuracy:
         result = evaluate_generation(
@@ -149,4 +159,27 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     trainer.save_metrics("all", metrics)
     if training_args.push_to_hub:  # the whole output_dir: adapter, processor, metrics, plots
         trainer.push_to_hub(commit_message="vlmtune: end of training")
+    return TrainResult(output_dir=out, metrics=metrics, trainer=trainer)
+
+
+def _evaluate_only(trainer, loaded, splits, finetune_args, training_args, out: Path) -> TrainResult:
+    """`--do_eval` without training: eval loss, perplexity and (unless `--eval_accuracy false`) exact match
+    of the model as loaded, into `eval_results.json`; nothing else in output_dir is touched."""
+    if splits.eval is None:
+        raise UsageError("--do_eval without training needs evaluation data: --eval_dataset_name or a validation split")
+    metrics = compat.loss_metrics(trainer)
+    if finetune_args.eval_accuracy:
+        result = evaluate_generation(
+            trainer.model,
+            loaded.processor,
+            splits.preparer,
+            splits.eval,
+            batch_size=training_args.per_device_eval_batch_size,
+            max_new_tokens=finetune_args.max_new_tokens,
+            metrics=finetune_args.eval_metrics or DEFAULT_METRICS,
+        )
+        metrics.update({f"eval_{k}": v for k, v in result.metrics.items()})
+    if trainer.is_world_process_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        trainer.save_metrics("eval", metrics, combined=False)
     return TrainResult(output_dir=out, metrics=metrics, trainer=trainer)
