@@ -287,17 +287,10 @@ def _early_stopping(groups, foreign: dict[str, list[str]], known: set[str]) -> T
 _DROPPED_WHEN_OFF = ("early_stopping_patience_ratio", "early_stopping_patience", "early_stopping_threshold")
 
 
-class Warned:
-    """Foreign names already explained in this process (one warning per name per run)."""
-
-    names: set[str] = set()
-
-
-def _warn(alias: Alias) -> None:
-    if alias.foreign in Warned.names:
-        return
-    Warned.names.add(alias.foreign)
-    logger.warning(warning(alias))
+def _warn(alias: Alias, warned: set[str]) -> None:
+    if alias.foreign not in warned:
+        warned.add(alias.foreign)
+        logger.warning(warning(alias))
 
 
 def warning(alias: Alias) -> str:
@@ -307,9 +300,10 @@ def warning(alias: Alias) -> str:
     return f"`--{alias.foreign}` ({alias.systems}) in vlmtune: {alias.note}"
 
 
-def translate(argv: Iterable[str], known: Iterable[str]) -> Tokens:
+def translate(argv: Iterable[str], known: Iterable[str], warned: set[str] | None = None) -> Tokens:
     """`argv` with every foreign option replaced by ours; `known` are the flags the command accepts.
 
+    `warned` collects the foreign names already explained in this run (one warning per name).
     A foreign name that the command itself defines (e.g. `batch_size` of `vlmtune predict`) is left alone.
     """
     known = set(known)
@@ -322,7 +316,7 @@ def translate(argv: Iterable[str], known: Iterable[str]) -> Tokens:
             out += values
         elif name in foreign:
             alias = BY_NAME[name]
-            _warn(alias)
+            _warn(alias, warned if warned is not None else set())
             out += alias.rule(values, known)
         elif not (early_off and name in _DROPPED_WHEN_OFF):
             out += [f"--{name}", *values]

@@ -198,9 +198,10 @@ def parse_args(argv: list[str], classes=ARGUMENT_CLASSES) -> tuple:
     parser = make_parser(classes)
     known = flag_names(parser)
     train_known = known if classes is ARGUMENT_CLASSES else flag_names(make_parser())
-    argv = aliases.translate(argv, known)
+    warned: set[str] = set()  # each foreign name is explained once per run
+    argv = aliases.translate(argv, known, warned)
     for f in reversed(files):
-        argv = aliases.shared_config(aliases.translate(_file_to_argv(f), known), known, train_known, f) + argv
+        argv = aliases.shared_config(aliases.translate(_file_to_argv(f), known, warned), known, train_known, f) + argv
     parsed = parser.parse_args_into_dataclasses(args=argv)
     for obj in parsed:  # what the user wrote, before transformers sets do_eval from --eval_strategy
         if isinstance(obj, TrainingArguments):
