@@ -44,7 +44,7 @@ def warned(caplog, name: str) -> bool:
 
 def chartqa_folder(root: Path) -> Path:
     """HuggingFaceM4/ChartQA's shape: train/val/test with image, query, label (a list) and human_or_machine."""
-    for split, n in (("train", 8), ("val", 4), ("test", 4)):
+    for split, n in (("train", 4), ("val", 4), ("test", 4)):
         rows = []
         for i in range(n):
             colour = COLOURS[i % 3]
@@ -72,7 +72,7 @@ def test_seed_000_run_lora_vlm_command(tiny_model_dir, tmp_path, capsys, caplog)
     assert "bf16 needs a GPU" in printed  # no such hardware here: said, then run in float32
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
     state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 24, "8 rows x 3 epochs at batch size 1"
+    assert state["global_step"] == 12, "4 rows x 3 epochs at batch size 1"
     for metric in ("eval_perplexity", "eval_loss", "train_samples_per_second", "train_steps_per_second"):
         assert f"{metric}:" in printed
     results = json.loads((out / "all_results.json").read_text())
@@ -280,28 +280,26 @@ def test_seed_004_trl_qlora_recipe_with_evaluation(tiny_model_dir, tmp_path, cap
     }
     path = tmp_path / "sft.yaml"
     path.write_text(yaml.safe_dump(config))
-    # Appended so that evaluation happens during this short run: every step, 3 steps, checkpoints every 2.
+    # Appended so that evaluation happens during this short run: every step, 2 steps, checkpoints every 2.
     with caplog.at_level(logging.WARNING):
-        printed = run_cli(["train", str(path), "--eval_steps", "1", "--save_steps", "2", "--max_steps", "3"], capsys)
+        printed = run_cli(["train", str(path), "--eval_steps", "1", "--save_steps", "2", "--max_steps", "2"], capsys)
 
     assert "tf32 needs an NVIDIA Ampere" in printed and "bf16 needs a GPU" in printed
     assert warned(caplog, "warmup_ratio") and warned(caplog, "r") and warned(caplog, "target_modules")
     out = Path(config["output_dir"])
     log = json.loads((out / "trainer_state.json").read_text())["log_history"]
     evals = [e["step"] for e in log if "eval_loss" in e]
-    assert evals[:3] == [1, 2, 3], "QLoRA trains on after each evaluation"
+    assert evals[:2] == [1, 2], "QLoRA trains on after an evaluation"
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 8 and adapter["lora_alpha"] == 16
-    assert {m.rsplit(".", 1)[-1] for m in adapter_targets(adapter)} == {"q_proj", "v_proj"}
+    assert adapter_targets(out) == {"q_proj", "v_proj"}
     resolved = json.loads((out / "vlmtune_config.json").read_text())
     assert resolved["warmup_steps"] == 0.03
 
 
-def adapter_targets(adapter: dict) -> list[str]:
-    """PEFT records target_modules as a list of names or one regex; the names it can match, either way."""
-    targets = adapter["target_modules"]
-    if isinstance(targets, str):
-        import re
+def adapter_targets(out: Path) -> set[str]:
+    """Names of the layers the saved adapter has LoRA weights for (e.g. {"q_proj", "v_proj"})."""
+    from safetensors.torch import load_file
 
-        return [leaf for leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj") if re.search(targets, f"x.{leaf}")]
-    return list(targets)
+    keys = load_file(out / "adapter_model.safetensors")
+    return {key.split(".lora_A")[0].rsplit(".", 1)[-1] for key in keys if ".lora_A" in key}
