@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from tests.data_files import png, write_rows
-from vlmtune import aliases
+from vlmtune import aliases, compat
 from vlmtune.cli import main
-from vlmtune.config import flag_names, make_parser
+from vlmtune.config import flag_names, make_parser, parse_args
 
 COLOURS = ["red", "green", "blue"]
 
@@ -70,6 +70,7 @@ def test_seed_000_run_lora_vlm_command(tiny_model_dir, tmp_path, capsys, caplog)
 
     assert warned(caplog, "lora_rank") and warned(caplog, "use_habana") and warned(caplog, "gaudi_config_name")
     assert "bf16 needs a GPU" in printed  # no such hardware here: said, then run in float32
+    assert "--use_habana: no Gaudi HPU here" in printed
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 12, "4 rows x 3 epochs at batch size 1"
@@ -85,6 +86,10 @@ def test_seed_000_run_lora_vlm_command(tiny_model_dir, tmp_path, capsys, caplog)
     assert "eval_perplexity:" in printed and "train_runtime" not in printed
     assert json.loads((eval_only / "eval_results.json").read_text())["eval_perplexity"] > 1
     assert not (eval_only / "adapter_model.safetensors").exists()
+    # `--do_train false` does not train; evaluating during training does not turn training off.
+    base = ["--model_name_or_path", model, "--dataset_name", str(data), "--output_dir", str(eval_only)]
+    assert compat.run_steps(parse_args([*base, "--do_train", "false"])[-1]) == (False, True)
+    assert compat.run_steps(parse_args([*base, "--eval_strategy", "steps"])[-1]) == (True, False)
 
 
 # --- seed 001: fms-hf-tuning JSON config (Granite Vision = LLaVA-Next) ------------------------------------
@@ -145,7 +150,7 @@ def test_seed_001_fms_json_config(tiny_model_dir, tmp_path, capsys, caplog):
 def test_seed_002_axolotl_command(tiny_model_dir, tmp_path, capsys, caplog, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rows = []
-    for i in range(8):
+    for i in range(4):
         colour = COLOURS[i % 3]
         rows.append({"image_path": str(png(tmp_path / "data" / "vlm" / f"img{i}.png", colour)),
                      "prompt": "What colour is the picture?", "response": f"It is {colour}"})
@@ -303,3 +308,33 @@ def adapter_targets(out: Path) -> set[str]:
 
     keys = load_file(out / "adapter_model.safetensors")
     return {key.split(".lora_A")[0].rsplit(".", 1)[-1] for key in keys if ".lora_A" in key}
+
+
+# --- the ready configs and the docs ----------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "coming-from"
+
+
+@pytest.mark.parametrize(
+    "name, model, lora_r, learning_rate",
+    [
+        ("seed-000-gaudi-llava-next-chartqa.yaml", "llava-hf/llava-v1.6-mistral-7b-hf", 16, 1e-4),
+        ("seed-001-fms-granite-vision.json", "ibm-granite/granite-vision-3.2-2b", 16, 1e-4),
+        ("seed-002-axolotl-llava.yaml", "llava-hf/llava-1.5-7b-hf", 128, 2e-5),
+        ("seed-003-vizsage-llama-vision.yaml", "meta-llama/Llama-3.2-11B-Vision-Instruct", 32, 2e-4),
+        ("seed-004-trl-qwen2-vl-qlora.yaml", "Qwen/Qwen2-VL-7B-Instruct", 8, 2e-4),
+    ],
+)
+def test_example_configs_reproduce_the_seed_runs_in_our_names(name, model, lora_r, learning_rate, caplog):
+    with caplog.at_level(logging.WARNING):
+        model_args, _, finetune, training = parse_args([str(EXAMPLES / name)])
+    assert (model_args.model_name_or_path, finetune.lora_r, training.learning_rate) == (model, lora_r, learning_rate)
+    assert not [r for r in caplog.records if r.name == "vlmtune.aliases"], "examples use vlmtune's own names"
+
+
+def test_every_foreign_name_is_documented():
+    table = (DOCS / "README.md").read_text()
+    assert [name for name in aliases.ALIAS_NAMES if f"`{name}`" not in table] == []
+    for page in ("gaudi-run-lora-vlm.md", "fms-hf-tuning.md", "axolotl-mixtrain.md", "vizsage.md", "trl-qwen2-vl.md"):
+        assert page in table and (DOCS / page).exists()

@@ -33,6 +33,16 @@ def _truthy(values: list[str]) -> bool:
     return not values or values[0].strip().lower() in TRUE
 
 
+def use_habana(values: list[str], known: set[str]) -> Tokens:
+    """Gaudi is used when accelerate finds it; otherwise say which device runs instead."""
+    from .compat import accelerator
+
+    device = accelerator()
+    if _truthy(values) and device != "hpu":
+        print(f"vlmtune: --use_habana: no Gaudi HPU here (habana_frameworks not found): running on {device or 'cpu'}.")
+    return []
+
+
 def rename(ours: str) -> Rule:
     return lambda values, known: [f"--{ours}", *values]
 
@@ -142,7 +152,7 @@ class Alias:
 ALIASES: tuple[Alias, ...] = (
     # Gaudi run_lora_vlm.py (seed 000)
     Alias("lora_rank", "run_lora_vlm.py", rename("lora_r"), "`--lora_r`"),
-    Alias("use_habana", "run_lora_vlm.py", ignore,
+    Alias("use_habana", "run_lora_vlm.py", use_habana,
           "not needed: vlmtune runs on the accelerator accelerate finds (Gaudi through habana_frameworks when "
           "installed)"),
     Alias("use_lazy_mode", "run_lora_vlm.py", ignore,

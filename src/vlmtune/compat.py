@@ -18,7 +18,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def _accelerator() -> str | None:
+def accelerator() -> str | None:
     """The accelerator accelerate would use ("cuda", "xpu", "hpu", "mps", ...), or None on a CPU-only host."""
     from accelerate.utils import is_hpu_available, is_mps_available, is_xpu_available
 
@@ -36,7 +36,7 @@ def _say(message: str) -> None:
 
 def fit_training_args(args) -> None:
     """Adjust `TrainingArguments` fields this machine cannot honour (before transformers checks them)."""
-    device = None if args.use_cpu else _accelerator()
+    device = None if args.use_cpu else accelerator()
     if args.bf16 and device is None:
         args.bf16 = False
         _say("bf16 needs a GPU (or Gaudi/XPU) and there is none here: training in float32 on the CPU.")
