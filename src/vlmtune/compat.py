@@ -36,8 +36,8 @@ def _say(message: str) -> None:
 
 def fit_training_args(args) -> None:
     """Adjust `TrainingArguments` fields this machine cannot honour (before transformers checks them)."""
-    device = None if args.use_cpu else accelerator()
-    if args.bf16 and device is None:
+    device = accelerator()
+    if args.bf16 and device is None and not args.use_cpu:  # --use_cpu --bf16: CPU autocast, as asked
         args.bf16 = False
         _say("bf16 needs a GPU (or Gaudi/XPU) and there is none here: training in float32 on the CPU.")
     if args.fp16 and device is None:
