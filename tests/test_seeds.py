@@ -338,3 +338,20 @@ def test_every_foreign_name_is_documented():
     assert [name for name in aliases.ALIAS_NAMES if f"`{name}`" not in table] == []
     for page in ("gaudi-run-lora-vlm.md", "fms-hf-tuning.md", "axolotl-mixtrain.md", "vizsage.md", "trl-qwen2-vl.md"):
         assert page in table and (DOCS / page).exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value, says",
+    [
+        ("bias", "all", "accepted: none"),
+        ("peft_method", "pt", "accepted: lora, none"),
+        ("warmup_ratio", "3", "below 1"),
+    ],
+)
+def test_a_foreign_value_without_equivalent_is_a_message(tmp_path, capsys, flag, value, says):
+    argv = ["train", "--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path)]
+    argv += [f"--{flag}", value]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--{flag}" in err and says in err and "Traceback" not in err

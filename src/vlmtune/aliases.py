@@ -129,6 +129,17 @@ def accelerate_launch_args(values: list[str], known: set[str]) -> Tokens:
     return ["--fsdp_config", json.dumps({"transformer_layer_cls_to_wrap": classes})]
 
 
+def warmup_ratio(values: list[str], known: set[str]) -> Tokens:
+    """transformers 5 dropped `warmup_ratio`; its `warmup_steps` below 1 is the same fraction of the run."""
+    try:
+        ratio = float(values[0]) if values else -1.0
+    except ValueError:
+        ratio = -1.0
+    if not 0 <= ratio < 1:
+        raise UsageError(f"--warmup_ratio {' '.join(values)!r}: give a fraction of the run from 0 to below 1")
+    return ["--warmup_steps", values[0]]
+
+
 def lora_bias(values: list[str], known: set[str]) -> Tokens:
     return choice({"none": []}, "bias (vlmtune trains no bias terms)")(values, known)
 
@@ -218,7 +229,7 @@ ALIASES: tuple[Alias, ...] = (
     # TRL / PEFT / BitsAndBytesConfig recipe (seed 004)
     Alias("r", "PEFT", rename("lora_r"), "`--lora_r`"),
     Alias("task_type", "PEFT", ignore, "not needed: vlmtune sets it for the model"),
-    Alias("warmup_ratio", "TRL, transformers 4", rename("warmup_steps"),
+    Alias("warmup_ratio", "TRL, transformers 4", warmup_ratio,
           "`--warmup_steps` with a value below 1, the fraction of the total steps (transformers 5)"),
     Alias("bnb_4bit_use_double_quant", "BitsAndBytesConfig", ignore,
           "not needed: `--load_in_4bit` always double-quantises"),
