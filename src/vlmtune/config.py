@@ -145,7 +145,9 @@ class VlmTrainingArguments(TrainingArguments):
     learning_rate: float = arg(1e-4, "Peak learning rate.")
     logging_steps: float = arg(10, "Log every N steps.")
     per_device_eval_batch_size: int = arg(8, "Batch size for evaluation and generation.")
+
     def __post_init__(self):
+        # Before transformers' own checks, which refuse bf16/tf32 on machines without the hardware.
         compat.fit_training_args(self)
         super().__post_init__()
 
