@@ -6,6 +6,7 @@ field passes through by name; vlmtune's own fields are grouped ahead of them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from argparse import ArgumentError
@@ -18,6 +19,7 @@ from typing import Literal
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from . import aliases, compat
 from .errors import UsageError
 from .train.distributed import prepare_launch_environment, resolve_launch_shortcuts
 
@@ -43,6 +45,9 @@ class ModelArguments:
         "sdpa", "Attention kernel: sdpa (default), eager, or flash_attention_2 (GPU, if installed)."
     )
     trust_remote_code: bool = arg(False, "Allow model code from the hub checkpoint.")
+    model_type: str | None = arg(
+        None, "Architecture the checkpoint must be (llava, qwen2_vl...): checked, never needed (read from config.json)."
+    )
 
 
 @dataclass
@@ -180,6 +185,8 @@ class VlmTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if self.dataloader_num_workers is None:
             self.dataloader_num_workers = default_num_workers()
+        # Before transformers' own checks, which refuse bf16/tf32 on machines without the hardware.
+        compat.fit_training_args(self)
         super().__post_init__()
 
 
@@ -430,7 +437,13 @@ def did_you_mean(word: str, known: list[str], extra: Mapping[str, str] | None = 
     return "; did you mean " + " or ".join(f"{dashes}{t}" for t in targets) + "?"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option; the epilog (other tools' option names) kept as written."""
+
+
 def make_parser(classes=ARGUMENT_CLASSES, **kwargs) -> VlmArgumentParser:
+    kwargs.setdefault("epilog", aliases.help_epilog())
+    kwargs.setdefault("formatter_class", HelpFormatter)
     return VlmArgumentParser(classes, **kwargs)
 
 
@@ -488,22 +501,35 @@ def _config_files(argv: list[str]) -> list[str]:
     return files
 
 
+def _option_names(tokens: list[str]) -> list[str]:
+    """The option names in `--name value ...` tokens (`--name=value` too)."""
+    return [t[2:].split("=", 1)[0].replace("-", "_") for t in tokens if t.startswith("--")]
+
+
 def parse_args(
     argv: list[str], classes=ARGUMENT_CLASSES, prog: str | None = None, extra_names: Mapping[str, str] | None = None
 ) -> tuple:
     """Parse `argv` into the argument objects; a leading `.yaml`/`.yml`/`.json` path (or `--config FILE`)
-    supplies defaults. Every mistake is a `UsageError` naming the flag, or the file and key; `extra_names`
-    (other names -> option names) widen the "did you mean" suggestions."""
+    supplies defaults. Other tools' option names are translated first (`aliases`, one warning per name);
+    every mistake is a `UsageError` naming the flag, or the file and key; `extra_names` (other names ->
+    option names) widen the "did you mean" suggestions beyond the alias table."""
     argv = list(argv)
-    parser = make_parser(classes, prog=prog, extra_names=extra_names)
+    parser = make_parser(classes, prog=prog, extra_names={**aliases.suggestion_names(), **(extra_names or {})})
+    known = set(parser.option_names())
+    train_known = known if classes is ARGUMENT_CLASSES else set(make_parser().option_names())
+    warned: set[str] = set()  # each foreign name is explained once per run
     file_argv: list[str] = []
     for path in _config_files(argv):
         values = read_config_file(path)
-        parser.check_keys(path, values)
-        parser.sources.update({str(k).replace("-", "_"): path for k in values})
-        file_argv += _file_to_argv(values)
-    for flag in (a for a in argv if a.startswith("--")):  # a value the command line gives is not the file's
-        parser.sources.pop(flag.split("=", 1)[0][2:].replace("-", "_"), None)
+        # Foreign keys are translated below; a training config's own keys are dropped for other commands.
+        parser.check_keys(path, [k for k in values if str(k) not in aliases.BY_NAME and str(k) not in train_known])
+        tokens = aliases.translate(_file_to_argv(values), known, warned)
+        tokens = aliases.shared_config(tokens, known, train_known, path)
+        parser.sources.update({name: path for name in _option_names(tokens)})
+        file_argv += tokens
+    argv = aliases.translate(argv, known, warned)
+    for name in _option_names(argv):  # a value the command line gives is not the file's
+        parser.sources.pop(name, None)
     # Before TrainingArguments: it opens the DeepSpeed/FSDP files and sets up the process group.
     args = resolve_launch_shortcuts(file_argv + argv)
     prepare_launch_environment()
@@ -515,6 +541,9 @@ def parse_args(
         message = " ".join(str(err).split())  # one paragraph, whatever transformers' line breaks
         raise UsageError(f"{message} (`{parser.prog} --help` lists the options)") from None
     parser.check_values(parsed)
+    for obj in parsed:  # what the user wrote, before transformers sets do_eval from --eval_strategy
+        if isinstance(obj, TrainingArguments):
+            obj.do_train_given, obj.do_eval_given = compat.given_bools(args, ("do_train", "do_eval"))
     return parsed
 
 

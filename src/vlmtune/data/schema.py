@@ -77,6 +77,8 @@ class Schema:
     source: str = "dataset"
     meta_columns: tuple[str, ...] = ()
     context: Context | None = None
+    # A single-image family takes the first of several images given for one placeholder (fms-hf-tuning's rule).
+    single_image: bool = False
 
     def describe(self) -> str:
         if self.kind == "messages":
@@ -162,7 +164,7 @@ class Schema:
             placeholders = _split_image_literals(messages)
         if placeholders == 0 and images:
             _put_images_first(messages, len(images))
-        elif placeholders != len(images):
+        elif placeholders != len(images) and not (self.single_image and placeholders == 1):
             raise DataError(f"{where}, field {name!r}: {placeholders} image placeholder(s) but {len(images)} image(s)")
         return Conversation(messages=messages, images=images)
 

@@ -128,6 +128,7 @@ def build_splits(
         train = train.shuffle(seed=seed, buffer_size=data_args.stream_buffer_size)
 
     schema = _schema(data_args, next(rows for rows in (train, eval_rows, test) if rows is not None))
+    schema.single_image = not facts.multi_image
     logger.info(schema.describe())
     base_dirs = (Path(data_args.image_root),) if data_args.image_root else ()
     images = ImageOptions(base_dirs, data_args.image_max_pixels, data_args.image_min_pixels, folders)

@@ -226,3 +226,27 @@ def format_metrics(result: EvalResult) -> str:
     for label, metrics in rows:
         lines.append(f"{label:<{width}}{metrics['samples']:>9}" + "".join(f"{metrics[n]:>18.4f}" for n in names))
     return "\n".join(lines)
+
+
+def exact_match_summary(result: EvalResult) -> str:
+    """Counts a VizSage user reads after its test step: total, correct, incorrect, exact match (score and
+    percentage), then each group's samples and exact match. Empty when no exact-match metric was computed."""
+    name = next((n for n in ("exact_match", "exact_match_raw") if n in result.metrics), None)
+    if name is None:
+        return ""
+    correct = sum(1 for p in result.predictions if p["scores"].get(name) == 1.0)
+    total = len(result.predictions)
+    score = result.metrics[name]
+    how = "normalised: case, punctuation, articles, spaces" if name == "exact_match" else "raw text"
+    lines = [
+        f"Exact match ({how})",
+        f"  Total samples:         {total}",
+        f"  Correct predictions:   {correct}",
+        f"  Incorrect predictions: {total - correct}",
+        f"  Exact match score:     {score:.4f}",
+        f"  Exact match percent:   {100 * score:.2f}%",
+    ]
+    for column, values in result.groups.items():
+        for value, metrics in values.items():
+            lines.append(f"  {column}={value}: {metrics['samples']} samples, exact match {100 * metrics[name]:.2f}%")
+    return "\n".join(lines)

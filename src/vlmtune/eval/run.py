@@ -11,11 +11,12 @@ import torch
 from transformers import set_seed
 
 from ..config import DataArguments, ModelArguments, arg
+from ..data.sources import load_splits
 from ..data.splits import build_splits
 from ..errors import UsageError
 from ..models.loading import load_for_inference
 from ..outputs import check_output_folder
-from .evaluate import EvalResult, debug_view, evaluate_generation, format_metrics
+from .evaluate import EvalResult, debug_view, evaluate_generation, exact_match_summary, format_metrics
 from .metrics import ALL_METRICS, check_metric_names
 from .report import write_report
 
@@ -81,13 +82,34 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def from_training_run(data_args: DataArguments, args: EvalArguments) -> tuple[str | None, Path]:
+    """The adapter to evaluate and where results go, for a config file shared with `vlmtune train`.
+
+    VizSage's test step runs on its training YAML: there `output_dir` holds the trained adapter. Then that
+    adapter is evaluated on the data's test split (when it has one), and results go to `output_dir/eval`
+    so the training run's own predictions and metrics stay.
+    """
+    out = Path(args.output_dir)
+    if args.adapter or not (out / "adapter_config.json").is_file():
+        return args.adapter, out
+    name = data_args.eval_dataset_name or data_args.dataset_name
+    if name and not (data_args.eval_dataset_name or data_args.eval_split):
+        splits = load_splits(name, data_args.dataset_config, data_args.streaming).splits
+        test = data_args.test_split or next((s for s in splits if s.lower() == "test"), None)
+        if test:
+            data_args.eval_split = test
+    print(f"Evaluating the adapter trained in {out} (results in {out / 'eval'}).")
+    return str(out), out / "eval"
+
+
 def run_eval(model_args: ModelArguments, data_args: DataArguments, args: EvalArguments) -> EvalResult:
     if not args.output_dir:
         raise UsageError("vlmtune eval: --output_dir is required")
     check_output_folder(args.output_dir)
     device = _device(args.device)
     names = check_metric_names(args.metrics)
-    adapter = args.adapter or model_args.adapter_name_or_path
+    trained, out = from_training_run(data_args, args)
+    adapter = trained or model_args.adapter_name_or_path
     if not (model_args.model_name_or_path or adapter):
         raise UsageError("vlmtune eval: --model_name_or_path (or --adapter) is required")
     set_seed(args.seed)
@@ -117,11 +139,13 @@ def run_eval(model_args: ModelArguments, data_args: DataArguments, args: EvalArg
         progress=True,
         **sampling,
     )
-    out = Path(args.output_dir)
     result.write(out)
     if args.debug_samples:
         print(debug_view(result.predictions, args.debug_samples))
     print(format_metrics(result))
+    summary = exact_match_summary(result)
+    if summary:
+        print(summary)
     if args.report:
         details = {
             "model": model_args.model_name_or_path or "(from adapter)",

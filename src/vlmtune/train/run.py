@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, set_seed
 
+from .. import compat
 from ..config import to_dict
 from ..data.collate import VlmCollator
 from ..data.splits import Splits, build_splits
@@ -83,12 +84,13 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
 
     `callbacks`: extra `TrainerCallback`s (for programmatic use and tests).
     """
-    out = check_output_dir(training_args)
+    do_train, do_eval = compat.run_steps(training_args)
+    out = check_output_dir(training_args) if do_train else Path(training_args.output_dir or ".")
     topology = detect_topology(training_args)  # refuses a launch that did not become one job
     announce(topology)
     main_process = topology.rank == 0  # one process prints and writes; the Trainer saves on it only
-    resume = resolve_resume(training_args.resume_from_checkpoint, out)  # before the slow part: fail fast
-    if training_args.should_save:
+    resume = resolve_resume(training_args.resume_from_checkpoint, out) if do_train else None  # fail fast
+    if do_train and training_args.should_save:
         remove_deletion_leftovers(out)
     if data_args.streaming:
         if training_args.max_steps <= 0:
@@ -105,6 +107,7 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
         **quantization_kwargs(finetune_args),
         **sharded_quantization_kwargs(finetune_args, training_args, _dtype(training_args)),
     )
+    compat.check_model_type(model_args.model_type, loaded.model.config)
     # Every row is rendered through the training encoding path before training (images read by header
     # only; the full processor runs only to measure rows against --max_seq_length).
     splits: Splits = build_splits(data_args, loaded.spec.encoding, seed=training_args.seed, processor=loaded.processor)
@@ -115,6 +118,7 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     model = apply_finetuning(loaded.model, loaded.spec, finetune_args)
     if shards_parameters(training_args):  # ZeRO-3/FSDP: a text-only batch must still run the vision tower
         run_vision_every_step(model, loaded.processor)
+    compat.keep_4bit_trainable(model)
     if main_process:
         print(trainable_table(model, loaded.spec))
     if training_args.label_names is None:
@@ -140,6 +144,8 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
         projector_lr=finetune_args.projector_lr,
     )
     attach(trainer, generation_metrics)
+    if not do_train:
+        return _evaluate_only(trainer, loaded, splits, finetune_args, training_args, out)
     with stop_on_signal.installed():
         train_output = trainer.train(resume_from_checkpoint=resume)
     stop_on_signal.raise_if_stopped_early(trainer)
@@ -156,10 +162,13 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     trainer.save_model(str(out), _internal_call=True)
     if main_process:
         loaded.processor.save_pretrained(str(out))
+        compat.save_base_config(model_args, out)
         write_training_plots(trainer.state.log_history, out)
         config = to_dict(model_args, data_args, finetune_args, training_args)
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     trainer.save_state()
+    if do_eval and splits.eval is not None:
+        metrics.update(compat.loss_metrics(trainer))
 
     if splits.eval is not None and finetune_args.eval_accuracy:
         with full_parameters_for_generation(trainer):  # each process answers its share of the rows
@@ -181,4 +190,27 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     trainer.save_metrics("all", metrics)
     if training_args.push_to_hub:  # the whole output_dir: adapter, processor, metrics, plots
         trainer.push_to_hub(commit_message="vlmtune: end of training")
+    return TrainResult(output_dir=out, metrics=metrics, trainer=trainer)
+
+
+def _evaluate_only(trainer, loaded, splits, finetune_args, training_args, out: Path) -> TrainResult:
+    """`--do_eval` without training: eval loss, perplexity and (unless `--eval_accuracy false`) exact match
+    of the model as loaded, into `eval_results.json`; nothing else in output_dir is touched."""
+    if splits.eval is None:
+        raise UsageError("--do_eval without training needs evaluation data: --eval_dataset_name or a validation split")
+    metrics = compat.loss_metrics(trainer)
+    if finetune_args.eval_accuracy:
+        result = evaluate_generation(
+            trainer.model,
+            loaded.processor,
+            splits.preparer,
+            splits.eval,
+            batch_size=training_args.per_device_eval_batch_size,
+            max_new_tokens=finetune_args.max_new_tokens,
+            metrics=finetune_args.eval_metrics or DEFAULT_METRICS,
+        )
+        metrics.update({f"eval_{k}": v for k, v in result.metrics.items()})
+    if trainer.is_world_process_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        trainer.save_metrics("eval", metrics, combined=False)
     return TrainResult(output_dir=out, metrics=metrics, trainer=trainer)

@@ -1,0 +1,129 @@
+"""Hardware a run asks for but this machine lacks: say what is used instead, in one line, and run.
+
+Commands written on a GPU or Gaudi machine (`--bf16`, `--tf32`, flash attention, W&B, `--use_habana`) must
+also run on a laptop or a CI runner. transformers refuses such arguments with a ValueError deep in
+`TrainingArguments.__post_init__`; vlmtune instead adjusts them before that check and prints one line per
+change, so the user knows exactly what ran.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def accelerator() -> str | None:
+    """The accelerator accelerate would use ("cuda", "xpu", "hpu", "mps", ...), or None on a CPU-only host."""
+    from accelerate.utils import is_hpu_available, is_mps_available, is_xpu_available
+
+    if torch.cuda.is_available():
+        return "cuda"
+    for name, available in (("hpu", is_hpu_available), ("xpu", is_xpu_available), ("mps", is_mps_available)):
+        if available():
+            return name
+    return None
+
+
+def _say(message: str) -> None:
+    print(f"vlmtune: {message}")
+
+
+def fit_training_args(args) -> None:
+    """Adjust `TrainingArguments` fields this machine cannot honour (before transformers checks them)."""
+    device = accelerator()
+    if args.bf16 and device is None and not args.use_cpu:  # --use_cpu --bf16: CPU autocast, as asked
+        args.bf16 = False
+        _say("bf16 needs a GPU (or Gaudi/XPU) and there is none here: training in float32 on the CPU.")
+    if args.fp16 and device is None:
+        args.fp16 = False
+        _say("fp16 needs a GPU and there is none here: training in float32 on the CPU.")
+    if args.tf32 and not (device == "cuda" and torch.cuda.get_device_capability()[0] >= 8):
+        args.tf32 = None
+        _say("tf32 needs an NVIDIA Ampere (or newer) GPU and there is none here: ignoring --tf32.")
+    reporters = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
+    missing = [r for r in reporters if r == "wandb" and importlib.util.find_spec("wandb") is None]
+    if missing:
+        args.report_to = [r for r in reporters if r not in missing] or "none"
+        _say("W&B logging asked for but wandb is not installed (pip install wandb): logging to the console only.")
+
+
+def check_model_type(expected: str | None, config) -> None:
+    """Axolotl's `--model_type`: vlmtune reads the architecture from the checkpoint; a different one is a
+    mistake in `--base_model` or `--model_type` (a family prefix such as `llava` for llava_next matches)."""
+    from .errors import UsageError
+
+    actual = getattr(config, "model_type", None)
+    if not expected or actual is None or actual.startswith(expected):
+        return
+    raise UsageError(
+        f"--model_type {expected}, but the checkpoint is a {actual} model. vlmtune reads the architecture "
+        "from the checkpoint's config.json: drop --model_type, or check --base_model/--model_name_or_path."
+    )
+
+
+def keep_4bit_trainable(model) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference during evaluation.
+
+    On CPUs with AVX512-BF16, `Linear4bit.forward` in eval mode converts its weight to an inference-only
+    layout and keeps it; the next training step then fails inside `matmul_4bit` ("a view of a leaf
+    Variable ... in-place operation"). Evaluation during QLoRA training on the CPU needs the training
+    layout to stay. Returns how many layers were switched.
+    """
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
+
+
+def given_bools(argv: list[str], names: tuple[str, ...]) -> list[bool | None]:
+    """Each boolean flag's last value on `argv` (bare: true), or None when not given."""
+    values: list[bool | None] = []
+    for name in names:
+        value = None
+        for i, token in enumerate(argv):
+            flag, eq, text = token.partition("=")
+            if flag == f"--{name}":
+                nxt = text if eq else (argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "")
+                value = nxt.lower() not in ("false", "0", "no", "n", "off") if nxt else True
+        values.append(value)
+    return values
+
+
+def run_steps(args) -> tuple[bool, bool]:
+    """(train, evaluate) from `--do_train` / `--do_eval` as run_lora_vlm.py users write them.
+
+    Neither given: train (and evaluate when there is evaluation data). `--do_eval` alone: evaluate only.
+    `--do_train false`: no training.
+    """
+    do_train, do_eval = getattr(args, "do_train_given", None), getattr(args, "do_eval_given", None)
+    train = do_train if do_train is not None else not (do_eval or args.do_predict)
+    return train, bool(do_eval) or not train
+
+
+def loss_metrics(trainer) -> dict:
+    """`Trainer.evaluate()` (eval loss, runtime, samples per second) plus perplexity, exp(eval loss): the
+    headline evaluation metric of run_lora_vlm.py."""
+    metrics = trainer.evaluate()
+    loss = metrics.get("eval_loss")
+    if loss is not None:
+        metrics["eval_perplexity"] = math.exp(loss) if loss < 700 else float("inf")
+    return metrics
+
+
+def save_base_config(model_args, out: Path) -> None:
+    """The base checkpoint's own `config.json` beside an adapter (Axolotl's outputs have it): tools that
+    read the architecture from the output folder find it. A full fine-tune already saved its own."""
+    if (out / "config.json").exists():
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    config.save_pretrained(out)
