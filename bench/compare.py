@@ -367,7 +367,8 @@ def tokens_per_sample(model_dir: str, data_file: Path, n: int) -> dict[str, dict
     """Mean tokens and trained tokens (labels scored after the shift) per sample, for each collator."""
     from datasets import load_dataset
 
-    from vlmtune.data.collate import Preparer, VlmCollator
+    from vlmtune.data.collate import VlmCollator
+    from vlmtune.data.prepare import Preparer
     from vlmtune.data.schema import detect_schema
     from vlmtune.models.processors import load_processor
     from vlmtune.models.registry import get_family
@@ -375,7 +376,7 @@ def tokens_per_sample(model_dir: str, data_file: Path, n: int) -> dict[str, dict
     processor = load_processor(model_dir)
     rows = [dict(r, __index__=i) for i, r in enumerate(load_dataset("json", data_files=str(data_file))["train"])][:n]
     schema = detect_schema(["messages", "images"], source=str(data_file))
-    preparer = Preparer(schema, get_family("qwen2_vl"))
+    preparer = Preparer(schema, get_family("qwen2_vl").encoding)
     preparer.images.folders[str(data_file)] = data_file.parent
     for row in rows:
         row["__source__"] = str(data_file)

@@ -34,7 +34,7 @@ CASES = {
     "misspelt flag, no prefix matching": Case(
         [*TRAIN, "--learning_rat", "1e-4"], USAGE, ["unknown option --learning_rat", "did you mean --learning_rate?"]
     ),
-    "short foreign flag": Case([*TRAIN, "--lr", "1e-4"], USAGE, ["unknown option --lr", "--learning_rate"]),
+    "misspelt foreign flag": Case([*TRAIN, "--epoch", "3"], USAGE, ["unknown option --epoch", "--num_train_epochs"]),
     "flag of another command": Case(
         ["predict", "--prompt", "hi", "--temperatur", "0.5"], USAGE, ["--temperatur", "did you mean --temperature?"]
     ),

@@ -322,6 +322,14 @@ def warning(alias: Alias) -> str:
     return f"`--{alias.foreign}` ({alias.systems}) in vlmtune: {alias.note}"
 
 
+def _ours(name: str, values: list[str]) -> Tokens:
+    """One of our own options as given; a single value starting with `-` keeps the `--name=value` form
+    argparse needs for it (`--learning_rate=-1` would otherwise lose its value)."""
+    if len(values) == 1 and values[0].startswith("-"):
+        return [f"--{name}={values[0]}"]
+    return [f"--{name}", *values]
+
+
 def translate(argv: Iterable[str], known: Iterable[str], warned: set[str] | None = None) -> Tokens:
     """`argv` with every foreign option replaced by ours; `known` are the flags the command accepts.
 
@@ -341,7 +349,7 @@ def translate(argv: Iterable[str], known: Iterable[str], warned: set[str] | None
             _warn(alias, warned if warned is not None else set())
             out += alias.rule(values, known)
         elif not (early_off and name in _DROPPED_WHEN_OFF):
-            out += [f"--{name}", *values]
+            out += _ours(name, values)
     return out + _vizsage_data(groups, foreign, known) + _joined_output_dir(groups, foreign) + _early_stopping(
         groups, foreign, known
     )

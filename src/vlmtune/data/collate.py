@@ -13,9 +13,8 @@ import torch
 from torch.nn import functional
 from transformers import BatchFeature
 
-from .encode import IGNORE_INDEX, Encoded, encode, processor_inputs  # noqa: F401 - processor_inputs: old home
-from .images import ImageOptions  # noqa: F401 - re-exported from its old home for other branches at merge
-from .prepare import CUT, Preparer  # noqa: F401 - CUT: likewise
+from .encode import IGNORE_INDEX, Encoded, encode
+from .prepare import Preparer
 
 # Per-token tensors (batch, length, ...): right-padded along the length. Everything else the processor
 # returns (pixel values, image grids, aspect ratios) is per image or per row: concatenated along its
