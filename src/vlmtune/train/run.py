@@ -171,16 +171,7 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
         metrics.update(compat.loss_metrics(trainer))
 
     if splits.eval is not None and finetune_args.eval_accuracy:
-        with full_parameters_for_generation(trainer):  # each process answers its share of the rows
-            result = evaluate_generation(
-                model,
-                loaded.processor,
-                splits.preparer,
-                splits.eval,
-                batch_size=training_args.per_device_eval_batch_size,
-                max_new_tokens=finetune_args.max_new_tokens,
-                metrics=finetune_args.eval_metrics or DEFAULT_METRICS,
-            )
+        result = _answer_eval_rows(trainer, loaded, splits, finetune_args, training_args)
         metrics.update({f"eval_{k}": v for k, v in result.metrics.items()})
         if main_process:
             if len(result.shares) > 1:
@@ -193,14 +184,10 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     return TrainResult(output_dir=out, metrics=metrics, trainer=trainer)
 
 
-def _evaluate_only(trainer, loaded, splits, finetune_args, training_args, out: Path) -> TrainResult:
-    """`--do_eval` without training: eval loss, perplexity and (unless `--eval_accuracy false`) exact match
-    of the model as loaded, into `eval_results.json`; nothing else in output_dir is touched."""
-    if splits.eval is None:
-        raise UsageError("--do_eval without training needs evaluation data: --eval_dataset_name or a validation split")
-    metrics = compat.loss_metrics(trainer)
-    if finetune_args.eval_accuracy:
-        result = evaluate_generation(
+def _answer_eval_rows(trainer, loaded, splits, finetune_args, training_args):
+    """Generate answers for the eval rows and score them; each process answers its share of the rows."""
+    with full_parameters_for_generation(trainer):
+        return evaluate_generation(
             trainer.model,
             loaded.processor,
             splits.preparer,
@@ -209,6 +196,16 @@ def _evaluate_only(trainer, loaded, splits, finetune_args, training_args, out: P
             max_new_tokens=finetune_args.max_new_tokens,
             metrics=finetune_args.eval_metrics or DEFAULT_METRICS,
         )
+
+
+def _evaluate_only(trainer, loaded, splits, finetune_args, training_args, out: Path) -> TrainResult:
+    """`--do_eval` without training: eval loss, perplexity and (unless `--eval_accuracy false`) exact match
+    of the model as loaded, into `eval_results.json`; nothing else in output_dir is touched."""
+    if splits.eval is None:
+        raise UsageError("--do_eval without training needs evaluation data: --eval_dataset_name or a validation split")
+    metrics = compat.loss_metrics(trainer)
+    if finetune_args.eval_accuracy:
+        result = _answer_eval_rows(trainer, loaded, splits, finetune_args, training_args)
         metrics.update({f"eval_{k}": v for k, v in result.metrics.items()})
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
