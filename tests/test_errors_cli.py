@@ -52,6 +52,12 @@ CASES = {
         [*TRAIN, "--gradient_accumulation_steps", "0"], USAGE, ["--gradient_accumulation_steps must be at least 1"]
     ),
     "val_split_ratio of 1": Case([*TRAIN, "--val_split_ratio", "1"], USAGE, ["--val_split_ratio must be in [0, 1)"]),
+    "keyword arguments that are not JSON": Case(
+        [*TRAIN, "--lr_scheduler_kwargs", "notjson"], USAGE, ["--lr_scheduler_kwargs must be a JSON object", "notjson"]
+    ),
+    "scheduler keyword the schedule does not take": Case(
+        [*TRAIN, "--lr_scheduler_kwargs", '{"num_cycles": 2}'], USAGE, ["--lr_scheduler_kwargs", "num_cycles", "linear"]
+    ),
     "negative learning rate": Case([*TRAIN, "--learning_rate=-1e-4"], USAGE, ["--learning_rate must be greater"]),
     "zero epochs, no max_steps": Case(
         [*TRAIN, "--num_train_epochs", "0"], USAGE, ["--num_train_epochs", "unless --max_steps"]

@@ -286,6 +286,10 @@ CHECKS: dict[str, Check] = {
 }
 
 
+# Options whose value is a mapping (keyword arguments passed on as **kwargs).
+MAPPING_OPTIONS = ("lr_scheduler_kwargs", "gradient_checkpointing_kwargs", "model_init_kwargs")
+
+
 def _pair_problems(values: dict) -> list[tuple[str, str]]:
     """Rules that involve two options: (the option to name, what is wrong)."""
     problems = []
@@ -304,7 +308,34 @@ def _pair_problems(values: dict) -> list[tuple[str, str]]:
         problems.append(("early_stopping_patience", "and --early_stopping_patience_ratio: give one, not both"))
     if (patience is not None or ratio is not None) and values.get("eval_strategy") == "no":
         problems.append(("early_stopping_patience", "needs evaluations: set --eval_strategy steps (and --eval_steps)"))
-    return problems + _report_to_problems(values.get("report_to"))
+    for name in MAPPING_OPTIONS:  # transformers keeps a value that is not JSON as text and fails much later
+        if isinstance(values.get(name), str):
+            problems.append((name, f"""must be a JSON object such as '{{"key": 1}}', got {values[name]!r}"""))
+    return problems + _scheduler_problems(values) + _report_to_problems(values.get("report_to"))
+
+
+def _scheduler_problems(values: dict) -> list[tuple[str, str]]:
+    """`--lr_scheduler_kwargs` keys the chosen schedule does not take (transformers fails only at step 0)."""
+    kwargs, kind = values.get("lr_scheduler_kwargs"), values.get("lr_scheduler_type")
+    if not isinstance(kwargs, dict) or not kwargs or kind is None:
+        return []
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+    from transformers.trainer_utils import SchedulerType
+
+    kind = SchedulerType(kind)
+    schedule = TYPE_TO_SCHEDULER_FUNCTION.get(kind)
+    fixed = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}  # the Trainer passes these
+    taken = set(inspect.signature(schedule).parameters) - fixed if schedule else set()
+    unknown = sorted(set(kwargs) - taken)
+    if not unknown:
+        return []
+    problem = (
+        f"has key(s) {', '.join(unknown)} that --lr_scheduler_type {kind.value} does not take; "
+        f"it takes: {', '.join(sorted(taken)) or 'none'}"
+    )
+    return [("lr_scheduler_kwargs", problem)]
 
 
 def _report_to_problems(wanted) -> list[tuple[str, str]]:
