@@ -185,6 +185,8 @@ class VlmTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if self.dataloader_num_workers is None:
             self.dataloader_num_workers = default_num_workers()
+        if not _has_gpu():  # pinned memory only speeds copies to a GPU; without one torch warns every run
+            self.dataloader_pin_memory = False
         # Before transformers' own checks, which refuse bf16/tf32 on machines without the hardware.
         compat.fit_training_args(self)
         super().__post_init__()
@@ -194,11 +196,15 @@ def default_num_workers() -> int:
     """Data-loader workers: images are decoded and processed while the GPU computes, off the training loop."""
     import os
 
-    import torch
-
-    if not torch.cuda.is_available():
+    if not _has_gpu():
         return 0
     return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, FinetuneArguments, VlmTrainingArguments)

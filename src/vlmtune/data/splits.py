@@ -129,7 +129,6 @@ def build_splits(
 
     schema = _schema(data_args, next(rows for rows in (train, eval_rows, test) if rows is not None))
     schema.single_image = not facts.multi_image
-    logger.info(schema.describe())
     base_dirs = (Path(data_args.image_root),) if data_args.image_root else ()
     images = ImageOptions(base_dirs, data_args.image_max_pixels, data_args.image_min_pixels, folders)
     preparer = Preparer(schema=schema, facts=facts, images=images)
