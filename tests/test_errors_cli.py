@@ -143,8 +143,11 @@ CASES = {
     "model: folder that is not a model": Case(
         TRAIN, RUNTIME, ["model: not a model folder (no config.json)"], {"model/readme.txt": "hi"}
     ),
-    "model: an adapter instead": Case(
-        TRAIN, RUNTIME, ["is a LoRA adapter, not a base model", "--adapter"], {"model/adapter_config.json": "{}"}
+    "model: an adapter instead": Case(  # as train writes it: the base model's config.json beside the adapter
+        TRAIN,
+        RUNTIME,
+        ["is a LoRA adapter, not a base model", "--adapter"],
+        {"model/adapter_config.json": "{}", "model/config.json": "{}"},
     ),
     "model: ships remote code": Case(
         TRAIN,

@@ -23,6 +23,15 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
 
 
+# Files that hold a full model's weights (an adapter folder has adapter_model.safetensors instead).
+MODEL_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
 def check_model_path(name: str | None, flag: str = "--model_name_or_path") -> None:
     """Refuse a missing name, a local path that does not exist, a file, or a folder that is not a model."""
     if not name:
@@ -34,14 +43,14 @@ def check_model_path(name: str | None, flag: str = "--model_name_or_path") -> No
         return
     if not path.is_dir():
         raise ModelError(f"{flag} {name} is a file; pass the folder that holds its config.json and weights")
-    if (path / "config.json").exists():
-        return
-    if (path / "adapter_config.json").exists():
+    # An adapter folder also holds its base model's config.json (written beside it), but no weights of its own.
+    if (path / "adapter_config.json").exists() and not any((path / f).exists() for f in MODEL_WEIGHTS):
         raise ModelError(
             f"{flag} {name} is a LoRA adapter, not a base model; pass it as --adapter (eval, predict, merge) "
             f"and its base model as {flag} (or leave that out: the adapter records it)"
         )
-    raise ModelError(f"{flag} {name}: not a model folder (no config.json); pass {EXAMPLE}")
+    if not (path / "config.json").exists():
+        raise ModelError(f"{flag} {name}: not a model folder (no config.json); pass {EXAMPLE}")
 
 
 def check_adapter_path(adapter: str, flag: str = "--adapter") -> None:
