@@ -54,6 +54,37 @@ def pad_rows(rows: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def pack_rows(packs: list[list[Encoded]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A batch of packed rows: each pack's samples concatenated into one row, then right-padded.
+
+    The interface a model needs for padding-free training: no `attention_mask`, and `position_ids`
+    restarting at 0 at each sample (and for the padding tail), from which transformers builds
+    per-sample attention (a block-diagonal mask, or variable-length flash attention). The first token of
+    each sample is never a target, so no label crosses a sample boundary. Per-token inputs
+    (`token_type_ids`, ...) are concatenated like the ids; per-image inputs are concatenated in order, as
+    in `pad_rows`. Families whose positions are not plain counts (Qwen's multimodal rotary positions)
+    derive them per sample from these text positions on the model side.
+    """
+    rows = []
+    for pack in packs:
+        ids = [i for row in pack for i in row.input_ids]
+        labels = [label for row in pack for label in [IGNORE_INDEX, *row.labels[1:]]]
+        inputs: dict[str, torch.Tensor] = {}
+        for key in dict.fromkeys(k for row in pack for k in row.inputs if k != "attention_mask"):
+            tensors = [row.inputs[key] for row in pack if key in row.inputs]
+            inputs[key] = torch.cat(tensors, dim=1) if key in SEQUENCE_KEYS else _stack(tensors)
+        rows.append(Encoded(ids, labels, inputs))
+    batch = pad_rows(rows, pad_token_id)
+    positions = torch.zeros_like(batch["input_ids"])
+    for i, pack in enumerate(packs):
+        start = 0
+        for length in [row.length for row in pack] + [positions.shape[1] - rows[i].length]:
+            positions[i, start : start + length] = torch.arange(length)
+            start += length
+    batch["position_ids"] = positions
+    return batch
+
+
 @dataclass
 class VlmCollator:
     """Data collator for `transformers.Trainer`: rows in, `input_ids`/pixels/`labels` out.

@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 
 # Row field set by the length check: characters to cut from the start of the prompt.
 CUT = "__cut__"
+# Column the pre-training check adds: the most tokens each row can take (packing, length-grouped batches).
+LENGTH = "__length__"
 
 
 @dataclass

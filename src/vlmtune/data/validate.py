@@ -24,7 +24,7 @@ import datasets
 from ..errors import UsageError
 from .conversation import Conversation
 from .encode import encode, render_row, token_ids
-from .prepare import CUT, Preparer
+from .prepare import CUT, LENGTH, Preparer
 from .schema import DataError, cut_prompt, user_text
 from .sources import INDEX, Rows
 
@@ -46,6 +46,9 @@ class CheckReport:
     shortened: int = 0
     reasons: list[str] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
+    # Per kept row, in order: the most tokens it can take (exact where measured, else the estimate plus
+    # what an estimate may miss); stored as the `LENGTH` column for packing and length-grouped batches.
+    bounds: list[int] = field(default_factory=list)
     lazy: bool = False
     estimated: bool = False
 
@@ -104,6 +107,7 @@ class Checker:
             if self.max_seq_length is None or self._surely_fits(estimate, len(sizes)):
                 report.estimated = True
                 report.lengths.append(estimate)
+                report.bounds.append(self._bound(estimate, len(sizes)))
                 return 0
             images = self.preparer.load_images(conv)
             length = self._length(conv, images)
@@ -114,6 +118,7 @@ class Checker:
             return report.skip(str(err))
         if length <= self.max_seq_length:
             report.lengths.append(length)
+            report.bounds.append(length)
             return 0
         cut, length = self._shorten(conv, images, length)
         if cut == SKIP:
@@ -123,6 +128,7 @@ class Checker:
             )
         report.shortened += 1
         report.lengths.append(length)
+        report.bounds.append(length)
         return cut
 
     def estimate(self, conv: Conversation, sizes: list[tuple[int, int]]) -> int:
@@ -150,7 +156,12 @@ class Checker:
         around each image or to the row); without the processor's arithmetic, only the exact length tells."""
         if images and getattr(self.processor, "_get_num_multimodal_tokens", None) is None:
             return False
-        return estimate + ESTIMATE_MARGIN[0] * images + ESTIMATE_MARGIN[1] <= self.max_seq_length
+        return self._bound(estimate, images) <= self.max_seq_length
+
+    def _bound(self, estimate: int, images: int) -> int:
+        """The most tokens a row with this estimate can take (unknown without the processor's arithmetic:
+        the estimate then counts one token per image, so the bound is as rough as the estimate)."""
+        return estimate + ESTIMATE_MARGIN[0] * images + ESTIMATE_MARGIN[1]
 
     def _image_tokens(self, sizes: list[tuple[int, int]]) -> list[int]:
         count = getattr(self.processor, "_get_num_multimodal_tokens", None)
@@ -195,4 +206,7 @@ def check_rows(rows: Rows, checker: Checker, split: str) -> tuple[Rows, CheckRep
     keep = [i for i, c in enumerate(cuts) if c != SKIP]
     if not keep:
         raise DataError(f"no usable samples left in the {report.summary()}")
-    return (rows.select(keep) if len(keep) < len(rows) else rows), report
+    rows = rows.select(keep) if len(keep) < len(rows) else rows
+    if len(report.bounds) == len(keep):  # measured (a checker with a processor): one bound per kept row
+        rows = rows.add_column(LENGTH, report.bounds)
+    return rows, report

@@ -54,6 +54,12 @@ class FamilySpec:
     default_chat_template: str | None = None
     # Not a chat model: the prompt is the processor's text and the answer its `suffix=` (PaliGemma).
     prefix_suffix: bool = False
+    # Padding-free packing (`--packing`, `--padding_free`): how a packed row's positions are made.
+    # "text": positions restarting at each sample (transformers confines attention to each sample from
+    # them); "mrope": Qwen's multimodal rotary positions, computed per sample by the model's own
+    # rope-index function. `packing_refusal`: why packing cannot be correct for the family (refused).
+    packing_positions: str = "text"
+    packing_refusal: str | None = None
     notes: str = ""
 
     @property
@@ -86,6 +92,7 @@ _QWEN_KEYS = dict(
     image_token="<|image_pad|>",
     image_extra_tokens=("<|vision_start|>", "<|vision_end|>"),
     turn_end=("<|im_end|>",),
+    packing_positions="mrope",
 )
 # LLaVA-style composites: vision_tower -> multi_modal_projector -> language_model.
 _LLAVA_KEYS = dict(
@@ -213,6 +220,8 @@ register(
         decoder_layers=("MllamaSelfAttentionDecoderLayer", "MllamaCrossAttentionDecoderLayer"),
         vision_layer="MllamaVisionEncoderLayer",
         multi_image=False,
+        packing_refusal="Llama 3.2 Vision reads images through cross-attention layers whose image mask is "
+        "per row (batch x images x tiles): samples packed into one row would see each other's images",
         example_checkpoints=(
             "meta-llama/Llama-3.2-11B-Vision-Instruct",
             "meta-llama/Llama-3.2-90B-Vision-Instruct",
