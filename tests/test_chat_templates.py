@@ -29,6 +29,7 @@ TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
 REAL = {
     "qwen2_vl": ("qwen2_vl", "", "<|im_end|>", False),
     "qwen2_5_vl": ("qwen2_vl", "", "<|im_end|>", False),
+    "qwen3_vl": ("qwen3_vl", "", "<|im_end|>", False),
     "llava": ("llava_1_5", " ", "</s>", False),
     "llava_siglip": ("llava_1_5", " ", "</s>", False),
     "llava_next": ("llava_v1_6_mistral", "", "</s>", False),

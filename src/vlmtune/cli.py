@@ -145,6 +145,7 @@ def cmd_demo(argv: list[str]) -> None:
 def cmd_data(argv: list[str]) -> None:
     from .config import ARGUMENT_CLASSES, make_parser
     from .data.preview import InspectArguments, inspect_data
+    from .models.loading import load_processing
 
     if not argv or argv[0] != "inspect":
         raise UsageError("usage: vlmtune data inspect --model_name_or_path MODEL --dataset_name DATA [options]")
@@ -153,7 +154,10 @@ def cmd_data(argv: list[str]) -> None:
         make_parser(classes, prog="vlmtune data inspect").print_help()
         return
     model_args, data_args, _, _, inspect_args = parse_args(argv[1:], classes, prog="vlmtune data inspect")
-    inspect_data(model_args, data_args, inspect_args)
+    if not model_args.model_name_or_path:
+        raise UsageError("vlmtune data inspect: --model_name_or_path is required (its processor and chat template)")
+    processor, spec = load_processing(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    inspect_data(processor, spec.encoding, data_args, inspect_args)
 
 
 def cmd_eval(argv: list[str]) -> None:

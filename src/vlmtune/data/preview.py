@@ -17,7 +17,7 @@ from typing import TextIO
 
 from ..config import arg
 from ..errors import UsageError
-from .encode import Rendered, encode
+from .encode import EncodingFacts, Rendered, encode
 from .prepare import CUT, Preparer
 from .splits import Splits, build_splits
 
@@ -66,17 +66,16 @@ def describe_sample(processor, preparer: Preparer, row: dict, marks: tuple[str, 
     return "\n".join(lines)
 
 
-def inspect_data(model_args, data_args, args: InspectArguments, out: TextIO | None = None) -> Splits:
-    """Print the first `args.num_examples` samples of a split and the check's summary; return the splits."""
-    if not model_args.model_name_or_path:
-        raise UsageError("vlmtune data inspect: --model_name_or_path is required (its processor and chat template)")
-    from ..models.loading import load_processing  # the command's entry point; the rest of data/ never needs models/
+def inspect_data(
+    processor, facts: EncodingFacts, data_args, args: InspectArguments, out: TextIO | None = None
+) -> Splits:
+    """Print the first `args.num_examples` samples of a split and the check's summary; return the splits.
 
-    processor, spec = load_processing(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    `processor` and `facts` are the model's (the command loads them), so data/ never loads a model itself."""
     # Show the training data in file order: no hold-out unless the held-out split is what is shown.
     hold_out = data_args.val_split_ratio if args.inspect_split == "eval" else 0.0
     data_args = dataclasses.replace(data_args, on_bad_sample="skip", val_split_ratio=hold_out)
-    splits = build_splits(data_args, spec.encoding, need_train=False, processor=processor)
+    splits = build_splits(data_args, facts, need_train=False, processor=processor)
     rows = {"train": splits.train, "eval": splits.eval, "test": splits.test}.get(args.inspect_split)
     if rows is None:
         raise UsageError(f"vlmtune data inspect: no {args.inspect_split!r} split (have: {', '.join(splits.reports)})")
