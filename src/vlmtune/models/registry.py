@@ -145,6 +145,7 @@ register(
         image_token="<|image_pad|>",
         image_extra_tokens=("<|vision_start|>", "<|vision_end|>"),
         turn_end=("<|im_end|>",),
+        packing_positions="mrope",
         decoder_layers=("Qwen3VLTextDecoderLayer",),
         vision_layer="Qwen3VLVisionBlock",
         example_checkpoints=("Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-8B-Instruct"),
