@@ -1,6 +1,17 @@
-"""Text some families need beyond plain registry fields, named by their registry entries."""
+"""Text and behaviour some families need beyond plain registry fields, named by their registry entries."""
 
 from __future__ import annotations
+
+import torch
+from transformers.masking_utils import (
+    and_masks,
+    blockwise_overlay,
+    create_causal_mask,
+    find_packed_sequence_indices,
+    packed_sequence_mask_function,
+    sliding_window_overlay,
+)
+from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
 # PaliGemma is not a chat model: it reads a prefix (the prompt) and continues with the answer. Its
 # checkpoints ship no chat template; this one renders what generation starts from: an <image> per image,
@@ -15,3 +26,36 @@ PALIGEMMA_TEMPLATE = (
     "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
     "{% endif %}{% endfor %}"
 )
+
+
+def image_block_packed_masks(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """Gemma 3's attention masks for a packed batch, built with transformers' own mask functions.
+
+    Gemma 3 lets each image's tokens attend to each other both ways (`token_type_ids` == 1). For its
+    full-attention layers transformers 5.23 adds those image blocks to the per-sample mask correctly;
+    for its sliding-window layers it looks the blocks up at each sample's own positions instead of the
+    row's, so the second sample of a row gets the first one's image layout. Here the sliding mask is
+    built on the row's indices: (causal or same image block) and within the window and same sample.
+    The model takes this mapping as it takes one prepared by `generate`.
+    """
+    config = model.config.get_text_config()
+    positions = batch["position_ids"]
+    blocks = get_block_sequence_ids_for_mask(batch["token_type_ids"], device=positions.device)
+    samples = find_packed_sequence_indices(positions)
+    if samples is None:  # one sample per row
+        samples = torch.zeros_like(positions)
+    # The mask functions need only the shape, dtype and device of the embeddings.
+    dtype = model.get_input_embeddings().weight.dtype
+    shape = torch.empty(*positions.shape, 0, dtype=dtype, device=positions.device)
+    common = dict(config=config, inputs_embeds=shape, attention_mask=None, past_key_values=None)
+    return {
+        "full_attention": create_causal_mask(**common, position_ids=positions, block_sequence_ids=blocks),
+        "sliding_attention": create_causal_mask(
+            **common,
+            position_ids=None,
+            or_mask_function=blockwise_overlay(blocks),
+            and_mask_function=and_masks(
+                sliding_window_overlay(config.sliding_window), packed_sequence_mask_function(samples)
+            ),
+        ),
+    }

@@ -14,6 +14,11 @@ per-sample mask from them. So here each sample's 3-D positions come from the mod
 and the model gets the `(4, batch, length)` form its forward documents for packing: row 0 the text
 positions (from which the mask or variable-length attention still finds the samples), rows 1-3 the
 multimodal ones.
+
+Gemma 3's image tokens attend to each other both ways; its own mask code gets that wrong on packed rows
+in its sliding-window layers, so its registry entry names a hook (`FamilySpec.packing_masks`) that
+builds the masks with transformers' own mask functions. Families whose packing cannot be made correct
+carry a `packing_refusal`, raised by `check_packing` before anything trains.
 """
 
 from __future__ import annotations
@@ -55,9 +60,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def packed_inputs(model: torch.nn.Module, spec: FamilySpec, batch: dict) -> dict:
     """`batch` (packed) as `model` must receive it: the family's positions filled in, nothing else changed."""
     check_packing(spec)
-    if spec.packing_positions != "mrope":
-        return batch
-    return {**batch, "position_ids": multimodal_positions(unwrap(model), batch)}
+    if spec.packing_positions == "mrope":
+        batch = {**batch, "position_ids": multimodal_positions(unwrap(model), batch)}
+    if spec.packing_masks is not None:
+        batch = {**batch, "attention_mask": spec.packing_masks(unwrap(model), batch)}
+    return batch
 
 
 def sample_spans(positions: torch.Tensor) -> list[tuple[int, int, int]]:
