@@ -85,15 +85,16 @@ class Case:
         return pack_rows([[self.samples[i] for i in pack] for pack in PACKS], self.pad)
 
 
-_CASES: dict[str, Case] = {}
+_CASES: dict[tuple[str, str], Case] = {}
 
 
 @pytest.fixture
 def case(tiny_model_dir, tmp_path_factory):
-    """One family's tiny fp32 model and encoded samples, built once per session."""
+    """One family's tiny fp32 model (with the given attention implementation) and encoded samples, built
+    once per session."""
 
-    def get(family: str) -> Case:
-        if family not in _CASES:
+    def get(family: str, attention: str = "sdpa") -> Case:
+        if (family, attention) not in _CASES:
             spec = get_family(family)
             folder = tmp_path_factory.mktemp(f"packing_{family}")
             path = write_rows(folder / "rows.jsonl", _rows(folder, spec.multi_image))
@@ -101,9 +102,11 @@ def case(tiny_model_dir, tmp_path_factory):
             splits = build_splits(data_args(str(path), val_split_ratio=0), spec.encoding, processor=processor)
             collator = VlmCollator(processor, splits.preparer)
             samples = [collator.encode(row) for row in splits.train]
-            model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir(family), dtype=torch.float32)
-            _CASES[family] = Case(spec, model, samples, processor.tokenizer.pad_token_id)
-        return _CASES[family]
+            model = AutoModelForImageTextToText.from_pretrained(
+                tiny_model_dir(family), dtype=torch.float32, attn_implementation=attention
+            )
+            _CASES[family, attention] = Case(spec, model, samples, processor.tokenizer.pad_token_id)
+        return _CASES[family, attention]
 
     return get
 
@@ -137,9 +140,13 @@ def _answer_logits(model, batch: dict) -> torch.Tensor:
         return model(**rest, logits_to_keep=keep, use_cache=False).logits
 
 
-@pytest.mark.parametrize("family", SUPPORTED)
-def test_each_packed_sample_has_the_logits_it_has_alone(family, case):
-    c = case(family)
+# Masks are built per attention implementation (boolean for sdpa, additive for eager): both checked
+# where vlmtune's handling builds or shapes them.
+@pytest.mark.parametrize(
+    "family,attention", [(f, "sdpa") for f in SUPPORTED] + [(f, "eager") for f in ("gemma3", "qwen2_vl")]
+)
+def test_each_packed_sample_has_the_logits_it_has_alone(family, attention, case):
+    c = case(family, attention)
     model = c.model.eval()
     packed = _answer_logits(model, packed_inputs(model, c.spec, c.packed()))
     alone = [_answer_logits(model, pad_rows([c.samples[i]], c.pad)) for pack in PACKS for i in pack]

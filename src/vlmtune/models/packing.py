@@ -70,10 +70,13 @@ def packed_inputs(model: torch.nn.Module, spec: FamilySpec, batch: dict) -> dict
 def sample_spans(positions: torch.Tensor) -> list[tuple[int, int, int]]:
     """`(row, start, end)` of each sample in packed rows: a sample starts wherever the text position does
     not follow on from the previous one (the rule transformers' packed-sequence detection uses)."""
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    rows, columns = (t.tolist() for t in starts.nonzero(as_tuple=True))
     spans = []
-    for row, pos in enumerate(positions.tolist()):
-        starts = [t for t in range(len(pos)) if t == 0 or pos[t] != pos[t - 1] + 1]
-        spans += [(row, s, e) for s, e in zip(starts, [*starts[1:], len(pos)])]
+    for i, (row, start) in enumerate(zip(rows, columns)):
+        next_in_row = i + 1 < len(rows) and rows[i + 1] == row
+        spans.append((row, start, columns[i + 1] if next_in_row else positions.shape[1]))
     return spans
 
 
