@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..data.encode import EncodingFacts
-from .hooks import PALIGEMMA_TEMPLATE, image_block_packed_masks
+from .hooks import PALIGEMMA_TEMPLATE, image_block_packed_masks, prefix_packed_mask
 
 logger = logging.getLogger(__name__)
 
@@ -275,9 +275,7 @@ register(
         multi_image=False,
         default_chat_template=PALIGEMMA_TEMPLATE,
         prefix_suffix=True,
-        packing_refusal="PaliGemma attends both ways over its whole prefix (image and prompt), and transformers "
-        "marks every prefix token of a row (padding included) as one block, so packed samples would see each "
-        "other's prefixes",
+        packing_masks=prefix_packed_mask,
         example_checkpoints=(
             "google/paligemma-3b-pt-224",
             "google/paligemma-3b-mix-224",
