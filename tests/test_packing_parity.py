@@ -23,6 +23,7 @@ from vlmtune.data.collate import VlmCollator, pack_rows, pad_rows
 from vlmtune.data.encode import IGNORE_INDEX, Encoded
 from vlmtune.data.splits import build_splits
 from vlmtune.errors import RunError, UsageError
+from vlmtune.models import packing
 from vlmtune.models.loading import with_chat_template
 from vlmtune.models.packing import check_packing, multimodal_positions, packed_inputs, sample_spans
 from vlmtune.models.processors import load_processor
@@ -152,6 +153,23 @@ def test_each_packed_sample_has_the_logits_it_has_alone(family, attention, case)
     alone = [_answer_logits(model, pad_rows([c.samples[i]], c.pad)) for pack in PACKS for i in pack]
     assert packed.shape[0] == sum(a.shape[0] for a in alone) > len(alone)
     torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_under_flash_attention_packed_rows_go_as_one_row_with_the_same_loss(family, case, monkeypatch):
+    """FlashAttention-2 keeps packed samples apart only in a one-row batch, so vlmtune lays the rows end
+    to end for it. No flash kernel runs on CPU: the decision is forced, and the one row (with the
+    block-diagonal mask sdpa builds from its positions) must give the padded batch's loss."""
+    monkeypatch.setattr(packing, "is_flash_attention_requested", lambda config: True)
+    c = case(family)
+    model = c.model.eval()
+    packed = c.packed()
+    inputs = packed_inputs(model, c.spec, packed)
+    assert inputs["input_ids"].shape == (1, packed["input_ids"].numel())
+    with torch.no_grad():
+        padded_loss = labelled_forward(model, c.padded())[0].item()
+        one_row_loss = labelled_forward(model, inputs)[0].item()
+    assert abs(one_row_loss - padded_loss) < 1e-5, (one_row_loss, padded_loss)
 
 
 @pytest.mark.parametrize("family", HANDLED)

@@ -4,7 +4,8 @@ A packed batch (`data.collate.pack_rows`) holds several samples per row, no `att
 `position_ids` that restart at 0 at each sample. From those positions transformers confines attention
 to each sample (`masking_utils.find_packed_sequence_indices` builds a block-diagonal mask for sdpa and
 eager; FlashAttention-2 runs variable-length attention from them), so for most families the batch
-goes to the model unchanged (`FamilySpec.packing_positions == "text"`).
+goes to the model unchanged (`FamilySpec.packing_positions == "text"`). FlashAttention-2 reads the
+samples off the positions only in a one-row batch, so for it the rows are laid end to end (`one_row`).
 
 Qwen2-VL, Qwen2.5-VL and Qwen3-VL ("mrope") rotate queries and keys by 3-D positions (time, height,
 width of each image token) that their own `get_rope_index` derives from the ids and the image grids.
@@ -26,12 +27,16 @@ from __future__ import annotations
 import inspect
 
 import torch
+from transformers.utils.generic import is_flash_attention_requested
 
+from ..data.collate import SEQUENCE_KEYS
 from ..errors import UsageError
 from .registry import FamilySpec
 
 # Arguments of `get_rope_index` that are laid out per token (batch, length): cut per sample like the ids.
 _PER_TOKEN = ("input_ids", "mm_token_type_ids")
+# Everything in a packed batch laid out per token (batch, length, ...).
+_TOKEN_KEYS = ("input_ids", "labels", "position_ids", *SEQUENCE_KEYS)
 
 
 def check_packing(spec: FamilySpec, flag: str = "--packing") -> None:
@@ -60,11 +65,23 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def packed_inputs(model: torch.nn.Module, spec: FamilySpec, batch: dict) -> dict:
     """`batch` (packed) as `model` must receive it: the family's positions filled in, nothing else changed."""
     check_packing(spec)
+    if is_flash_attention_requested(unwrap(model).config.get_text_config()):
+        batch = one_row(batch)
     if spec.packing_positions == "mrope":
         batch = {**batch, "position_ids": multimodal_positions(unwrap(model), batch)}
     if spec.packing_masks is not None:
         batch = {**batch, "attention_mask": spec.packing_masks(unwrap(model), batch)}
     return batch
+
+
+def one_row(batch: dict) -> dict:
+    """The packed rows of `batch` laid end to end as a single row.
+
+    FlashAttention-2 (and 3, and the kernels' versions) finds the samples from the positions only in a
+    batch of one row; given several rows it attends across the samples of each. One row is exact: each
+    row's first token starts a sample, and no label crosses a sample (`pack_rows`); images stay in order.
+    """
+    return {k: v.reshape(1, -1, *v.shape[2:]) if k in _TOKEN_KEYS else v for k, v in batch.items()}
 
 
 def sample_spans(positions: torch.Tensor) -> list[tuple[int, int, int]]:
