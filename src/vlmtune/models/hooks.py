@@ -84,7 +84,7 @@ def prefix_packed_mask(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     longest = max(int(torch.unique_consecutive(row, return_counts=True)[1].max()) for row in samples)
     if window is not None and longest > window:
         raise RunError(
-            f"--packing: a packed sample has {longest} tokens, more than {config.model_type}'s sliding window "
+            f"--packing: a packed sample has {longest} tokens, more than {model.config.model_type}'s sliding window "
             f"({window}), which packed batches cannot apply; train without --packing, or set --max_seq_length "
             f"to {window} or less"
         )
