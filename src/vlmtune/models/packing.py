@@ -16,10 +16,10 @@ and the model gets the `(4, batch, length)` form its forward documents for packi
 positions (from which the mask or variable-length attention still finds the samples), rows 1-3 the
 multimodal ones.
 
-Gemma 3's image tokens attend to each other both ways; its own mask code gets that wrong on packed rows
-in its sliding-window layers, so its registry entry names a hook (`FamilySpec.packing_masks`) that
-builds the masks with transformers' own mask functions. Families whose packing cannot be made correct
-carry a `packing_refusal`, raised by `check_packing` before anything trains.
+Gemma 3's image tokens and PaliGemma's prefix attend both ways; transformers' own mask code lets that
+reach across packed samples (or misplace it), so their registry entries name a hook
+(`FamilySpec.packing_masks`) that builds the masks with transformers' own mask functions. Families
+whose packing cannot be made correct carry a `packing_refusal`, raised by `check_packing`.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def packed_inputs(model: torch.nn.Module, spec: FamilySpec, batch: dict) -> dict:
-    """`batch` (packed) as `model` must receive it: the family's positions filled in, nothing else changed."""
+    """`batch` (packed) as `model` must receive it: one row for FlashAttention, the family's positions and
+    masks filled in (registry), ids, labels and images unchanged. Refused families raise their reason."""
     check_packing(spec)
     if is_flash_attention_requested(unwrap(model).config.get_text_config()):
         batch = one_row(batch)
