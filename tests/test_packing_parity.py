@@ -172,6 +172,21 @@ def test_under_flash_attention_packed_rows_go_as_one_row_with_the_same_loss(fami
     assert abs(one_row_loss - padded_loss) < 1e-5, (one_row_loss, padded_loss)
 
 
+def test_gemma3_packed_masks_hold_when_its_sliding_window_cuts_inside_samples(case):
+    """The tiny Gemma 3's window (64) is longer than its samples; at 6 tokens (shorter than an image's 4
+    tokens plus its markers) the window cuts inside every sample and across image blocks."""
+    c = case("gemma3")
+    text_config = c.model.config.get_text_config()
+    window, text_config.sliding_window = text_config.sliding_window, 6
+    try:
+        with torch.no_grad():
+            padded_loss = labelled_forward(c.model.eval(), c.padded())[0].item()
+            packed_loss = labelled_forward(c.model, packed_inputs(c.model, c.spec, c.packed()))[0].item()
+    finally:
+        text_config.sliding_window = window
+    assert abs(packed_loss - padded_loss) < 1e-5, (packed_loss, padded_loss)
+
+
 @pytest.mark.parametrize("family", HANDLED)
 def test_without_the_family_handling_packed_batches_differ(family, case):
     """Restarting positions alone are not enough here: the parity above rests on vlmtune's handling."""
