@@ -34,23 +34,24 @@ SUPPORTED = [name for name, spec in FAMILIES.items() if not spec.packing_refusal
 REFUSED = [name for name, spec in FAMILIES.items() if spec.packing_refusal]
 # Families whose packed batches need more than restarting positions (what vlmtune adds on the model side).
 HANDLED = [name for name in SUPPORTED if FAMILIES[name].packing_positions == "mrope" or FAMILIES[name].packing_masks]
-# Rows of two packs: [short + two-image sample], [long sample + padding tail].
-PACKS = [[0, 1], [2]]
+# Rows of two packs: [short + text-only (where there is one) + two-image sample], [long + padding tail].
+PACKS = [[0, 3, 1], [2]]
 
 
 def _message(role: str, *parts: dict) -> dict:
     return {"role": role, "content": list(parts)}
 
 
-def _rows(folder, multi_image: bool) -> list[dict]:
-    """Three samples of different lengths. The first has its image after the question, so its image
-    ends a few tokens before the next sample's image starts."""
+def _rows(folder, spec: FamilySpec) -> list[dict]:
+    """Samples of different lengths. The first has its image after the question, so its image ends a few
+    tokens before the next image-bearing sample's starts. The last has no image (PaliGemma's processor
+    takes none: not for it)."""
     png(folder / "red.png", "red")
     png(folder / "wide.png", "blue", size=(96, 64))
     png(folder / "green.png", "green")
     image, text = {"type": "image"}, lambda t: {"type": "text", "text": t}
-    second = ["wide.png", "green.png"] if multi_image else ["wide.png"]
-    return [
+    second = ["wide.png", "green.png"] if spec.multi_image else ["wide.png"]
+    rows = [
         {
             "messages": [_message("user", text("Colour?"), image), _message("assistant", text("red"))],
             "images": ["red.png"],
@@ -70,6 +71,8 @@ def _rows(folder, multi_image: bool) -> list[dict]:
             "images": ["green.png"],
         },
     ]
+    text_only = [_message("user", text("And with no picture at all?")), _message("assistant", text("I cannot tell"))]
+    return rows if spec.prefix_suffix else [*rows, {"messages": text_only}]
 
 
 @dataclasses.dataclass
@@ -82,8 +85,12 @@ class Case:
     def padded(self) -> dict:
         return pad_rows(self.samples, self.pad)
 
+    @property
+    def packs(self) -> list[list[int]]:
+        return [[i for i in pack if i < len(self.samples)] for pack in PACKS]
+
     def packed(self) -> dict:
-        return pack_rows([[self.samples[i] for i in pack] for pack in PACKS], self.pad)
+        return pack_rows([[self.samples[i] for i in pack] for pack in self.packs], self.pad)
 
 
 _CASES: dict[tuple[str, str], Case] = {}
@@ -98,7 +105,7 @@ def case(tiny_model_dir, tmp_path_factory):
         if (family, attention) not in _CASES:
             spec = get_family(family)
             folder = tmp_path_factory.mktemp(f"packing_{family}")
-            path = write_rows(folder / "rows.jsonl", _rows(folder, spec.multi_image))
+            path = write_rows(folder / "rows.jsonl", _rows(folder, spec))
             processor = with_chat_template(load_processor(tiny_model_dir(family)), spec)
             splits = build_splits(data_args(str(path), val_split_ratio=0), spec.encoding, processor=processor)
             collator = VlmCollator(processor, splits.preparer)
@@ -150,7 +157,7 @@ def test_each_packed_sample_has_the_logits_it_has_alone(family, attention, case)
     c = case(family, attention)
     model = c.model.eval()
     packed = _answer_logits(model, packed_inputs(model, c.spec, c.packed()))
-    alone = [_answer_logits(model, pad_rows([c.samples[i]], c.pad)) for pack in PACKS for i in pack]
+    alone = [_answer_logits(model, pad_rows([c.samples[i]], c.pad)) for pack in c.packs for i in pack]
     assert packed.shape[0] == sum(a.shape[0] for a in alone) > len(alone)
     torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-5, atol=1e-5)
 
@@ -208,14 +215,14 @@ def test_multimodal_positions_are_each_samples_own(family, case):
     assert positions.shape == (4, *packed["input_ids"].shape)
     assert torch.equal(positions[0], packed["position_ids"])
     starts = iter(sample_spans(packed["position_ids"]))
-    for pack in PACKS:
+    for pack in c.packs:
         for i in pack:
             row, start, end = next(starts)
-            alone = pad_rows([c.samples[i]], c.pad)
-            del alone["labels"], alone["pixel_values"]
+            alone = {k: v for k, v in pad_rows([c.samples[i]], c.pad).items() if k not in ("labels", "pixel_values")}
             expected, _ = c.model.model.get_rope_index(**alone)
             assert torch.equal(positions[1:, row, start:end], expected[:, 0]), i
-            assert not torch.equal(expected[:, 0], expected[0, 0].expand(3, -1)), "the sample has image positions"
+            has_image = "image_grid_thw" in alone
+            assert has_image != torch.equal(expected[:, 0], expected[0, 0].expand(3, -1)), "3-D where images are"
 
 
 def test_the_trainer_packs_its_batches_the_family_way(case, tmp_path):
