@@ -93,16 +93,14 @@ class Case:
         return pack_rows([[self.samples[i] for i in pack] for pack in self.packs], self.pad)
 
 
-_CASES: dict[tuple[str, str], Case] = {}
-
-
-@pytest.fixture
+@pytest.fixture(scope="session")
 def case(tiny_model_dir, tmp_path_factory):
     """One family's tiny fp32 model (with the given attention implementation) and encoded samples, built
     once per session."""
+    cases: dict[tuple[str, str], Case] = {}
 
     def get(family: str, attention: str = "sdpa") -> Case:
-        if (family, attention) not in _CASES:
+        if (family, attention) not in cases:
             spec = get_family(family)
             folder = tmp_path_factory.mktemp(f"packing_{family}")
             path = write_rows(folder / "rows.jsonl", _rows(folder, spec))
@@ -113,8 +111,8 @@ def case(tiny_model_dir, tmp_path_factory):
             model = AutoModelForImageTextToText.from_pretrained(
                 tiny_model_dir(family), dtype=torch.float32, attn_implementation=attention
             )
-            _CASES[family, attention] = Case(spec, model, samples, processor.tokenizer.pad_token_id)
-        return _CASES[family, attention]
+            cases[family, attention] = Case(spec, model, samples, processor.tokenizer.pad_token_id)
+        return cases[family, attention]
 
     return get
 
