@@ -9,10 +9,11 @@ small field (a flag or a hook) and the code that honours it stays generic.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..data.encode import EncodingFacts
-from .hooks import PALIGEMMA_TEMPLATE
+from .hooks import PALIGEMMA_TEMPLATE, image_block_packed_masks, prefix_packed_mask
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,11 @@ class FamilySpec:
     # "text": positions restarting at each sample (transformers confines attention to each sample from
     # them); "mrope": Qwen's multimodal rotary positions, computed per sample by the model's own
     # rope-index function. `packing_refusal`: why packing cannot be correct for the family (refused).
+    # `packing_masks(model, batch)`: the attention masks of a packed batch, for families whose own mask
+    # code would not keep packed samples apart (see models/packing.py).
     packing_positions: str = "text"
     packing_refusal: str | None = None
+    packing_masks: Callable | None = None
     notes: str = ""
 
     @property
@@ -145,6 +149,7 @@ register(
         image_token="<|image_pad|>",
         image_extra_tokens=("<|vision_start|>", "<|vision_end|>"),
         turn_end=("<|im_end|>",),
+        packing_positions="mrope",
         decoder_layers=("Qwen3VLTextDecoderLayer",),
         vision_layer="Qwen3VLVisionBlock",
         example_checkpoints=("Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-8B-Instruct"),
@@ -203,6 +208,7 @@ register(
         turn_end=("<end_of_turn>",),
         decoder_layers=("Gemma3DecoderLayer",),
         vision_layer="SiglipEncoderLayer",
+        packing_masks=image_block_packed_masks,
         example_checkpoints=("google/gemma-3-4b-it", "google/gemma-3-12b-it", "google/gemma-3-27b-it"),
         notes="The processor returns token_type_ids (image tokens attend bidirectionally); they pass "
         "through to the model.",
@@ -220,8 +226,10 @@ register(
         decoder_layers=("MllamaSelfAttentionDecoderLayer", "MllamaCrossAttentionDecoderLayer"),
         vision_layer="MllamaVisionEncoderLayer",
         multi_image=False,
-        packing_refusal="Llama 3.2 Vision reads images through cross-attention layers whose image mask is "
-        "per row (batch x images x tiles): samples packed into one row would see each other's images",
+        packing_refusal="Llama 3.2 Vision reads its images through cross-attention, whose inputs are laid out "
+        "per row (pixel_values: batch x images x tiles; cross_attention_mask: batch x tokens x images x tiles), "
+        "so packed samples' images would have to share one row's image slots with every token's mask re-pointed "
+        "to its own sample's image, which vlmtune does not do",
         example_checkpoints=(
             "meta-llama/Llama-3.2-11B-Vision-Instruct",
             "meta-llama/Llama-3.2-90B-Vision-Instruct",
@@ -267,6 +275,7 @@ register(
         multi_image=False,
         default_chat_template=PALIGEMMA_TEMPLATE,
         prefix_suffix=True,
+        packing_masks=prefix_packed_mask,
         example_checkpoints=(
             "google/paligemma-3b-pt-224",
             "google/paligemma-3b-mix-224",
@@ -284,6 +293,9 @@ GENERIC = FamilySpec(
     projector_keys=("model.multi_modal_projector", "model.connector", "model.visual.merger", "multi_modal_projector"),
     language_keys=("model.language_model", "model.text_model", "language_model", "lm_head"),
     image_token="<image>",
+    packing_refusal="vlmtune has not checked how this architecture's positions and attention treat packed "
+    "samples (Qwen-style 3-D positions and bidirectional image or prefix blocks need their own handling); "
+    "register the family with its packing facts to pack it",
 )
 
 

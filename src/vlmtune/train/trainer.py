@@ -27,6 +27,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..data.encode import IGNORE_INDEX
 from ..models.loading import keep_frozen_parts_out_of_autograd
+from ..models.packing import is_packed, packed_inputs
 from ..models.registry import FamilySpec
 from .checkpoints import CompleteCheckpoints
 from .guard import NonFiniteGuard
@@ -127,6 +128,8 @@ class VlmTrainer(NonFiniteGuard, CompleteCheckpoints, Trainer):
         self.add_callback(_FrozenPartsOutOfAutograd())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if is_packed(inputs):  # several samples per row: the family's per-sample positions (models/packing.py)
+            inputs = packed_inputs(model, self.spec, inputs)
         # Liger patches the forward with its own fused linear cross-entropy, which also never builds logits.
         custom = self.label_smoother is not None or self.compute_loss_func is not None or self.args.use_liger_kernel
         if not self.labelled_only or custom or "labels" not in inputs:
