@@ -98,8 +98,9 @@ class DataArguments:
     packing: bool = arg(
         False,
         "Pack samples into rows of at most --max_seq_length tokens (needs it), never splitting one; each "
-        "sample attends only to itself, with positions restarting per sample. --per_device_train_batch_size "
-        "then counts packed rows. Training only; evaluation stays one sample per row (docs/packing.md).",
+        "sample attends only to itself, with positions restarting per sample (unlike LLaMA-Factory's packing "
+        "without neat_packing). --per_device_train_batch_size then counts packed rows. Training only; "
+        "evaluation stays one sample per row (docs/packing.md).",
     )
     padding_free: bool = arg(
         False,
