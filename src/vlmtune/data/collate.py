@@ -114,7 +114,7 @@ class VlmCollator:
         if packs is None:
             return BatchFeature(pad_rows([self.encode(row) for row in items], pad))
         encoded = [[self.encode(row) for row in pack] for pack in packs]
-        if self.pack_capacity is not None:
+        if self.pack_capacity is not None and isinstance(items[0], Pack):  # a padding-free batch has no plan
             check_capacity(packs, encoded, self.pack_capacity)
         return BatchFeature(pack_rows(encoded, pad))
 
