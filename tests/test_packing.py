@@ -229,3 +229,15 @@ def test_foreign_packing_names_become_packing():
     for foreign in ("--sample_packing", "--neat_packing"):
         _, data, _, _ = parse_args(["--output_dir", "o", foreign, "true", "--max_seq_length", "1024"])
         assert data.packing
+
+
+def test_the_documented_family_support_is_the_registrys():
+    from vlmtune.models.registry import FAMILIES
+
+    page = (Path(__file__).parents[1] / "docs" / "packing.md").read_text()
+    positions = {"text": "restart per sample", "mrope": "multimodal rotary positions, per sample"}
+    for name, spec in FAMILIES.items():
+        row = f"| `{name}` | no: {spec.packing_refusal} | |" if spec.packing_refusal else (
+            f"| `{name}` | yes | {positions[spec.packing_positions]} |"
+        )
+        assert row in page, row
