@@ -13,8 +13,8 @@ language model is widened so that compute grows with tokens as in a real model:
   hold about B samples, so every side takes about the same number of optimizer steps over the same tokens.
 
 A warm-up run of each side comes first (untimed); then the sides alternate for `--repeats` rounds. Each
-run is timed from the first to the last training step (model loading and the data check excluded);
-samples/s is rows / time, medians over the rounds. The last line reads `packed_speedup=<x>`: packed
+run is timed from the start of training to the end of its last step (model loading and the data check
+excluded); samples/s is rows / time, medians over the rounds. The last line reads `packed_speedup=<x>`: packed
 samples/s over padded samples/s.
 
     python bench/pack_bench.py --family llava [--rows 96] [--batch_size 8] [--capacity 512] [--repeats 3]
@@ -82,22 +82,20 @@ def write_data(folder: Path, rows: int, seed: int = 0) -> Path:
 
 
 class StepTimer(TrainerCallback):
-    """Seconds from the end of the first step to the end of the last (the first step's one-off costs out),
-    and how many steps that spans."""
+    """Seconds from the start of training to the end of its last step (loading and checks excluded)."""
 
     def __init__(self):
         self.start = self.end = 0.0
-        self.steps = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
-        if state.global_step == 1:
-            self.start = now
-        self.end, self.steps = now, state.global_step - 1
+        self.end = time.perf_counter()
 
 
 def run(side: str, model: Path, data: Path, out: Path, args, packed_batch: int) -> dict:
-    """One epoch of `side`; samples/s over the timed steps (all but the first)."""
+    """One epoch of `side` and its samples/s."""
     argv = [
         "--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(out),
         "--overwrite_output_dir", "true", "--val_split_ratio", "0", "--eval_accuracy", "false",
@@ -113,10 +111,9 @@ def run(side: str, model: Path, data: Path, out: Path, args, packed_batch: int) 
         argv += ["--train_sampling_strategy", strategy, "--length_column_name", "__length__"]
     timer = StepTimer()
     result = run_training(*parse_args(argv), callbacks=[timer])
-    steps_total = result.trainer.state.global_step
     seconds = timer.end - timer.start
-    samples = args.rows * timer.steps / steps_total  # the timed share of the epoch's rows
-    return {"side": side, "steps": steps_total, "seconds": seconds, "samples_per_s": samples / seconds}
+    steps = result.trainer.state.global_step
+    return {"side": side, "steps": steps, "seconds": round(seconds, 2), "samples_per_s": args.rows / seconds}
 
 
 def main() -> None:
