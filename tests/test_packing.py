@@ -146,6 +146,14 @@ def test_length_grouped_sampling_gives_way_to_packing(tiny_model_dir, mixed_data
     assert "--train_sampling_strategy group_by_length is ignored with --packing" in caplog.text
 
 
+def test_packing_with_padding_free_is_packing(tiny_model_dir, mixed_data, tmp_path):
+    """--packing's rows are already padding-free: both flags give packed rows (TRL's packing implies it)."""
+    rows, _, _ = checked_rows(tiny_model_dir("llava_siglip"), mixed_data["train"], capacity=512, n=8)
+    data = DataArguments(dataset_name="x", packing=True, padding_free=True, max_seq_length=512)
+    packed, plan = training_rows(rows, data, VlmTrainingArguments(output_dir=str(tmp_path)))
+    assert isinstance(packed, PackedRows) and plan is not None
+
+
 def refused(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -166,6 +174,12 @@ def test_packing_a_stream_is_refused_and_padding_free_suggested(shapes_data, tmp
     argv += ["--output_dir", str(tmp_path / "o"), "--packing", "--max_seq_length", "512", "--streaming"]
     err = refused(argv, capsys)
     assert "--packing cannot plan rows over a stream" in err and "--padding_free" in err
+
+
+def test_packing_keeps_the_raw_columns(shapes_data, tmp_path, capsys):
+    argv = ["train", "--model_name_or_path", "m", "--dataset_name", str(shapes_data["train"]), "--padding_free"]
+    err = refused([*argv, "--output_dir", str(tmp_path), "--remove_unused_columns", "true"], capsys)
+    assert "--remove_unused_columns must stay false" in err
 
 
 def test_an_unknown_packing_strategy_is_refused(shapes_data, tmp_path, capsys):
