@@ -14,8 +14,8 @@ language model is widened so that compute grows with tokens as in a real model:
 
 A warm-up run of each side comes first (untimed); then the sides alternate for `--repeats` rounds. Each
 run is timed from the start of training to the end of its last step (model loading and the data check
-excluded); samples/s is rows / time, medians over the rounds. The last line reads `packed_speedup=<x>`: packed
-samples/s over padded samples/s.
+excluded); samples/s is rows / time. Ratios are taken within each round, and their medians reported.
+The last line reads `packed_speedup=<x>`: packed samples/s over padded samples/s.
 
     python bench/pack_bench.py --family llava [--rows 96] [--batch_size 8] [--capacity 512] [--repeats 3]
 
@@ -158,15 +158,22 @@ def main() -> None:
 
 
 def report(args, results: dict[str, list[dict]]) -> None:
-    median = {side: statistics.median(r["samples_per_s"] for r in runs) for side, runs in results.items()}
+    """Ratios within each round (its runs are minutes apart, so a change in the machine's load between rounds
+    cancels out), then their medians."""
+    rounds = range(len(results["padded"]))
+    ratio = {side: [runs[i]["samples_per_s"] / results["padded"][i]["samples_per_s"] for i in rounds]
+             for side, runs in results.items()}  # fmt: skip
+    over_grouped = [results["packed"][i]["samples_per_s"] / results["grouped"][i]["samples_per_s"] for i in rounds]
     print(f"\n{date.today()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"family {args.family}, hidden {args.hidden} x {args.layers} layers, {args.threads} threads")  # fmt: skip
-    print("| side | optimizer steps | samples/s (median) | vs padded |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| side | optimizer steps | samples/s (median) | vs padded, per round | vs padded (median) |")
+    print("| --- | ---: | ---: | --- | ---: |")
     for side, runs in results.items():
-        print(f"| {side} | {runs[0]['steps']} | {median[side]:.2f} | {median[side] / median['padded']:.2f}x |")
-    print(f"packed_vs_grouped={median['packed'] / median['grouped']:.2f}")
-    print(f"packed_speedup={median['packed'] / median['padded']:.2f}")
+        median = statistics.median(r["samples_per_s"] for r in runs)
+        per_round = " ".join(f"{r:.2f}" for r in ratio[side])
+        print(f"| {side} | {runs[0]['steps']} | {median:.2f} | {per_round} | {statistics.median(ratio[side]):.2f}x |")
+    print(f"packed_vs_grouped={statistics.median(over_grouped):.2f}")
+    print(f"packed_speedup={statistics.median(ratio['packed']):.2f}")
 
 
 if __name__ == "__main__":
