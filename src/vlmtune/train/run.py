@@ -106,6 +106,8 @@ def training_rows(rows, data_args, training_args) -> tuple[object, PackPlan | No
         return rows, None
     if not data_args.packing:
         return padding_free_rows(rows), None
+    if data_args.max_seq_length is None:  # (the command line refuses this earlier; programmatic callers here)
+        raise UsageError("--packing needs --max_seq_length: it is the most tokens a packed row holds")
     if training_args.train_sampling_strategy in LENGTH_SAMPLERS:
         logger.warning(
             "--train_sampling_strategy %s is ignored with --packing: packed rows are already filled to about "
