@@ -52,14 +52,18 @@ def build_model(family: str, folder: Path, hidden: int, layers: int) -> Path:
     build_tiny_model(family, folder)
     config = AutoConfig.from_pretrained(folder)
     text = config.get_text_config()
-    heads = hidden // 64
+    heads, old_width = hidden // 64, text.hidden_size
     text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, 4 * hidden, layers
     text.num_attention_heads, text.num_key_value_heads, text.head_dim = heads, heads, 64
+    if getattr(text, "layer_types", None):  # one entry per layer (sliding or full attention)
+        text.layer_types = [text.layer_types[0]] * layers
     rope = getattr(text, "rope_parameters", None) or {}
     if "mrope_section" in rope:  # Qwen: the sections must sum to head_dim / 2
         rope["mrope_section"] = [8, 12, 12]
-    if hasattr(config, "vision_config") and hasattr(config.vision_config, "out_hidden_size"):
-        config.vision_config.out_hidden_size = hidden  # Qwen's merger projects into the language model
+    vision = getattr(config, "vision_config", None)
+    for name in ("out_hidden_size", "hidden_size"):  # Qwen's merger projects into the language model's width
+        if getattr(vision, name, None) == old_width:
+            setattr(vision, name, hidden)
     torch.manual_seed(0)
     AutoModelForImageTextToText.from_config(config).save_pretrained(folder)
     return folder
