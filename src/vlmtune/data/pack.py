@@ -171,10 +171,10 @@ def padding_free_rows(rows: Rows) -> Rows:
     return rows.add_column(PADDING_FREE, [True] * len(rows))
 
 
-def check_family(spec, flag: str, model: str) -> None:
+def check_family(spec, flag: str, model_type: str) -> None:
     """Refuse packing for a family where it cannot be correct (the registry's `packing_refusal`)."""
     if spec.packing_refusal:
         raise UsageError(
-            f"--{flag}: {model} ({spec.model_type}) cannot be trained packed: {spec.packing_refusal}. "
-            f"Train it without --{flag}"
+            f"--{flag}: {model_type} models cannot be trained on packed samples: {spec.packing_refusal}. "
+            f"Train without --{flag}."
         )

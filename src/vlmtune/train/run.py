@@ -21,7 +21,7 @@ from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..eval.plots import write_training_plots
 from ..models.checkpoint import check_model_path, model_errors
 from ..models.loading import apply_finetuning, load_model, trainable_table
-from ..models.registry import FAMILIES
+from ..models.registry import FAMILIES, GENERIC
 from ..outputs import check_output_folder
 from .callbacks import early_stopping_callback
 from .checkpoints import remove_deletion_leftovers, resolve_resume
@@ -94,9 +94,7 @@ def check_packing_family(model_args, data_args) -> None:
     check_model_path(path)
     with model_errors(path):
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-    spec = FAMILIES.get(config.model_type)
-    if spec is not None:
-        check_family(spec, flag, path)
+    check_family(FAMILIES.get(config.model_type, GENERIC), flag, config.model_type)
 
 
 def training_rows(rows, data_args, training_args) -> tuple[object, PackPlan | None]:
