@@ -197,6 +197,10 @@ ALIASES: tuple[Alias, ...] = (
           "`--attn_implementation flash_attention_2` (false: the default, sdpa)"),
     Alias("wandb_project", "mixtrain, VizSage", wandb_project,
           "`--report_to wandb` with WANDB_PROJECT set from the value"),
+    Alias("sample_packing", "Axolotl",
+          lambda values, known: ["--packing", "true" if _truthy(values) else "false"], "`--packing`"),
+    Alias("eval_sample_packing", "Axolotl", ignore,
+          "not needed: vlmtune never packs evaluation rows (each sample is scored in its own row)"),
     # VizSage (seed 003)
     Alias("model_name", "VizSage", rename("model_name_or_path"), "`--model_name_or_path`"),
     Alias("use_gradient_checkpointing", "VizSage", gradient_checkpointing,
@@ -238,6 +242,11 @@ ALIASES: tuple[Alias, ...] = (
           "not needed: `--load_in_4bit` is NF4"),
     Alias("bnb_4bit_compute_dtype", "BitsAndBytesConfig", ignore, "follows `--bf16` / `--fp16`"),
     Alias("device_map", "transformers", ignore, "not needed: accelerate places the model"),
+    # LLaMA-Factory (users of the peers the packing issue names)
+    Alias("neat_packing", "LLaMA-Factory",
+          lambda values, known: ["--packing", "true"] if _truthy(values) else [],
+          "what `--packing` always does: packed samples never attend to each other (LLaMA-Factory's `packing` "
+          "without `neat_packing` lets them)"),
 )
 # fmt: on
 

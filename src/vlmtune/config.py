@@ -95,6 +95,23 @@ class DataArguments:
         None, "Key for --context_file: a column both share, or data_column=csv_column (e.g. image=IMAGE_FILE)."
     )
     context_column: str | None = arg(None, "Column of --context_file with the text (detected if omitted).")
+    packing: bool = arg(
+        False,
+        "Pack samples into rows of at most --max_seq_length tokens (needs it), never splitting one; each "
+        "sample attends only to itself, with positions restarting per sample (unlike LLaMA-Factory's packing "
+        "without neat_packing). --per_device_train_batch_size then counts packed rows. Training only; "
+        "evaluation stays one sample per row (docs/packing.md).",
+    )
+    padding_free: bool = arg(
+        False,
+        "Join each training batch's samples into one row without padding (no plan, works with --streaming); "
+        "each sample attends only to itself. Implied by --packing, whose rows are already padding-free.",
+    )
+    packing_strategy: str = arg(
+        "best_fit",
+        "How --packing fills rows: best_fit (longest samples first, each into the fullest row it fits; "
+        "packs shuffled with --data_seed or --seed) or greedy (in data order, a new row when the next does not fit).",
+    )
 
 
 @dataclass
@@ -275,6 +292,7 @@ CHECKS: dict[str, Check] = {
     "max_eval_samples": at_least(1),
     "stream_buffer_size": at_least(1),
     "on_bad_sample": one_of("error", "skip"),
+    "packing_strategy": one_of("best_fit", "greedy"),
     "max_new_tokens": at_least(1),
     "eval_metrics_samples": at_least(1),
     "early_stopping_patience": at_least(1),
@@ -317,7 +335,29 @@ def _pair_problems(values: dict) -> list[tuple[str, str]]:
     for name in MAPPING_OPTIONS:  # transformers keeps a value that is not JSON as text and fails much later
         if isinstance(values.get(name), str):
             problems.append((name, f"""must be a JSON object such as '{{"key": 1}}', got {values[name]!r}"""))
+    problems += _packing_problems(values)
     return problems + _scheduler_problems(values) + _report_to_problems(values.get("report_to"))
+
+
+def _packing_problems(values: dict) -> list[tuple[str, str]]:
+    """`--packing` / `--padding_free` against the options they depend on (the model family is checked when
+    the run reads the checkpoint's config: `data.pack.check_family`)."""
+    problems = []
+    if values.get("packing") and values.get("max_seq_length") is None:
+        problems.append(
+            ("packing", "needs --max_seq_length: it is the most tokens a packed row holds (e.g. --max_seq_length 2048)")
+        )
+    if values.get("packing") and values.get("streaming"):
+        problems.append(
+            (
+                "packing",
+                "cannot plan rows over a stream (it needs every sample's length first); use --padding_free, which "
+                "joins each batch into one row as it is read, or load the data without --streaming",
+            )
+        )
+    if (values.get("packing") or values.get("padding_free")) and values.get("remove_unused_columns"):
+        problems.append(("remove_unused_columns", "must stay false: packed rows are built from the raw columns"))
+    return problems
 
 
 def _scheduler_problems(values: dict) -> list[tuple[str, str]]:

@@ -14,7 +14,8 @@ from torch.nn import functional
 from transformers import BatchFeature
 
 from .encode import IGNORE_INDEX, Encoded, encode
-from .prepare import Preparer
+from .pack import PADDING_FREE, Pack
+from .prepare import LENGTH, Preparer
 
 # Per-token tensors (batch, length, ...): right-padded along the length. Everything else the processor
 # returns (pixel values, image grids, aspect ratios) is per image or per row: concatenated along its
@@ -90,18 +91,56 @@ class VlmCollator:
     """Data collator for `transformers.Trainer`: rows in, `input_ids`/pixels/`labels` out.
 
     Rows must carry their index in the `__index__` field (added by `train`), so errors name the row.
+    Items that are packs (`pack.Pack`, from `--packing`) become one packed row each; a batch of rows
+    marked `PADDING_FREE` (`--padding_free`) becomes one packed row; anything else (evaluation) is padded,
+    one sample per row. `pack_capacity` (`--max_seq_length` with `--packing`) is what a packed row was
+    planned to hold.
     """
 
     processor: object
     preparer: Preparer
     train_on_prompt: bool = False
+    pack_capacity: int | None = None
 
     def encode(self, row: dict) -> Encoded:
         """One raw row through the one encoding path."""
         conv = self.preparer.conversation(row, row.get("__index__", -1))
         return encode(self.processor, conv, self.preparer.load_images(conv), self.preparer.facts, self.train_on_prompt)
 
-    def __call__(self, rows: list[dict]) -> BatchFeature:
+    def __call__(self, items: list) -> BatchFeature:
         tokenizer = self.processor.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return BatchFeature(pad_rows([self.encode(row) for row in rows], pad))
+        packs = packs_of(items)
+        if packs is None:
+            return BatchFeature(pad_rows([self.encode(row) for row in items], pad))
+        encoded = [[self.encode(row) for row in pack] for pack in packs]
+        if self.pack_capacity is not None and isinstance(items[0], Pack):  # a padding-free batch has no plan
+            check_capacity(packs, encoded, self.pack_capacity)
+        return BatchFeature(pack_rows(encoded, pad))
+
+
+def packs_of(items: list) -> list[tuple[dict, ...]] | None:
+    """The batch's packs of raw rows, or None for an ordinary (padded) batch."""
+    if isinstance(items[0], Pack):
+        return [item.rows for item in items]
+    if items[0].get(PADDING_FREE):
+        return [tuple(items)]
+    return None
+
+
+def check_capacity(packs: list[tuple[dict, ...]], encoded: list[list[Encoded]], capacity: int) -> None:
+    """A packed row longer than planned means a token bound was below a sample's real length: a bug in the
+    bounds, stopped here rather than training on a row longer than `--max_seq_length` (never cut: that
+    would drop image or answer tokens)."""
+    for pack, rows in zip(packs, encoded):
+        length = sum(row.length for row in rows)
+        if length > capacity:
+            detail = ", ".join(
+                f"row {raw.get('__index__')}: {row.length} tokens (bound {raw.get(LENGTH)})"
+                for raw, row in zip(pack, rows)
+            )
+            raise RuntimeError(
+                f"a packed row encodes to {length} tokens, more than the {capacity} (--max_seq_length) its "
+                f"samples' token bounds promised ({detail}). This is a vlmtune bug: please report it with these "
+                "numbers; meanwhile train without --packing (or with --padding_free)"
+            )

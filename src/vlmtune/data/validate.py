@@ -104,7 +104,8 @@ class Checker:
             if self.processor is None:
                 return 0
             estimate = self.estimate(conv, sizes)
-            if self.max_seq_length is None or self._surely_fits(estimate, len(sizes)):
+            counted = self._image_tokens(sizes) is not None  # else the estimate holds one token per image
+            if self.max_seq_length is None or (counted and self._surely_fits(estimate, len(sizes))):
                 report.estimated = True
                 report.lengths.append(estimate)
                 report.bounds.append(self._bound(estimate, len(sizes)))
@@ -149,7 +150,8 @@ class Checker:
                 f"{self.preparer.where(conv)}: the chat template wrote {found} image placeholder(s) "
                 f"({facts.image_placeholder}) for {len(sizes)} image(s); every image needs its placeholder"
             )
-        return len(ids) - found + sum(self._image_tokens(sizes))
+        tokens = self._image_tokens(sizes)
+        return len(ids) - found + (len(sizes) if tokens is None else sum(tokens))
 
     def _surely_fits(self, estimate: int, images: int) -> bool:
         """Whether a row fits `max_seq_length` whatever the estimate missed (tokens the processor adds
@@ -163,14 +165,18 @@ class Checker:
         the estimate then counts one token per image, so the bound is as rough as the estimate)."""
         return estimate + ESTIMATE_MARGIN[0] * images + ESTIMATE_MARGIN[1]
 
-    def _image_tokens(self, sizes: list[tuple[int, int]]) -> list[int]:
+    def _image_tokens(self, sizes: list[tuple[int, int]]) -> list[int] | None:
+        """Each image's tokens by the processor's arithmetic; None where it has none that works for these
+        images (LLaVA's reads a `crop_size` that SigLIP image processors lack): only the exact length tells."""
         count = getattr(self.processor, "_get_num_multimodal_tokens", None)
-        if not sizes or count is None:
-            return [1] * len(sizes)
+        if not sizes:
+            return []
+        if count is None:
+            return None
         try:
             return list(count(image_sizes=[(h, w) for w, h in sizes]).num_image_tokens)
         except (AttributeError, KeyError, TypeError, ValueError):  # a processor without the helper's inputs
-            return [1] * len(sizes)
+            return None
 
     def _length(self, conv: Conversation, images: list) -> int:
         return encode(self.processor, conv, images, self.preparer.facts, self.train_on_prompt).length

@@ -8,17 +8,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer, set_seed
+from transformers import AutoConfig, Trainer, set_seed
 
 from .. import compat
 from ..config import to_dict
 from ..data.collate import VlmCollator
+from ..data.pack import PackPlan, check_family, packed_train_rows, padding_free_rows
 from ..data.splits import Splits, build_splits
 from ..errors import OutputError, UsageError
 from ..eval.during_training import GenerationMetrics, attach
 from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..eval.plots import write_training_plots
+from ..models.checkpoint import check_model_path, model_errors
 from ..models.loading import apply_finetuning, load_model, trainable_table
+from ..models.registry import FAMILIES, GENERIC
 from ..outputs import check_output_folder
 from .callbacks import early_stopping_callback
 from .checkpoints import remove_deletion_leftovers, resolve_resume
@@ -37,6 +40,8 @@ from .vision_step import run_vision_every_step
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "vlmtune_config.json"
+# Samplers that batch rows of similar length: meaningless for packed rows (and they read per-row lengths).
+LENGTH_SAMPLERS = ("group_by_length", "batch_rebalance")
 # Files whose presence means output_dir already holds a trained model we must not clobber.
 _RESULT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json", CONFIG_FILE)
 
@@ -79,6 +84,39 @@ def quantization_kwargs(finetune_args) -> dict:
     }
 
 
+def check_packing_family(model_args, data_args) -> None:
+    """`--packing` / `--padding_free` for a family where packed samples would see each other: refused from
+    the checkpoint's config.json, before its weights load."""
+    flag = "packing" if data_args.packing else "padding_free" if data_args.padding_free else None
+    if flag is None:
+        return
+    path = model_args.model_name_or_path
+    check_model_path(path)
+    with model_errors(path):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    check_family(FAMILIES.get(config.model_type, GENERIC), flag, config.model_type)
+
+
+def training_rows(rows, data_args, training_args) -> tuple[object, PackPlan | None]:
+    """What the Trainer trains on: the checked rows, their packs (`--packing`, with the plan), or the rows
+    marked to be joined per batch (`--padding_free`). Evaluation rows are never packed."""
+    if rows is None or not (data_args.packing or data_args.padding_free):
+        return rows, None
+    if not data_args.packing:
+        return padding_free_rows(rows), None
+    if data_args.max_seq_length is None:  # (the command line refuses this earlier; programmatic callers here)
+        raise UsageError("--packing needs --max_seq_length: it is the most tokens a packed row holds")
+    if training_args.train_sampling_strategy in LENGTH_SAMPLERS:
+        logger.warning(
+            "--train_sampling_strategy %s is ignored with --packing: packed rows are already filled to about "
+            "--max_seq_length; the packs are shuffled instead.",
+            training_args.train_sampling_strategy,
+        )
+        training_args.train_sampling_strategy = "random"
+    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    return packed_train_rows(rows, data_args.max_seq_length, data_args.packing_strategy, seed)
+
+
 def run_training(model_args, data_args, finetune_args, training_args, callbacks=None) -> TrainResult:
     """Fine-tune as the arguments say, save everything a user needs, and return the final metrics.
 
@@ -98,6 +136,7 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
         # Accelerate would fetch streamed batches once and slice every tensor by batch rows, cutting
         # pixel tensors whose first dimension is image patches; each process reads its own instead.
         training_args.accelerator_config.dispatch_batches = False
+    check_packing_family(model_args, data_args)  # before the weights load
     set_seed(training_args.seed)
     loaded = load_model(
         model_args.model_name_or_path,
@@ -111,9 +150,12 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     # Every row is rendered through the training encoding path before training (images read by header
     # only; the full processor runs only to measure rows against --max_seq_length).
     splits: Splits = build_splits(data_args, loaded.spec.encoding, seed=training_args.seed, processor=loaded.processor)
+    train_rows, plan = training_rows(splits.train, data_args, training_args)
     if main_process:
         print(splits.schema.describe())
         print(splits.summary())
+        if plan is not None:
+            print(plan.summary(training_args.per_device_train_batch_size))
     default_fsdp_wrap(training_args, loaded.model, loaded.spec)
     model = apply_finetuning(loaded.model, loaded.spec, finetune_args)
     if shards_parameters(training_args):  # ZeRO-3/FSDP: a text-only batch must still run the vision tower
@@ -133,9 +175,14 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     trainer = VlmTrainer(
         model=model,
         args=training_args,
-        train_dataset=splits.train,
+        train_dataset=train_rows,
         eval_dataset=splits.eval,
-        data_collator=VlmCollator(loaded.processor, splits.preparer, data_args.train_on_prompt),
+        data_collator=VlmCollator(
+            loaded.processor,
+            splits.preparer,
+            data_args.train_on_prompt,
+            pack_capacity=data_args.max_seq_length if data_args.packing else None,
+        ),
         processing_class=loaded.processor,
         **(generation_metrics.trainer_kwargs() if generation_metrics else {}),
         callbacks=[c for c in (early_stopping, stop_on_signal, *(callbacks or [])) if c is not None],
