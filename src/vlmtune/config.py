@@ -181,6 +181,13 @@ class VlmTrainingArguments(TrainingArguments):
         "Processes that load images and build batches beside training (default: with a GPU, half the CPU "
         "cores up to 4; without, 0: on CPU they would take cores from the model).",
     )
+    malloc_mmap_threshold_mb: float = arg(
+        2.0,
+        "Linux (glibc): host tensors of at least this many MiB get their own memory, returned to the system "
+        "when freed, so the heap does not fragment (CPU benchmark: 22%% lower peak RSS, steps about 25%% "
+        "slower; see docs/performance.md). 0: glibc's adaptive default. MALLOC_MMAP_THRESHOLD_ in the "
+        "environment wins.",
+    )
 
     def __post_init__(self):
         if self.dataloader_num_workers is None:
@@ -287,6 +294,7 @@ CHECKS: dict[str, Check] = {
     "debug_samples": at_least(0),
     "report_samples": at_least(0),
     "dtype": one_of("auto", "float32", "bfloat16", "float16"),
+    "malloc_mmap_threshold_mb": Check(low=0, high=32),  # glibc refuses more than 32 MiB
     "inspect_split": one_of("train", "eval", "test"),
     "color": one_of("auto", "always", "never"),
 }

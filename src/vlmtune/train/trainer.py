@@ -30,6 +30,7 @@ from ..models.loading import keep_frozen_parts_out_of_autograd
 from ..models.registry import FamilySpec
 from .checkpoints import CompleteCheckpoints
 from .guard import NonFiniteGuard
+from .memory import release_large_frees
 from .optim import param_groups, part_learning_rates
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class VlmTrainer(NonFiniteGuard, CompleteCheckpoints, Trainer):
 
     def __init__(self, *args, spec: FamilySpec, vision_lr=None, projector_lr=None, **kw):
         super().__init__(*args, **kw)
+        release_large_frees(getattr(self.args, "malloc_mmap_threshold_mb", 0))
         self.spec = spec
         self.vision_lr = vision_lr
         self.projector_lr = projector_lr
