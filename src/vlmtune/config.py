@@ -188,6 +188,14 @@ class VlmTrainingArguments(TrainingArguments):
         "slower; see docs/performance.md). 0: glibc's adaptive default. MALLOC_MMAP_THRESHOLD_ in the "
         "environment wins.",
     )
+    cache_vision_features: bool = arg(
+        False,
+        "Compute each image's vision tower + projector features once and reuse them in later epochs and "
+        "evaluations (needs both frozen: the LoRA default). Kept in host memory up to --vision_cache_max_gb.",
+    )
+    vision_cache_max_gb: float = arg(
+        4.0, "Host memory for --cache_vision_features; images beyond it are computed every time."
+    )
 
     def __post_init__(self):
         if self.dataloader_num_workers is None:
@@ -295,6 +303,7 @@ CHECKS: dict[str, Check] = {
     "report_samples": at_least(0),
     "dtype": one_of("auto", "float32", "bfloat16", "float16"),
     "malloc_mmap_threshold_mb": Check(low=0, high=32),  # glibc refuses more than 32 MiB
+    "vision_cache_max_gb": above(0),
     "inspect_split": one_of("train", "eval", "test"),
     "color": one_of("auto", "always", "never"),
 }

@@ -26,6 +26,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..data.encode import IGNORE_INDEX
+from ..models.feature_cache import VisionFeatureCache
 from ..models.loading import keep_frozen_parts_out_of_autograd
 from ..models.registry import FamilySpec
 from .checkpoints import CompleteCheckpoints
@@ -122,6 +123,9 @@ class VlmTrainer(NonFiniteGuard, CompleteCheckpoints, Trainer):
         self.spec = spec
         self.vision_lr = vision_lr
         self.projector_lr = projector_lr
+        self.vision_cache = None
+        if getattr(self.args, "cache_vision_features", False):
+            self.vision_cache = VisionFeatureCache.attach(self.model, spec, self.args.vision_cache_max_gb)
         self.labelled_only = accepts_logits_to_keep(self.model)
         if self.labelled_only:
             # compute_loss divides by `num_items_in_batch` itself: have the Trainer count and pass it.
