@@ -188,6 +188,11 @@ class VlmTrainingArguments(TrainingArguments):
         "slower; see docs/performance.md). 0: glibc's adaptive default. MALLOC_MMAP_THRESHOLD_ in the "
         "environment wins.",
     )
+    length_column_name: str = arg(
+        "__length__",
+        "Per-row token counts for --train_sampling_strategy group_by_length (batches of similar length, less "
+        "padding): by default the counts vlmtune's pre-training check measured, so no second pass over the data.",
+    )
     cache_vision_features: bool = arg(
         False,
         "Compute each image's vision tower + projector features once and reuse them in later epochs and "

@@ -26,6 +26,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..data.encode import IGNORE_INDEX
+from ..errors import UsageError
 from ..models.feature_cache import VisionFeatureCache
 from ..models.loading import keep_frozen_parts_out_of_autograd
 from ..models.registry import FamilySpec
@@ -102,6 +103,30 @@ def labelled_nll_per_row(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor
     return sums, keep.sum(dim=1)
 
 
+# Samplers that order rows by `--length_column_name`.
+LENGTH_STRATEGIES = ("group_by_length", "batch_rebalance")
+
+
+def has_lengths(dataset, args) -> bool:
+    """Whether `dataset` holds the length column (transformers would otherwise tokenize every row again,
+    and vlmtune's rows are raw conversations, not token ids)."""
+    return args.length_column_name in (getattr(dataset, "column_names", None) or [])
+
+
+def check_sampling(args, train_dataset) -> None:
+    """Refuse a length-ordered sampler without lengths, before training starts: transformers would
+    silently ignore it for streamed data, or fail tokenizing raw rows again."""
+    if args.train_sampling_strategy not in LENGTH_STRATEGIES or train_dataset is None:
+        return
+    if not has_lengths(train_dataset, args):
+        raise UsageError(
+            f"--train_sampling_strategy {args.train_sampling_strategy} needs each row's length in the column "
+            f"--length_column_name {args.length_column_name}, which the training data does not have (the "
+            "pre-training check adds it to data it reads in full, not to --streaming data); use "
+            "--train_sampling_strategy random, or name a column of lengths"
+        )
+
+
 class _FrozenPartsOutOfAutograd(TrainerCallback):
     """At the start of training (after the Trainer turned gradient checkpointing on), drop the hooks that
     would make frozen parts' outputs require grad."""
@@ -123,6 +148,7 @@ class VlmTrainer(NonFiniteGuard, CompleteCheckpoints, Trainer):
         self.spec = spec
         self.vision_lr = vision_lr
         self.projector_lr = projector_lr
+        check_sampling(self.args, self.train_dataset)
         self.vision_cache = None
         if getattr(self.args, "cache_vision_features", False):
             self.vision_cache = VisionFeatureCache.attach(self.model, spec, self.args.vision_cache_max_gb)
@@ -131,6 +157,11 @@ class VlmTrainer(NonFiniteGuard, CompleteCheckpoints, Trainer):
             # compute_loss divides by `num_items_in_batch` itself: have the Trainer count and pass it.
             self.model_accepts_loss_kwargs = True
         self.add_callback(_FrozenPartsOutOfAutograd())
+
+    def _get_eval_sampler(self, eval_dataset):
+        if self.args.train_sampling_strategy in LENGTH_STRATEGIES and not has_lengths(eval_dataset, self.args):
+            return torch.utils.data.SequentialSampler(eval_dataset)  # the order does not matter to the metrics
+        return super()._get_eval_sampler(eval_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Liger patches the forward with its own fused linear cross-entropy, which also never builds logits.
