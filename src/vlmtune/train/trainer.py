@@ -114,15 +114,17 @@ def has_lengths(dataset, args) -> bool:
 
 
 def check_sampling(args, train_dataset) -> None:
-    """Refuse a length-ordered sampler without lengths, before training starts: transformers would
-    silently ignore it for streamed data, or fail tokenizing raw rows again."""
+    """Refuse a length-ordered sampler without lengths before training starts (transformers would tokenize
+    the raw rows again and fail); streamed data has no sampler: it trains in stream order."""
     if args.train_sampling_strategy not in LENGTH_STRATEGIES or train_dataset is None:
+        return
+    if isinstance(train_dataset, torch.utils.data.IterableDataset):
+        logger.info("Streamed data: batches in stream order (--train_sampling_strategy applies to data read in full).")
         return
     if not has_lengths(train_dataset, args):
         raise UsageError(
             f"--train_sampling_strategy {args.train_sampling_strategy} needs each row's length in the column "
-            f"--length_column_name {args.length_column_name}, which the training data does not have (the "
-            "pre-training check adds it to data it reads in full, not to --streaming data); use "
+            f"--length_column_name {args.length_column_name}, which the training data does not have; use "
             "--train_sampling_strategy random, or name a column of lengths"
         )
 
