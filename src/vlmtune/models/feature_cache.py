@@ -92,7 +92,9 @@ class VisionFeatureCache:
         bound = self.signature.bind(*args, **kwargs)
         named = dict(bound.arguments)
         named.update(named.pop("kwargs", {}) or {})
-        pixel_values = named.pop("pixel_values")
+        pixel_values = named.pop("pixel_values", None)
+        if not torch.is_tensor(pixel_values):
+            raise UsageError(f"{FLAG}: this model's get_image_features takes no pixel_values tensor; drop {FLAG}")
         pieces, extras = self._split(pixel_values, named)
         common = hashlib.blake2b(repr(sorted((k, v) for k, v in named.items() if k not in extras)).encode()).digest()
         keys = [self._key(common, piece, [extras[k][i] for k in sorted(extras)]) for i, piece in enumerate(pieces)]
