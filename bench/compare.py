@@ -12,8 +12,11 @@ Deviations from the notebook, the same for both sides: no 4-bit quantisation, no
 hub upload, no gradient accumulation (the notebook's 8 would multiply every step's time by 8 for both);
 on CPU fp32 instead of bf16 (on GPU: bf16 as the notebook).
 
-Each measured run is a fresh subprocess (its own peak RSS), the two sides alternate (ABBA order), the
-first steps of each run are a warm-up that is not timed, and the medians over the repeats are reported.
+Each measured run is a fresh subprocess (its own peak RSS, plus the largest of its finished children's,
+such as data-loader workers), the two sides alternate (ABBA order), the first steps of each run are a
+warm-up that is not timed, and the medians over the repeats are reported. vlmtune runs with all its
+defaults, its allocator setting included (`--malloc_mmap_threshold_mb`, docs/performance.md); pass
+`--vlmtune_args --malloc_mmap_threshold_mb 0` to measure without it.
 
     python bench/compare.py --device cpu                 # reduced Qwen2-VL, real vocabulary, 448 px, batch 4
     python bench/compare.py --device cuda --model 2b     # real Qwen2-VL-2B configuration, random weights
@@ -353,7 +356,10 @@ def worker(args) -> None:
         (run_recipe if args.worker == "recipe" else run_vlmtune)(args, timer, out_dir)
     result = {
         "seconds": timer.end - timer.start,
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        # The process's own peak plus the largest peak of its finished children (data-loader workers; on
+        # CPU neither side starts any by default): the same bound of the process tree's peak for both.
+        "peak_rss": sum(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        * 1024,
         "rss_at_start": timer.rss_at_start,
         "cuda_at_start": timer.cuda_at_start,
     }

@@ -26,11 +26,14 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..data.encode import IGNORE_INDEX
+from ..errors import UsageError
+from ..models.feature_cache import VisionFeatureCache
 from ..models.loading import keep_frozen_parts_out_of_autograd
 from ..models.packing import is_packed, packed_inputs
 from ..models.registry import FamilySpec
 from .checkpoints import CompleteCheckpoints
 from .guard import NonFiniteGuard
+from .memory import release_large_frees
 from .optim import param_groups, part_learning_rates
 
 logger = logging.getLogger(__name__)
@@ -101,6 +104,32 @@ def labelled_nll_per_row(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor
     return sums, keep.sum(dim=1)
 
 
+# Samplers that order rows by `--length_column_name`.
+LENGTH_STRATEGIES = ("group_by_length", "batch_rebalance")
+
+
+def has_lengths(dataset, args) -> bool:
+    """Whether `dataset` holds the length column (transformers would otherwise tokenize every row again,
+    and vlmtune's rows are raw conversations, not token ids)."""
+    return args.length_column_name in (getattr(dataset, "column_names", None) or [])
+
+
+def check_sampling(args, train_dataset) -> None:
+    """Refuse a length-ordered sampler without lengths before training starts (transformers would tokenize
+    the raw rows again and fail); streamed data has no sampler: it trains in stream order."""
+    if args.train_sampling_strategy not in LENGTH_STRATEGIES or train_dataset is None:
+        return
+    if isinstance(train_dataset, torch.utils.data.IterableDataset):
+        logger.info("Streamed data: batches in stream order (--train_sampling_strategy applies to data read in full).")
+        return
+    if not has_lengths(train_dataset, args):
+        raise UsageError(
+            f"--train_sampling_strategy {args.train_sampling_strategy} needs each row's length in the column "
+            f"--length_column_name {args.length_column_name}, which the training data does not have; use "
+            "--train_sampling_strategy random, or name a column of lengths"
+        )
+
+
 class _FrozenPartsOutOfAutograd(TrainerCallback):
     """At the start of training (after the Trainer turned gradient checkpointing on), drop the hooks that
     would make frozen parts' outputs require grad."""
@@ -118,14 +147,24 @@ class VlmTrainer(NonFiniteGuard, CompleteCheckpoints, Trainer):
 
     def __init__(self, *args, spec: FamilySpec, vision_lr=None, projector_lr=None, **kw):
         super().__init__(*args, **kw)
+        release_large_frees(getattr(self.args, "malloc_mmap_threshold_mb", 0))
         self.spec = spec
         self.vision_lr = vision_lr
         self.projector_lr = projector_lr
+        check_sampling(self.args, self.train_dataset)
+        self.vision_cache = None
+        if getattr(self.args, "cache_vision_features", False):
+            self.vision_cache = VisionFeatureCache.attach(self.model, spec, self.args.vision_cache_max_gb)
         self.labelled_only = accepts_logits_to_keep(self.model)
         if self.labelled_only:
             # compute_loss divides by `num_items_in_batch` itself: have the Trainer count and pass it.
             self.model_accepts_loss_kwargs = True
         self.add_callback(_FrozenPartsOutOfAutograd())
+
+    def _get_eval_sampler(self, eval_dataset):
+        if self.args.train_sampling_strategy in LENGTH_STRATEGIES and not has_lengths(eval_dataset, self.args):
+            return torch.utils.data.SequentialSampler(eval_dataset)  # the order does not matter to the metrics
+        return super()._get_eval_sampler(eval_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if is_packed(inputs):  # several samples per row: the family's per-sample positions (models/packing.py)
