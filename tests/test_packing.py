@@ -103,6 +103,7 @@ def test_a_packed_row_holds_whole_samples_with_their_own_labels_and_images(famil
         start = 0
         for raw in pack.rows:
             alone = collate.encode(raw)  # the sample in its own row, as without packing
+            assert alone.length <= raw[LENGTH]  # the bound the plan used (SigLIP LLaVA's was once 3 short)
             end = start + alone.length
             assert batch["input_ids"][r, start:end].tolist() == alone.input_ids  # whole, nothing cut
             assert batch["position_ids"][r, start:end].tolist() == list(range(alone.length))
