@@ -371,7 +371,7 @@ def _pair_problems(values: dict) -> list[tuple[str, str]]:
 
 def _packing_problems(values: dict) -> list[tuple[str, str]]:
     """`--packing` / `--padding_free` against the options they depend on (the model family is checked when
-    the run reads the checkpoint's config: `data.pack.check_family`)."""
+    the run reads the checkpoint's config: `models.packing.check_packing`)."""
     problems = []
     if values.get("packing") and values.get("max_seq_length") is None:
         problems.append(

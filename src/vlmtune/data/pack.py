@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import datasets
 import torch
 
-from ..errors import UsageError
 from .prepare import LENGTH
 from .sources import Rows
 
@@ -169,12 +168,3 @@ def padding_free_rows(rows: Rows) -> Rows:
     if isinstance(rows, datasets.IterableDataset):
         return rows.map(lambda row: {PADDING_FREE: True})
     return rows.add_column(PADDING_FREE, [True] * len(rows))
-
-
-def check_family(spec, flag: str, model_type: str) -> None:
-    """Refuse packing for a family where it cannot be correct (the registry's `packing_refusal`)."""
-    if spec.packing_refusal:
-        raise UsageError(
-            f"--{flag}: {model_type} models cannot be trained on packed samples: {spec.packing_refusal}. "
-            f"Train without --{flag}."
-        )

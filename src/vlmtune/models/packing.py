@@ -39,12 +39,13 @@ _PER_TOKEN = ("input_ids", "mm_token_type_ids")
 _TOKEN_KEYS = ("input_ids", "labels", "position_ids", *SEQUENCE_KEYS)
 
 
-def check_packing(spec: FamilySpec, flag: str = "--packing") -> None:
-    """Raise a usage error when packed samples of this family could not be kept apart."""
+def check_packing(spec: FamilySpec, flag: str = "--packing", model_type: str | None = None) -> None:
+    """Raise a usage error when packed samples of this family could not be kept apart (`model_type`: the
+    checkpoint's own, for an unregistered one that got the generic entry)."""
     if spec.packing_refusal:
         raise UsageError(
-            f"{flag}: {spec.model_type} models cannot be trained on packed samples: {spec.packing_refusal}. "
-            f"Train without {flag}."
+            f"{flag}: {model_type or spec.model_type} models cannot be trained on packed samples: "
+            f"{spec.packing_refusal}. Train without {flag}."
         )
 
 

@@ -13,7 +13,7 @@ from transformers import AutoConfig, Trainer, set_seed
 from .. import compat
 from ..config import to_dict
 from ..data.collate import VlmCollator
-from ..data.pack import PackPlan, check_family, packed_train_rows, padding_free_rows
+from ..data.pack import PackPlan, packed_train_rows, padding_free_rows
 from ..data.splits import Splits, build_splits
 from ..errors import OutputError, UsageError
 from ..eval.during_training import GenerationMetrics, attach
@@ -21,6 +21,7 @@ from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..eval.plots import write_training_plots
 from ..models.checkpoint import check_model_path, model_errors
 from ..models.loading import apply_finetuning, load_model, trainable_table
+from ..models.packing import check_packing
 from ..models.registry import FAMILIES, GENERIC
 from ..outputs import check_output_folder
 from .callbacks import early_stopping_callback
@@ -94,7 +95,7 @@ def check_packing_family(model_args, data_args) -> None:
     check_model_path(path)
     with model_errors(path):
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-    check_family(FAMILIES.get(config.model_type, GENERIC), flag, config.model_type)
+    check_packing(FAMILIES.get(config.model_type, GENERIC), f"--{flag}", config.model_type)
 
 
 def training_rows(rows, data_args, training_args) -> tuple[object, PackPlan | None]:
@@ -107,7 +108,9 @@ def training_rows(rows, data_args, training_args) -> tuple[object, PackPlan | No
     if data_args.max_seq_length is None:  # (the command line refuses this earlier; programmatic callers here)
         raise UsageError("--packing needs --max_seq_length: it is the most tokens a packed row holds")
     if training_args.train_sampling_strategy in LENGTH_SAMPLERS:
-        logger.warning(
+        # Length grouping is the default without packing; only a user's own choice deserves a warning.
+        chosen = training_args.train_sampling_strategy != type(training_args).train_sampling_strategy
+        (logger.warning if chosen else logger.info)(
             "--train_sampling_strategy %s is ignored with --packing: packed rows are already filled to about "
             "--max_seq_length; the packs are shuffled instead.",
             training_args.train_sampling_strategy,
