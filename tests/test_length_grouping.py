@@ -35,26 +35,25 @@ def padding(trainer) -> int:
 
 
 def test_grouped_batches_have_less_padding(tiny_model_dir, mixed_lengths, tmp_path):
-    # The default; transformers sorts within groups of 50 batches (fewer for small data: 6 here).
+    # transformers sorts within groups of 50 batches (fewer for small data: 6 here).
+    flags = dict(max_steps=1, max_train_samples=96)
     grouped = short_run(
-        tiny_model_dir("qwen2_vl"), mixed_lengths, tmp_path / "grouped", max_steps=1, max_train_samples=96
-    )
-    assert "__length__" in grouped.trainer.train_dataset.column_names  # the check's lengths, no second pass
-    random_run = short_run(
         tiny_model_dir("qwen2_vl"),
         mixed_lengths,
-        tmp_path / "random",
-        max_steps=1,
-        max_train_samples=96,
-        train_sampling_strategy="random",
+        tmp_path / "grouped",
+        train_sampling_strategy="group_by_length",
+        **flags,
     )
+    assert "__length__" in grouped.trainer.train_dataset.column_names  # the check's lengths, no second pass
+    random_run = short_run(tiny_model_dir("qwen2_vl"), mixed_lengths, tmp_path / "random", **flags)  # the default
     assert padding(grouped.trainer) < 0.5 * padding(random_run.trainer)
 
 
 def test_grouping_without_lengths_is_refused(tiny_model_dir, mixed_lengths, tmp_path, capsys):
     argv = ["train", "--model_name_or_path", tiny_model_dir("qwen2_vl"), "--dataset_name", str(mixed_lengths["train"])]
     argv += ["--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--use_cpu", "true", "--val_split_ratio", "0"]
-    argv += ["--length_column_name", "n_tokens", "--eval_accuracy", "false"]
+    argv += ["--train_sampling_strategy", "group_by_length", "--length_column_name", "n_tokens"]
+    argv += ["--eval_accuracy", "false"]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     err = capsys.readouterr().err

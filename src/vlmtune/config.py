@@ -205,18 +205,11 @@ class VlmTrainingArguments(TrainingArguments):
         "slower; see docs/performance.md). 0: glibc's adaptive default. MALLOC_MMAP_THRESHOLD_ in the "
         "environment wins.",
     )
-    train_sampling_strategy: str = field(
-        default="group_by_length",
-        metadata={
-            "help": "Batches of similar length (group_by_length, default: on mixed-length data 2%% padding instead "
-            "of 52%%; rows still shuffled in groups of 50 batches), or random, sequential, batch_rebalance.",
-            "choices": ["random", "sequential", "group_by_length", "batch_rebalance"],
-        },
-    )
     length_column_name: str = arg(
         "__length__",
-        "Per-row token counts for group_by_length: by default the counts vlmtune's pre-training check "
-        "measured, so no second pass over the data.",
+        "Per-row token counts for --train_sampling_strategy group_by_length (batches of similar length: less "
+        "padding on mixed-length data): by default the counts vlmtune's pre-training check measured, so no "
+        "second pass over the data.",
     )
     cache_vision_features: bool = arg(
         False,

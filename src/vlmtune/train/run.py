@@ -108,9 +108,7 @@ def training_rows(rows, data_args, training_args) -> tuple[object, PackPlan | No
     if data_args.max_seq_length is None:  # (the command line refuses this earlier; programmatic callers here)
         raise UsageError("--packing needs --max_seq_length: it is the most tokens a packed row holds")
     if training_args.train_sampling_strategy in LENGTH_SAMPLERS:
-        # Length grouping is the default without packing; only a user's own choice deserves a warning.
-        chosen = training_args.train_sampling_strategy != type(training_args).train_sampling_strategy
-        (logger.warning if chosen else logger.info)(
+        logger.warning(
             "--train_sampling_strategy %s is ignored with --packing: packed rows are already filled to about "
             "--max_seq_length; the packs are shuffled instead.",
             training_args.train_sampling_strategy,

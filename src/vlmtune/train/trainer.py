@@ -162,7 +162,12 @@ class VlmTrainer(NonFiniteGuard, CompleteCheckpoints, Trainer):
         self.add_callback(_FrozenPartsOutOfAutograd())
 
     def _get_eval_sampler(self, eval_dataset):
-        if self.args.train_sampling_strategy in LENGTH_STRATEGIES and not has_lengths(eval_dataset, self.args):
+        streamed = isinstance(eval_dataset, torch.utils.data.IterableDataset)
+        if (
+            self.args.train_sampling_strategy in LENGTH_STRATEGIES
+            and not streamed
+            and not has_lengths(eval_dataset, self.args)
+        ):
             return torch.utils.data.SequentialSampler(eval_dataset)  # the order does not matter to the metrics
         return super()._get_eval_sampler(eval_dataset)
 
