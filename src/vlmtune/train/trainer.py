@@ -29,7 +29,7 @@ from ..data.encode import IGNORE_INDEX
 from ..errors import UsageError
 from ..models.feature_cache import VisionFeatureCache
 from ..models.loading import keep_frozen_parts_out_of_autograd
-from ..models.packing import is_packed, packed_inputs
+from ..models.packing import is_packed, packed_inputs, unwrap
 from ..models.registry import FamilySpec
 from .checkpoints import CompleteCheckpoints
 from .guard import NonFiniteGuard
@@ -68,12 +68,7 @@ def labelled_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batc
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the model's forward takes `logits_to_keep` (every family in the registry does)."""
-    while True:  # DDP / FSDP / PEFT wrappers: look at the model inside
-        inner = getattr(model, "module", None) or getattr(model, "get_base_model", lambda: None)()
-        if inner is None or inner is model:
-            break
-        model = inner
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
 
 
 def labelled_forward(model, inputs: dict, num_items_in_batch=None) -> tuple[torch.Tensor, object, int]:
