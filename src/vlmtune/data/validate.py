@@ -103,8 +103,7 @@ class Checker:
             sizes = self.preparer.image_sizes(conv)
             if self.processor is None:
                 return 0
-            estimate = self.estimate(conv, sizes)
-            counted = self._image_tokens(sizes) is not None  # else the estimate holds one token per image
+            estimate, counted = self._estimate(conv, sizes)  # (not counted: one token per image)
             if self.max_seq_length is None or (counted and self._surely_fits(estimate, len(sizes))):
                 report.estimated = True
                 report.lengths.append(estimate)
@@ -133,8 +132,12 @@ class Checker:
         return cut
 
     def estimate(self, conv: Conversation, sizes: list[tuple[int, int]]) -> int:
-        """The row's token count without running the image processor; a placeholder count that does not
-        match the images is a `DataError`.
+        """The row's token count without running the image processor (see `_estimate`)."""
+        return self._estimate(conv, sizes)[0]
+
+    def _estimate(self, conv: Conversation, sizes: list[tuple[int, int]]) -> tuple[int, bool]:
+        """The row's token count without running the image processor, and whether its images' tokens
+        were counted; a placeholder count that does not match the images is a `DataError`.
 
         Text tokens come from the chat-template text; each image's tokens from the processor's own
         arithmetic on the image size where transformers has it, else one token (Mllama's, which reads
@@ -151,7 +154,7 @@ class Checker:
                 f"({facts.image_placeholder}) for {len(sizes)} image(s); every image needs its placeholder"
             )
         tokens = self._image_tokens(sizes)
-        return len(ids) - found + (len(sizes) if tokens is None else sum(tokens))
+        return len(ids) - found + (len(sizes) if tokens is None else sum(tokens)), tokens is not None
 
     def _surely_fits(self, estimate: int, images: int) -> bool:
         """Whether a row fits `max_seq_length` whatever the estimate missed (tokens the processor adds

@@ -35,14 +35,12 @@ from .distributed import (
 )
 from .fsdp import default_fsdp_wrap
 from .guard import StopOnSignal, check_finite_weights
-from .trainer import VlmTrainer
+from .trainer import LENGTH_STRATEGIES, VlmTrainer
 from .vision_step import run_vision_every_step
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "vlmtune_config.json"
-# Samplers that batch rows of similar length: meaningless for packed rows (and they read per-row lengths).
-LENGTH_SAMPLERS = ("group_by_length", "batch_rebalance")
 # Files whose presence means output_dir already holds a trained model we must not clobber.
 _RESULT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json", CONFIG_FILE)
 
@@ -107,7 +105,7 @@ def training_rows(rows, data_args, training_args) -> tuple[object, PackPlan | No
         return padding_free_rows(rows), None
     if data_args.max_seq_length is None:  # (the command line refuses this earlier; programmatic callers here)
         raise UsageError("--packing needs --max_seq_length: it is the most tokens a packed row holds")
-    if training_args.train_sampling_strategy in LENGTH_SAMPLERS:
+    if training_args.train_sampling_strategy in LENGTH_STRATEGIES:  # meaningless for rows filled to capacity
         logger.warning(
             "--train_sampling_strategy %s is ignored with --packing: packed rows are already filled to about "
             "--max_seq_length; the packs are shuffled instead.",
