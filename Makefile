@@ -2,14 +2,15 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch is pinned first so pip keeps the CPU build on disk instead of pulling CUDA wheels.
+# torch is pinned first so pip keeps the CPU build on disk instead of pulling CUDA wheels; the rest comes
+# from constraints.txt, the set the suite last passed on (docs/dependencies.md says how to move it).
 TORCH ?= torch==2.13.0
 
-$(BIN)/vlmtune: pyproject.toml
+$(BIN)/vlmtune: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 .PHONY: install browser demo test lint

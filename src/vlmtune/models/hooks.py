@@ -75,7 +75,8 @@ def prefix_packed_mask(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     `token_type_ids` == 0) attends both ways within itself, its answer causally, never across samples.
 
     transformers 5.23 gives every prefix token of a row the same block, so packed samples' prefixes (and
-    the padding tail) would see each other; here each sample's prefix is a block of its own. The model
+    the padding tail) would see each other; here each sample's prefix is a block of its own. (5.24 builds
+    the same mask by itself; this hook goes when 5.23 leaves the tested range, docs/dependencies.md.) The model
     takes a ready 4-D mask as it is, in every layer: PaliGemma 2's sliding-window layers too, which is
     exact only while no sample is longer than the window, so longer samples are refused.
     """
