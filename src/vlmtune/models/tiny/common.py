@@ -47,11 +47,11 @@ from transformers import (
     SmolVLMProcessor,
 )
 
-from ..errors import UsageError
-from .loading import part_of
-from .processors import image_only
-from .registry import get_family
-from .tokenizer import build_tokenizer
+from ...errors import UsageError
+from ..loading import part_of
+from ..processors import image_only
+from ..registry import get_family
+from ..tokenizer import build_tokenizer
 
 HIDDEN = 64
 # A larger init than the default keeps a LoRA-only tiny model from stalling: with 0.02 the frozen
