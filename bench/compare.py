@@ -113,11 +113,15 @@ def qwen2_vl_config(size: str, tokenizer_ids: dict):
 def build_model(size: str, folder: Path, dtype: str) -> None:
     """Write a random Qwen2-VL of `size` with a Qwen2-VL processor set to the real checkpoints' pixel range."""
     import torch
-    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers import Qwen2VLForConditionalGeneration
 
-    from vlmtune.models.tiny import QWEN_TEMPLATE, _qwen_vl_processor
+    from vlmtune.models.tiny import RECIPES
+    from vlmtune.models.tiny.common import token_ids
 
-    tok, processor, ids = _qwen_vl_processor(Qwen2VLProcessor, 14, QWEN_TEMPLATE)
+    recipe = RECIPES["qwen2_vl"]
+    processor = recipe.processor()
+    tok = processor.tokenizer
+    ids = token_ids(tok, recipe.ids)
     processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
     ids.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     config = qwen2_vl_config(size, ids)

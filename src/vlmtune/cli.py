@@ -38,17 +38,6 @@ Config files: `vlmtune train config.yaml [--flag value ...]` (flags override the
 
 
 @dataclass
-class TinyModelArguments:
-    family: str = arg(
-        "qwen2_vl",
-        "Architecture to build: qwen2_vl, qwen2_5_vl, qwen3_vl, llava, llava_siglip, llava_next, gemma3, mllama, "
-        "idefics3, smolvlm, paligemma.",
-    )
-    output_dir: str = arg(None, "Folder to write the model and processor to.")
-    seed: int = arg(0, "Seed for the random weights.")
-
-
-@dataclass
 class PredictArguments:
     model_name_or_path: str | None = arg(None, "Base model (read from the adapter if omitted).")
     adapter: str | None = arg(None, "A vlmtune/PEFT adapter folder.")
@@ -87,7 +76,7 @@ def cmd_train(argv: list[str]) -> None:
 
 
 def cmd_tiny_model(argv: list[str]) -> None:
-    from .models.tiny import build_tiny_model
+    from .models.tiny import TinyModelArguments, build_tiny_model
 
     (args,) = _parse(TinyModelArguments, argv, "vlmtune tiny-model")
     if not args.output_dir:

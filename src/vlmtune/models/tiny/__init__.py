@@ -1,0 +1,69 @@
+"""Tiny, randomly initialised models of real VLM architectures, built offline.
+
+Each family's recipe gives a real transformers config and a real processor (tokenizer + image processor +
+chat template), sized so a model trains in seconds on a CPU. `build_tiny_model` writes them with
+`save_pretrained`, so the result loads with `from_pretrained` exactly like a hub checkpoint. Tests, the
+demo and `vlmtune tiny-model` use these; users can use them to try vlmtune without a GPU or a download.
+
+Layout: `common.py` holds what all families share (the tiny sizes, the `TinyRecipe` record and how it is
+built, opening zero-initialised image paths, saving); one file per lineage holds its families' recipes
+and chat templates: `qwen.py` (Qwen-VL), `llava.py`, `gemma.py` (Gemma 3, PaliGemma), `idefics.py`
+(Idefics3, SmolVLM), `llama.py` (Mllama).
+
+Adding a family: add one `TinyRecipe` to the `RECIPES` dict of its lineage's file, written out or as
+`dataclasses.replace` of a relative's recipe. Give the transformers classes, the special tokens and the
+chat template the real checkpoints ship, and only the config values that differ from `common.TEXT`
+(shared text sizes; vocab size and bos/eos/pad ids come from the tokenizer). Behaviour that data cannot
+say goes in a short function beside the recipe, named by its `finish` field. A new lineage is a new file
+with a `RECIPES` dict, listed in `_LINEAGES` below. The family also needs its registry entry
+(`models/registry.py`) and a line in docs/models.md; the tests then build, train and reload it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, PretrainedConfig, ProcessorMixin
+
+from ...config import arg
+from ...errors import UsageError
+from ..registry import get_family
+from . import gemma, idefics, llama, llava, qwen
+from .common import HIDDEN, INIT_RANGE, TinyRecipe, generation_config, open_zero_paths, save
+
+_LINEAGES = (qwen, llava, gemma, llama, idefics)
+
+RECIPES: dict[str, TinyRecipe] = {name: recipe for lineage in _LINEAGES for name, recipe in lineage.RECIPES.items()}
+assert len(RECIPES) == sum(len(lineage.RECIPES) for lineage in _LINEAGES), "a family name is used twice"
+
+# family -> a function returning its tiny (config, processor).
+BUILDERS: dict[str, Callable[[], tuple[PretrainedConfig, ProcessorMixin]]] = {
+    name: recipe.build for name, recipe in RECIPES.items()
+}
+
+
+@dataclass
+class TinyModelArguments:
+    """`vlmtune tiny-model`'s flags."""
+
+    family: str = arg("qwen2_vl", f"Architecture to build: {', '.join(RECIPES)}.")
+    output_dir: str = arg(None, "Folder to write the model and processor to.")
+    seed: int = arg(0, "Seed for the random weights.")
+
+
+def build_tiny_model(family: str, output_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random model of `family` with its processor to `output_dir` and return the path."""
+    if family not in RECIPES:
+        raise UsageError(f"--family {family!r}: no tiny builder for it; choose one of: {', '.join(sorted(RECIPES))}")
+    torch.manual_seed(seed)
+    config, processor = RECIPES[family].build()
+    model = AutoModelForImageTextToText.from_config(config)
+    open_zero_paths(model, get_family(config.model_type))
+    model.generation_config = generation_config(config, processor.tokenizer)
+    return save(model, processor, output_dir)
+
+
+__all__ = ["BUILDERS", "HIDDEN", "INIT_RANGE", "RECIPES", "TinyModelArguments", "TinyRecipe", "build_tiny_model"]

@@ -1,0 +1,110 @@
+"""The Qwen-VL lineage: ChatML turns, `<|image_pad|>` between vision markers, multimodal RoPE."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLProcessor,
+)
+
+from .common import HEAD_DIM, HIDDEN, TinyRecipe
+
+QWEN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen3-VL: the same ChatML turns, without a default system message.
+QWEN3_TEMPLATE = QWEN_TEMPLATE.replace(
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}",
+    "",
+)
+
+# Multimodal RoPE: the sections (temporal, height, width) must sum to head_dim / 2.
+MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+assert sum(MROPE["mrope_section"]) == HEAD_DIM // 2
+
+
+def image_processor_kwargs(patch: int) -> dict:
+    """Qwen2-VL's image processor at a size giving 4 to 16 merged (2x2 patch) image tokens."""
+    unit = patch * 2
+    return dict(size={"shortest_edge": (2 * unit) ** 2, "longest_edge": (4 * unit) ** 2}, patch_size=patch)
+
+
+QWEN2_VL = TinyRecipe(
+    config_cls=Qwen2VLConfig,
+    processor_cls=Qwen2VLProcessor,
+    image_processor_cls=Qwen2VLImageProcessorPil,
+    image_processor_kwargs=image_processor_kwargs(14),
+    special_tokens={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},  # no BOS
+    extra_tokens=("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
+    chat_template=QWEN_TEMPLATE,
+    text_config=dict(rope_parameters=MROPE),
+    vision_config=dict(
+        depth=2,
+        embed_dim=32,
+        hidden_size=HIDDEN,
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    ),
+    ids=dict(
+        image_token_id="<|image_pad|>",
+        video_token_id="<|video_pad|>",
+        vision_start_token_id="<|vision_start|>",
+        vision_end_token_id="<|vision_end|>",
+    ),
+)
+
+_QWEN_VISION = dict(
+    depth=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    out_hidden_size=HIDDEN,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+)
+
+RECIPES = {
+    "qwen2_vl": QWEN2_VL,
+    "qwen2_5_vl": replace(
+        QWEN2_VL,
+        config_cls=Qwen2_5_VLConfig,
+        processor_cls=Qwen2_5_VLProcessor,
+        vision_config=dict(
+            _QWEN_VISION,
+            patch_size=14,
+            window_size=56,
+            fullatt_block_indexes=[1],  # the real ones (7, 15, ...) do not exist in a 2-block tower
+        ),
+    ),
+    "qwen3_vl": replace(
+        QWEN2_VL,
+        config_cls=Qwen3VLConfig,
+        processor_cls=Qwen3VLProcessor,
+        image_processor_kwargs=image_processor_kwargs(16),
+        chat_template=QWEN3_TEMPLATE,
+        text_config=dict(head_dim=HEAD_DIM, rope_parameters={**MROPE, "mrope_interleaved": True}),
+        vision_config=dict(_QWEN_VISION, patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+    ),
+}
