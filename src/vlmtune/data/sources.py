@@ -1,7 +1,8 @@
 """Rows from anywhere: local files and folders, `save_to_disk` folders and hub datasets.
 
-Everything becomes a `datasets.Dataset` (or `IterableDataset` when streaming) of raw rows per split. Each
-row carries two private columns: `__source__`, the file (or folder/hub split) it came from, and
+One call, `load_sources`, loads everything the data arguments name (each source once) and picks the
+train, eval and test rows from it. Rows are a `datasets.Dataset` (or `IterableDataset` when streaming);
+each carries two private columns: `__source__`, the file (or folder/hub split) it came from, and
 `__index__`, its 0-based position there. Error messages name both, and relative image paths resolve
 against the row's own file's folder, so data spread over several files and folders just works.
 
@@ -301,7 +302,7 @@ def _load_file(path: Path, streaming: bool) -> Rows:
     return _labelled(rows, str(path))
 
 
-def _column_names(rows: Rows) -> list[str]:
+def column_names(rows: Rows) -> list[str]:
     """Column names; a stream that does not know them yet shows its first row."""
     if rows.column_names is not None:
         return list(rows.column_names)
@@ -310,7 +311,7 @@ def _column_names(rows: Rows) -> list[str]:
 
 def _same_columns(folder: Path, split: str, group: list[Path], parts: list[Rows]) -> None:
     """Files of one split are stacked, so their columns must agree; name the files and columns that do not."""
-    columns = [set(_column_names(part)) for part in parts]
+    columns = [set(column_names(part)) for part in parts]
     if all(c == columns[0] for c in columns):
         return
     differ = "; ".join(
@@ -388,3 +389,60 @@ def load_splits(name: str, config: str | None = None, streaming: bool = False) -
     if path.suffix.lower() in BUILDERS or name.startswith((".", "/", "~")):
         raise DataError(f"{name}: no such file or folder")  # a path, not a hub id: say so, not "not on the hub"
     return load_hub(name, config, streaming)
+
+
+@dataclass
+class Sources:
+    """Every split the data arguments name, loaded: rows per role (None where there are none) and the
+    folder of each source, against which its rows' relative image paths resolve."""
+
+    train: Rows | None
+    eval: Rows | None
+    test: Rows | None
+    folders: dict[str, Path]
+
+    def first(self) -> Rows:
+        """The rows whose columns the schema is read from: train's, else eval's, else test's."""
+        return next(rows for rows in (self.train, self.eval, self.test) if rows is not None)
+
+
+def load_sources(
+    dataset: str | None,
+    *,
+    eval_dataset: str | None = None,
+    test_dataset: str | None = None,
+    train_split: str | None = None,
+    eval_split: str | None = None,
+    test_split: str | None = None,
+    config: str | None = None,
+    streaming: bool = False,
+    need_train: bool = True,
+) -> Sources:
+    """Load everything the data arguments name, each source once, and pick the train, eval and test rows.
+
+    Train rows are `dataset`'s split `train_split`, else the one named like train. Eval and test rows come
+    from `eval_dataset` / `test_dataset` when given (the split named, else the one named for the role,
+    else its first split), otherwise from `dataset`'s split named for the role, if any.
+    """
+    if not dataset:
+        raise DataError("--dataset_name is required")
+    loaded: dict[str, Loaded] = {}
+
+    def load(name: str) -> Loaded:
+        if name not in loaded:
+            loaded[name] = load_splits(name, config, streaming)
+        return loaded[name]
+
+    main = load(dataset)
+    train = main.pick(train_split, "train", dataset)
+    if need_train and train is None:
+        raise DataError(f"{dataset}: no training split (found: {', '.join(main.splits)})")
+    rows = {}
+    for role, own, wanted in (("validation", eval_dataset, eval_split), ("test", test_dataset, test_split)):
+        if own:
+            other = load(own)
+            rows[role] = other.pick(wanted, role, own) or next(iter(other.splits.values()))
+        else:
+            rows[role] = main.pick(wanted, role, dataset)
+    folders = {label: folder for source in loaded.values() for label, folder in source.folders.items()}
+    return Sources(train, rows["validation"], rows["test"], folders)
