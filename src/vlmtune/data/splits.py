@@ -61,7 +61,23 @@ def _limit(rows: Rows | None, n: int | None) -> Rows | None:
     return rows.select(range(min(n, len(rows))))
 
 
-def _schema(data_args, rows: Rows) -> Schema:
+def _image_root(data_args) -> tuple[Path, ...]:
+    """`--image_root` as the first folder relative image paths are tried in; a mistyped one is said up
+    front, not as every row's missing image."""
+    if not data_args.image_root:
+        return ()
+    root = Path(data_args.image_root).expanduser()
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "no such folder"
+        raise DataError(
+            f"--image_root {data_args.image_root}: {what}; give the folder that the data's relative image "
+            "paths start from, or leave the flag out to resolve them against each data file's folder"
+        )
+    return (root,)
+
+
+def _schema(data_args, rows: Rows, facts: EncodingFacts) -> Schema:
+    """The schema read from `rows`' columns, fitted to what the model family takes."""
     columns = column_names(rows)
     schema = detect_schema(
         columns,
@@ -79,6 +95,8 @@ def _schema(data_args, rows: Rows) -> Schema:
                 f"{data_args.dataset_name}: --context_join_on column {schema.context.data_column!r} not found; "
                 f"columns are: {', '.join(c for c in columns if not c.startswith('__'))}"
             )
+    schema.single_image = not facts.multi_image
+    schema.image_markers = (facts.image_placeholder, *facts.image_tokens)
     return schema
 
 
@@ -92,6 +110,7 @@ def build_splits(
     encoded by the processor to measure it); `facts` come from the family's registry entry
     (`FamilySpec.encoding`).
     """
+    base_dirs = _image_root(data_args)
     sources = load_sources(
         data_args.dataset_name,
         eval_dataset=data_args.eval_dataset_name,
@@ -109,9 +128,7 @@ def build_splits(
     if isinstance(train, datasets.IterableDataset):
         train = train.shuffle(seed=seed, buffer_size=data_args.stream_buffer_size)
 
-    schema = _schema(data_args, sources.first())
-    schema.single_image = not facts.multi_image
-    base_dirs = (Path(data_args.image_root),) if data_args.image_root else ()
+    schema = _schema(data_args, sources.first(), facts)
     images = ImageOptions(base_dirs, data_args.image_max_pixels, data_args.image_min_pixels, sources.folders)
     preparer = Preparer(schema=schema, facts=facts, images=images)
     checker = Checker(preparer, processor, data_args.max_seq_length, data_args.on_bad_sample, data_args.train_on_prompt)
