@@ -3,6 +3,7 @@ model exactly as written (text as typed, pictures as they look in a viewer)."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 from pathlib import Path
@@ -113,6 +114,10 @@ BAD = {
         lambda d: _write(d / "d.json", '[{"prompt": "Q?", "response": "a"}, 42]'),
         ["{d}/d.json, row 1: expected a JSON object {{...}}, got a string or number"],
     ),
+    "truncated gzip file": (
+        lambda d: _write(d / "d.jsonl.gz", gzip.compress(b'{"prompt": "Q?", "response": "red"}\n' * 50)[:-12]),
+        ["{d}/d.jsonl.gz: cannot decompress this gzip file"],
+    ),
     "damaged parquet": (
         lambda d: _write(d / "d.parquet", b"PAR1 this is not parquet"),
         ["{d}/d.parquet: cannot read this Parquet file"],
@@ -145,6 +150,10 @@ BAD = {
     "invalid base64 image": (
         lambda d: _csv_row(d, image_path="data:image/png;base64,@@@@"),
         ["{d}/d.csv, row 0, field 'image_path', image 0: invalid base64"],
+    ),
+    "model's image token typed in a csv prompt": (
+        lambda d: _csv_row(d, prompt="<|image_pad|> Q?"),
+        ["{d}/d.csv, row 0, field 'prompt': the text contains '<|image_pad|>'", "remove '<|image_pad|>' from it"],
     ),
     "messages not json in csv": (
         lambda d: write_rows(d / "d.csv", [{"messages": '[{"role": "user", "content": "Q?"', "image": ""}]),

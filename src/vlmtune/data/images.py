@@ -1,8 +1,9 @@
 """Turn whatever a dataset holds for an image into an RGB `PIL.Image`.
 
-Accepted: a local path (absolute, relative to the data file's folder or to `--image_root`, or a
-``file://`` URL), an http(s) URL, a base64 string or data URI, raw bytes, a `datasets` Image feature
-value (``{"bytes": ..., "path": ...}``) and a PIL image.
+Accepted: a local path (absolute, relative to the data file's folder or to `--image_root`, with ``/``
+or Windows' ``\\`` between folders, or a percent-encoded ``file:`` URL), an http(s) URL, a base64 string or
+data URI (also wrapped in lines), raw bytes, a `datasets` Image feature value (``{"bytes": ..., "path":
+...}``, its bytes raw or, from JSON, base64 text) and a PIL image.
 
 Conversion keeps what the picture shows: EXIF orientation is applied, 16-bit and float pixels are scaled
 (not clipped) to 8 bits, transparency is composited onto white, CMYK and palettes become RGB. Before the
@@ -79,17 +80,40 @@ def _fetch_url(url: str) -> bytes:
     return data
 
 
+def _path_text(ref: str) -> str:
+    """The local path `ref` names: a ``file:`` URL's percent-decoded path (``my%20image.png`` is
+    ``my image.png``), else `ref` as written. ``file://images/a.png`` is read as the relative path it means."""
+    if ref[:5].lower() != "file:":
+        return ref
+    parts = urllib.parse.urlsplit(ref)
+    host = "" if parts.netloc.lower() in ("", "localhost") else parts.netloc
+    return urllib.parse.unquote(host + parts.path)
+
+
+_WINDOWS_DRIVE = re.compile(r"/?([A-Za-z]):[\\/]")
+
+
 def _resolve_path(ref: str, base_dirs: tuple[Path, ...]) -> Path:
-    path = Path(ref.removeprefix("file://")).expanduser()
-    if path.is_absolute():
-        candidates = [path]
-    else:
-        candidates = [base / path for base in base_dirs] + [path]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
+    """The file `ref` names, tried against each of `base_dirs` when relative. A path written with
+    Windows separators (``images\\train\\a.png``) is tried as written, then with ``/``."""
+    text = _path_text(ref)
+    readings = [text] + ([text.replace("\\", "/")] if "\\" in text else [])
+    for reading in readings:
+        path = Path(reading).expanduser()
+        candidates = [path] if path.is_absolute() else [base / path for base in base_dirs] + [path]
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+    read = f"read as {readings[-1]!r}; " if readings[-1] != ref else ""
     tried = ", ".join(str(c) for c in candidates)
-    raise ImageError(f"image file not found: {ref!r} (looked in: {tried})")
+    drive = _WINDOWS_DRIVE.match(text)
+    hint = (
+        f"; {drive.group(1)}: is a Windows drive, which this machine does not have: write image paths relative "
+        "to the data file's folder or to --image_root"
+        if drive
+        else ""
+    )
+    raise ImageError(f"image file not found: {ref!r} ({read}looked in: {tried}){hint}")
 
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+)://")
@@ -113,6 +137,21 @@ def _looks_base64(ref: str) -> bool:
     return _BASE64.fullmatch(ref) is not None
 
 
+def _from_base64(text: str, what: str) -> bytes:
+    """Decode base64 text, also when wrapped in lines (76 columns by MIME and `base64 -w 76`)."""
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ImageError(f"{what}: {err}") from err
+
+
+def _struct_bytes(data: Any) -> bytes:
+    """The `bytes` of a `datasets` Image value: raw in Parquet and Arrow, base64 text once written as JSON."""
+    if isinstance(data, str):
+        return _from_base64(data, "the 'bytes' of this image value are text but not base64")
+    return data
+
+
 def load_image(ref: Any, base_dirs: tuple[Path, ...] = ()) -> Image.Image:
     """Load `ref` as an RGB image; raise `ImageError` naming the reference when that fails."""
     if isinstance(ref, Image.Image):
@@ -121,7 +160,7 @@ def load_image(ref: Any, base_dirs: tuple[Path, ...] = ()) -> Image.Image:
         image = _open_bytes(bytes(ref), "from raw bytes")
     elif isinstance(ref, dict) and (ref.get("bytes") or ref.get("path")):
         image = (
-            _open_bytes(ref["bytes"], "from a datasets Image value")
+            _open_bytes(_struct_bytes(ref["bytes"]), "from a datasets Image value")
             if ref.get("bytes")
             else load_image(ref["path"], base_dirs)
         )
@@ -132,11 +171,7 @@ def load_image(ref: Any, base_dirs: tuple[Path, ...] = ()) -> Image.Image:
             image = _open_bytes(_fetch_url(ref), f"from {ref!r}")
         elif ref.startswith("data:") or _looks_base64(ref):
             payload = ref.split(",", 1)[1] if ref.startswith("data:") else ref
-            try:
-                data = base64.b64decode(payload, validate=True)
-            except (binascii.Error, ValueError) as err:
-                raise ImageError(f"invalid base64 image data: {err}") from err
-            image = _open_bytes(data, "from base64 data")
+            image = _open_bytes(_from_base64(payload, "invalid base64 image data"), "from base64 data")
         else:
             path = _resolve_path(ref, base_dirs)
             image = _open_bytes(path.read_bytes(), f"file {str(path)!r}")

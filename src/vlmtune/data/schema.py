@@ -79,6 +79,9 @@ class Schema:
     context: Context | None = None
     # A single-image family takes the first of several images given for one placeholder (fms-hf-tuning's rule).
     single_image: bool = False
+    # The model's own image placeholder tokens (from its family): typed into the text, one would stand for
+    # an image that is not there, so a row whose text holds one is refused, naming the field and the text.
+    image_markers: tuple[str, ...] = ()
 
     def describe(self) -> str:
         if self.kind == "messages":
@@ -115,6 +118,15 @@ class Schema:
             conv.messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
         return conv
 
+    def _refuse_markers(self, text: str, where: str, fix: str) -> None:
+        """Refuse `text` holding one of the model's image tokens; `fix` says what to do instead."""
+        marker = next((m for m in self.image_markers if m and m in text), None)
+        if marker:
+            raise DataError(
+                f"{where}: the text contains {marker!r}, one of the model's image placeholder tokens; "
+                f"remove {marker!r} {fix}"
+            )
+
     def _images(self, row: dict, where: str, required: bool = True) -> list[Any]:
         """The row's images; `required` False lets conversations be text-only (placeholders still checked)."""
         if not self.image_column:
@@ -134,6 +146,11 @@ class Schema:
             response = references[0] if references else None
         prompt = _as_text(row.get(self.prompt_column), self.prompt_column, where)
         response = _as_text(response, self.response_column, where)
+        fix = "from it"
+        if self.image_column:
+            fix += f": vlmtune puts in the token for the image of field {self.image_column!r} itself"
+        self._refuse_markers(prompt, f"{where}, field {self.prompt_column!r}", fix)
+        self._refuse_markers(response, f"{where}, field {self.response_column!r}", "from it")
         images = self._images(row, where)
         user = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
         messages = [
@@ -165,7 +182,16 @@ class Schema:
         if placeholders == 0 and images:
             _put_images_first(messages, len(images))
         elif placeholders != len(images) and not (self.single_image and placeholders == 1):
-            raise DataError(f"{where}, field {name!r}: {placeholders} image placeholder(s) but {len(images)} image(s)")
+            raise DataError(
+                f"{where}, field {name!r}: {placeholders} image placeholder(s) but {len(images)} image(s); "
+                f"give each image one placeholder ({IMAGE_LITERAL} in the text, or an image part), in order"
+            )
+        for turn, message in enumerate(messages):
+            self._refuse_markers(
+                text_of(message),
+                f"{where}, field {name!r}, message {turn}",
+                f"from the text (mark each image with an image part, or {IMAGE_LITERAL} in conversations without them)",
+            )
         return Conversation(messages=messages, images=images)
 
 

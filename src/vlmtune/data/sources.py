@@ -1,10 +1,12 @@
 """Rows from anywhere: local files and folders, `save_to_disk` folders and hub datasets.
 
-Everything becomes a `datasets.Dataset` (or `IterableDataset` when streaming) of raw rows per split. Each
-row carries two private columns: `__source__`, the file (or folder/hub split) it came from, and
+One call, `load_sources`, loads everything the data arguments name (each source once) and picks the
+train, eval and test rows from it. Rows are a `datasets.Dataset` (or `IterableDataset` when streaming);
+each carries two private columns: `__source__`, the file (or folder/hub split) it came from, and
 `__index__`, its 0-based position there. Error messages name both, and relative image paths resolve
 against the row's own file's folder, so data spread over several files and folders just works.
 
+CSV, TSV, JSON and JSON Lines files may be gzip'd (``train.jsonl.gz``): they are decompressed as read.
 Text files are read as the user wrote them: every CSV/TSV cell is a string (no type or missing-value
 guessing, so `007`, `1.50`, `NA` and `None` stay text), and JSON/JSONL are parsed here with each number
 kept as its literal text (`1.50` stays "1.50"). A file that cannot be read is named with the reason and,
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 import codecs
 import csv
+import gzip
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +32,10 @@ from datasets.features.features import generate_from_arrow_type
 from .schema import DataError
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# Text formats are also read gzip'd (`train.jsonl.gz`); Parquet compresses its own columns.
+GZIP = ".gz"
+GZIPPABLE = (".csv", ".tsv", ".json", ".jsonl")
+ACCEPTED = f"{', '.join(BUILDERS)} (or gzip'd: {', '.join(s + GZIP for s in GZIPPABLE)})"
 SPLIT_ALIASES = {
     "train": "train",
     "training": "train",
@@ -60,9 +68,30 @@ class Loaded:
         return next((rows for name, rows in self.splits.items() if SPLIT_ALIASES.get(name.lower()) == role), None)
 
 
+def file_format(path: Path) -> str | None:
+    """The data format `path`'s name says (``.jsonl`` for ``d.jsonl`` and ``d.jsonl.gz``), None if none."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    if suffixes[-1:] == [GZIP]:
+        return suffixes[0] if len(suffixes) == 2 and suffixes[0] in GZIPPABLE else None
+    return suffixes[-1] if suffixes and suffixes[-1] in BUILDERS else None
+
+
+def _stem(path: Path) -> str:
+    """The file name without its format suffixes: ``val`` for ``val.jsonl`` and ``val.jsonl.gz``."""
+    kind, name = file_format(path), path.name.lower()
+    if not kind:
+        return path.stem.lower()
+    return name.removesuffix(GZIP).removesuffix(kind) if name.endswith(GZIP) else name.removesuffix(kind)
+
+
+def _open(path: Path, mode: str = "rb", **kwargs):
+    """Open a data file for reading, decompressing it when gzip'd."""
+    return (gzip.open if path.suffix.lower() == GZIP else open)(path, mode, **kwargs)
+
+
 def split_of(path: Path) -> str:
     """Guess a split from a file name such as ``val.json`` or ``chartqa_train.parquet``."""
-    stem = path.stem.lower()
+    stem = _stem(path)
     for token in reversed(stem.replace("-", "_").split("_")):
         if token in SPLIT_ALIASES:
             return SPLIT_ALIASES[token]
@@ -84,17 +113,28 @@ def _root_cause(err: BaseException) -> BaseException:
 
 
 def _check_text(path: Path) -> None:
-    """Refuse an empty file, and a file that is not UTF-8 with the line and byte where it stops being so."""
+    """Refuse an empty file, a damaged gzip file, and a file that is not UTF-8 with the line and byte
+    where it stops being so."""
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
     decoder = codecs.getincrementaldecoder("utf-8")()
-    with open(path, "rb") as f:
+    size = 0
+    with _open(path) as f:
         try:
             while chunk := f.read(1 << 20):
+                size += len(chunk)
                 decoder.decode(chunk)
             decoder.decode(b"", final=True)
+        except (OSError, EOFError, zlib.error) as err:  # gzip's errors for a damaged or non-gzip file
+            if path.suffix.lower() != GZIP:
+                raise
+            raise DataError(
+                f"{path}: cannot decompress this gzip file ({err}); it may be damaged, or not gzip'd: "
+                f"then drop {GZIP} from its name"
+            ) from None
         except UnicodeDecodeError:
-            data = path.read_bytes()  # only on failure: find the exact place
+            with _open(path) as again:  # only on failure: find the exact place
+                data = again.read()
             try:
                 data.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -105,11 +145,13 @@ def _check_text(path: Path) -> None:
                     f"line, offset {err.start} in the file); save the file with UTF-8 encoding "
                     "(in a spreadsheet: \"CSV UTF-8\")"
                 ) from None
+    if size == 0:
+        raise DataError(f"{path}: the file is empty")
 
 
 def _csv_header(path: Path, delimiter: str) -> list[str]:
     """The header's column names, which must be present, named and unique, followed by at least one row."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with _open(path, "rt", newline="", encoding="utf-8-sig") as f:
         lines = (row for row in csv.reader(f, delimiter=delimiter) if row)
         header, first = next(lines, None), next(lines, None)
     if not header:
@@ -153,13 +195,13 @@ def _csv_error(path: Path, err: BaseException) -> DataError:
             f"{path}, line {line}: {got} fields, but the header has {want}; quote values that contain the "
             "delimiter (\"a, b\") or fix the row"
         )
-    return DataError(f"{path}: cannot read this {path.suffix} file: {err}")
+    return DataError(f"{path}: cannot read this {file_format(path)} file: {err}")
 
 
 def _load_csv(path: Path, streaming: bool) -> Rows:
     """Every cell as the exact text in the file: no number, date or missing-value guessing (an empty
     cell is an empty string)."""
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    delimiter = "\t" if file_format(path) == ".tsv" else ","
     header = _csv_header(path, delimiter)
     features = datasets.Features({name: datasets.Value("string") for name in header})
     try:
@@ -197,7 +239,7 @@ def _kind(value: object) -> str:
 
 
 def _json_lines(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8-sig") as f:
+    with _open(path, "rt", encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -215,7 +257,8 @@ def _json_lines(path: Path) -> Iterator[dict]:
 
 def _json_document(path: Path) -> list[dict]:
     """A JSON array of objects, an object of equally long columns, or JSON Lines saved as ``.json``."""
-    text = path.read_text(encoding="utf-8-sig")
+    with _open(path, "rt", encoding="utf-8-sig") as f:
+        text = f.read()
     try:
         doc = _parse(text)
     except json.JSONDecodeError as err:
@@ -236,7 +279,7 @@ def _json_document(path: Path) -> list[dict]:
 
 def _json_rows(path: str) -> Iterator[dict]:
     path = Path(path)
-    yield from _json_lines(path) if path.suffix.lower() == ".jsonl" else _json_document(path)
+    yield from _json_lines(path) if file_format(path) == ".jsonl" else _json_document(path)
 
 
 def _mixed(values: list) -> bool:
@@ -291,17 +334,17 @@ def _load_parquet(path: Path, streaming: bool) -> Rows:
 
 
 def _load_file(path: Path, streaming: bool) -> Rows:
-    suffix = path.suffix.lower()
-    if suffix != ".parquet":
+    kind = file_format(path)
+    if kind != ".parquet":
         _check_text(path)
-    loader = {".csv": _load_csv, ".tsv": _load_csv, ".json": _load_json, ".jsonl": _load_json}.get(suffix)
+    loader = {".csv": _load_csv, ".tsv": _load_csv, ".json": _load_json, ".jsonl": _load_json}.get(kind)
     rows = (loader or _load_parquet)(path, streaming)
     if isinstance(rows, datasets.Dataset) and len(rows) == 0:
         raise DataError(f"{path}: no rows in this file")
     return _labelled(rows, str(path))
 
 
-def _column_names(rows: Rows) -> list[str]:
+def column_names(rows: Rows) -> list[str]:
     """Column names; a stream that does not know them yet shows its first row."""
     if rows.column_names is not None:
         return list(rows.column_names)
@@ -310,7 +353,7 @@ def _column_names(rows: Rows) -> list[str]:
 
 def _same_columns(folder: Path, split: str, group: list[Path], parts: list[Rows]) -> None:
     """Files of one split are stacked, so their columns must agree; name the files and columns that do not."""
-    columns = [set(_column_names(part)) for part in parts]
+    columns = [set(column_names(part)) for part in parts]
     if all(c == columns[0] for c in columns):
         return
     differ = "; ".join(
@@ -325,9 +368,9 @@ def _same_columns(folder: Path, split: str, group: list[Path], parts: list[Rows]
 
 
 def _load_folder_of_files(path: Path, streaming: bool) -> Loaded:
-    files = sorted(f for f in path.rglob("*") if f.suffix.lower() in BUILDERS and f.is_file())
+    files = sorted(f for f in path.rglob("*") if file_format(f) and f.is_file())
     if not files:
-        raise DataError(f"{path}: no {', '.join(BUILDERS)} files in this folder")
+        raise DataError(f"{path}: no {ACCEPTED} files in this folder")
     by_split: dict[str, list[Path]] = {}
     for f in files:
         by_split.setdefault(split_of(f), []).append(f)
@@ -377,14 +420,71 @@ def load_splits(name: str, config: str | None = None, streaming: bool = False) -
     """Load every split `name` offers: a file, a folder of files, a `save_to_disk` folder or a hub id."""
     path = Path(name).expanduser()
     if path.is_file():
-        if path.suffix.lower() not in BUILDERS:
-            raise DataError(f"{path}: unsupported file type; use one of {', '.join(BUILDERS)}")
+        if not file_format(path):
+            raise DataError(f"{path}: unsupported file type; use one of {ACCEPTED}")
         # A single file is the user's training data whatever its name says.
         return Loaded({"train": _load_file(path, streaming)}, {str(path): path.parent})
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
             return _load_saved(path, streaming)
         return _load_folder_of_files(path, streaming)
-    if path.suffix.lower() in BUILDERS or name.startswith((".", "/", "~")):
+    if file_format(path) or name.startswith((".", "/", "~")):
         raise DataError(f"{name}: no such file or folder")  # a path, not a hub id: say so, not "not on the hub"
     return load_hub(name, config, streaming)
+
+
+@dataclass
+class Sources:
+    """Every split the data arguments name, loaded: rows per role (None where there are none) and the
+    folder of each source, against which its rows' relative image paths resolve."""
+
+    train: Rows | None
+    eval: Rows | None
+    test: Rows | None
+    folders: dict[str, Path]
+
+    def first(self) -> Rows:
+        """The rows whose columns the schema is read from: train's, else eval's, else test's."""
+        return next(rows for rows in (self.train, self.eval, self.test) if rows is not None)
+
+
+def load_sources(
+    dataset: str | None,
+    *,
+    eval_dataset: str | None = None,
+    test_dataset: str | None = None,
+    train_split: str | None = None,
+    eval_split: str | None = None,
+    test_split: str | None = None,
+    config: str | None = None,
+    streaming: bool = False,
+    need_train: bool = True,
+) -> Sources:
+    """Load everything the data arguments name, each source once, and pick the train, eval and test rows.
+
+    Train rows are `dataset`'s split `train_split`, else the one named like train. Eval and test rows come
+    from `eval_dataset` / `test_dataset` when given (the split named, else the one named for the role,
+    else its first split), otherwise from `dataset`'s split named for the role, if any.
+    """
+    if not dataset:
+        raise DataError("--dataset_name is required")
+    loaded: dict[str, Loaded] = {}
+
+    def load(name: str) -> Loaded:
+        if name not in loaded:
+            loaded[name] = load_splits(name, config, streaming)
+        return loaded[name]
+
+    main = load(dataset)
+    train = main.pick(train_split, "train", dataset)
+    if need_train and train is None:
+        raise DataError(f"{dataset}: no training split (found: {', '.join(main.splits)})")
+    rows = {}
+    for role, own, wanted in (("validation", eval_dataset, eval_split), ("test", test_dataset, test_split)):
+        if own:
+            other = load(own)
+            rows[role] = other.pick(wanted, role, own) or next(iter(other.splits.values()))
+        else:
+            rows[role] = main.pick(wanted, role, dataset)
+    folders = {label: folder for source in loaded.values() for label, folder in source.folders.items()}
+    return Sources(train, rows["validation"], rows["test"], folders)

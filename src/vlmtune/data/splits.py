@@ -13,7 +13,7 @@ from .encode import EncodingFacts
 from .images import ImageOptions
 from .prepare import Preparer
 from .schema import DataError, Schema, detect_schema
-from .sources import Loaded, Rows, load_splits
+from .sources import Rows, column_names, load_sources
 from .validate import Checker, CheckReport, check_rows
 
 logger = logging.getLogger(__name__)
@@ -34,16 +34,6 @@ class Splits:
     def summary(self) -> str:
         """One paragraph per checked split (for streaming data, counts so far)."""
         return "\n".join(report.summary() for report in self.reports.values())
-
-
-def _other(name: str | None, data_args, role: str, folders: dict) -> Rows | None:
-    """Rows of `--eval_dataset_name` / `--test_dataset_name`: the split named for `role`, else the first."""
-    if not name:
-        return None
-    loaded = load_splits(name, data_args.dataset_config, data_args.streaming)
-    folders.update(loaded.folders)
-    wanted = data_args.eval_split if role == "validation" else data_args.test_split
-    return loaded.pick(wanted, role, name) or next(iter(loaded.splits.values()))
 
 
 def _hold_out(train: Rows | None, eval_rows: Rows | None, data_args, seed: int) -> tuple[Rows | None, Rows | None]:
@@ -71,15 +61,24 @@ def _limit(rows: Rows | None, n: int | None) -> Rows | None:
     return rows.select(range(min(n, len(rows))))
 
 
-def _columns(rows: Rows) -> list[str]:
-    """Column names; a stream that does not know them yet shows its first row."""
-    if rows.column_names is not None:
-        return list(rows.column_names)
-    return list(next(iter(rows)))
+def _image_root(data_args) -> tuple[Path, ...]:
+    """`--image_root` as the first folder relative image paths are tried in; a mistyped one is said up
+    front, not as every row's missing image."""
+    if not data_args.image_root:
+        return ()
+    root = Path(data_args.image_root).expanduser()
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "no such folder"
+        raise DataError(
+            f"--image_root {data_args.image_root}: {what}; give the folder that the data's relative image "
+            "paths start from, or leave the flag out to resolve them against each data file's folder"
+        )
+    return (root,)
 
 
-def _schema(data_args, rows: Rows) -> Schema:
-    columns = _columns(rows)
+def _schema(data_args, rows: Rows, facts: EncodingFacts) -> Schema:
+    """The schema read from `rows`' columns, fitted to what the model family takes."""
+    columns = column_names(rows)
     schema = detect_schema(
         columns,
         source=data_args.dataset_name,
@@ -96,45 +95,45 @@ def _schema(data_args, rows: Rows) -> Schema:
                 f"{data_args.dataset_name}: --context_join_on column {schema.context.data_column!r} not found; "
                 f"columns are: {', '.join(c for c in columns if not c.startswith('__'))}"
             )
+    schema.single_image = not facts.multi_image
+    schema.image_markers = (facts.image_placeholder, *facts.image_tokens)
     return schema
 
 
 def build_splits(
     data_args, facts: EncodingFacts, seed: int = 42, need_train: bool = True, processor=None
 ) -> Splits:
-    """Load, pick the splits, hold out validation rows when there are none, detect the schema and check.
+    """Load the named splits, hold out validation rows when there are none, apply the sample limits,
+    detect the schema and check every row.
 
     With `processor`, each sample is also rendered with the chat template (and, with `--max_seq_length`,
     encoded by the processor to measure it); `facts` come from the family's registry entry
     (`FamilySpec.encoding`).
     """
-    if not data_args.dataset_name:
-        raise DataError("--dataset_name is required")
-    loaded: Loaded = load_splits(data_args.dataset_name, data_args.dataset_config, data_args.streaming)
-    folders = dict(loaded.folders)
-    train = loaded.pick(data_args.train_split, "train", data_args.dataset_name)
-    if need_train and train is None:
-        raise DataError(f"{data_args.dataset_name}: no training split (found: {', '.join(loaded.splits)})")
-    eval_rows = _other(data_args.eval_dataset_name, data_args, "validation", folders)
-    if eval_rows is None:
-        eval_rows = loaded.pick(data_args.eval_split, "validation", data_args.dataset_name)
-    test = _other(data_args.test_dataset_name, data_args, "test", folders)
-    if test is None:
-        test = loaded.pick(data_args.test_split, "test", data_args.dataset_name)
-    train, eval_rows = _hold_out(train, eval_rows, data_args, seed)
+    base_dirs = _image_root(data_args)
+    sources = load_sources(
+        data_args.dataset_name,
+        eval_dataset=data_args.eval_dataset_name,
+        test_dataset=data_args.test_dataset_name,
+        train_split=data_args.train_split,
+        eval_split=data_args.eval_split,
+        test_split=data_args.test_split,
+        config=data_args.dataset_config,
+        streaming=data_args.streaming,
+        need_train=need_train,
+    )
+    train, eval_rows = _hold_out(sources.train, sources.eval, data_args, seed)
     train = _limit(train, data_args.max_train_samples)
     eval_rows = _limit(eval_rows, data_args.max_eval_samples)
     if isinstance(train, datasets.IterableDataset):
         train = train.shuffle(seed=seed, buffer_size=data_args.stream_buffer_size)
 
-    schema = _schema(data_args, next(rows for rows in (train, eval_rows, test) if rows is not None))
-    schema.single_image = not facts.multi_image
-    base_dirs = (Path(data_args.image_root),) if data_args.image_root else ()
-    images = ImageOptions(base_dirs, data_args.image_max_pixels, data_args.image_min_pixels, folders)
+    schema = _schema(data_args, sources.first(), facts)
+    images = ImageOptions(base_dirs, data_args.image_max_pixels, data_args.image_min_pixels, sources.folders)
     preparer = Preparer(schema=schema, facts=facts, images=images)
     checker = Checker(preparer, processor, data_args.max_seq_length, data_args.on_bad_sample, data_args.train_on_prompt)
     checked, reports = {}, {}
-    for split, rows in (("train", train), ("eval", eval_rows), ("test", test)):
+    for split, rows in (("train", train), ("eval", eval_rows), ("test", sources.test)):
         if rows is not None:
             checked[split], reports[split] = check_rows(rows, checker, split)
     return Splits(checked.get("train"), checked.get("eval"), preparer, checked.get("test"), reports)
