@@ -20,9 +20,10 @@ import torch
 from tests.helpers import train_args
 from vlmtune.cli import main
 from vlmtune.config import parse_args
+from vlmtune.config.launch import config_path, resolve_launch_shortcuts
 from vlmtune.errors import RunError
 from vlmtune.models.loading import load_model
-from vlmtune.train.distributed import config_path, resolve_launch_shortcuts, sharded_quantization_kwargs
+from vlmtune.train.distributed import sharded_quantization_kwargs
 from vlmtune.train.fsdp import default_fsdp_wrap
 from vlmtune.train.run import run_training
 from vlmtune.train.vision_step import run_vision_every_step

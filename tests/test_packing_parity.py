@@ -25,10 +25,11 @@ from vlmtune.data.splits import build_splits
 from vlmtune.errors import RunError, UsageError
 from vlmtune.models import packing
 from vlmtune.models.loading import with_chat_template
+from vlmtune.models.loss import labelled_forward, labelled_positions
 from vlmtune.models.packing import check_packing, multimodal_positions, packed_inputs, sample_spans
 from vlmtune.models.processors import load_processor
 from vlmtune.models.registry import FAMILIES, GENERIC, FamilySpec, get_family
-from vlmtune.train.trainer import VlmTrainer, labelled_forward, labelled_positions
+from vlmtune.train.trainer import VlmTrainer
 
 SUPPORTED = [name for name, spec in FAMILIES.items() if not spec.packing_refusal]
 REFUSED = [name for name, spec in FAMILIES.items() if spec.packing_refusal]

@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from tests.data_files import png, write_rows
-from vlmtune import aliases, compat
+from vlmtune import compat
 from vlmtune.cli import main
-from vlmtune.config import make_parser, parse_args
+from vlmtune.config import aliases, make_parser, parse_args
 
 COLOURS = ["red", "green", "blue"]
 
@@ -330,7 +330,7 @@ def test_example_configs_reproduce_the_seed_runs_in_our_names(name, model, lora_
     with caplog.at_level(logging.WARNING):
         model_args, _, finetune, training = parse_args([str(EXAMPLES / name)])
     assert (model_args.model_name_or_path, finetune.lora_r, training.learning_rate) == (model, lora_r, learning_rate)
-    assert not [r for r in caplog.records if r.name == "vlmtune.aliases"], "examples use vlmtune's own names"
+    assert not [r for r in caplog.records if r.name == aliases.logger.name], "examples use vlmtune's own names"
 
 
 def test_every_foreign_name_is_documented():

@@ -20,9 +20,9 @@ from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.data.images import ImageOptions
 from vlmtune.data.prepare import Preparer
 from vlmtune.data.schema import detect_schema
+from vlmtune.models.loss import labelled_forward, labelled_nll_per_row
 from vlmtune.models.processors import load_processor
 from vlmtune.models.registry import get_family
-from vlmtune.train.trainer import labelled_forward, labelled_nll_per_row
 
 
 def shapes_batch(model_dir: str, shapes_data, n: int = 3) -> dict:

@@ -132,13 +132,13 @@ def cmd_demo(argv: list[str]) -> None:
 
 
 def cmd_data(argv: list[str]) -> None:
-    from .config import ARGUMENT_CLASSES, make_parser
-    from .data.preview import InspectArguments, inspect_data
+    from .config import TRAINING_ARGUMENTS, InspectArguments, make_parser
+    from .data.preview import inspect_data
     from .models.loading import load_processing
 
     if not argv or argv[0] != "inspect":
         raise UsageError("usage: vlmtune data inspect --model_name_or_path MODEL --dataset_name DATA [options]")
-    classes = (*ARGUMENT_CLASSES, InspectArguments)  # the train command's flags and config files work too
+    classes = (*TRAINING_ARGUMENTS, InspectArguments)  # the train command's flags and config files work too
     if any(a in ("-h", "--help") for a in argv):
         make_parser(classes, prog="vlmtune data inspect").print_help()
         return

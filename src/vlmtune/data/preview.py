@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import dataclass
 from itertools import islice
 from typing import TextIO
 
-from ..config import arg
 from ..errors import UsageError
 from .encode import EncodingFacts, Rendered, encode
 from .prepare import CUT, Preparer
@@ -23,13 +21,6 @@ from .splits import Splits, build_splits
 
 COLOUR = ("\x1b[1;32m", "\x1b[0m")
 BRACKETS = ("[[", "]]")
-
-
-@dataclass
-class InspectArguments:
-    num_examples: int = arg(3, "How many samples to show.")
-    inspect_split: str = arg("train", "Which split to show: train, eval or test.")
-    color: str = arg("auto", "Highlight the trained text in colour: auto (on a terminal), always or never.")
 
 
 def highlight(rendered: Rendered, marks: tuple[str, str]) -> str:
@@ -66,10 +57,9 @@ def describe_sample(processor, preparer: Preparer, row: dict, marks: tuple[str, 
     return "\n".join(lines)
 
 
-def inspect_data(
-    processor, facts: EncodingFacts, data_args, args: InspectArguments, out: TextIO | None = None
-) -> Splits:
-    """Print the first `args.num_examples` samples of a split and the check's summary; return the splits.
+def inspect_data(processor, facts: EncodingFacts, data_args, args, out: TextIO | None = None) -> Splits:
+    """Print the first `args.num_examples` samples of `args.inspect_split` and the check's summary; return
+    the splits. `args` are the command's `InspectArguments` (`config/arguments.py`).
 
     `processor` and `facts` are the model's (the command loads them), so data/ never loads a model itself."""
     # Show the training data in file order: no hold-out unless the held-out split is what is shown.

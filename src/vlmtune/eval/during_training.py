@@ -18,7 +18,7 @@ import logging
 import torch
 
 from ..data.prepare import Preparer
-from ..train.distributed import full_parameters_for_generation
+from ..models.generation import full_parameters_for_generation
 from .evaluate import evaluate_generation
 from .metrics import check_metric_names
 

@@ -14,7 +14,7 @@ from ..data.collate import VlmCollator
 from ..data.conversation import Conversation, text_of
 from ..data.prepare import Preparer
 from ..errors import DataError
-from ..train.trainer import labelled_nll_per_row
+from ..models.loss import labelled_nll_per_row
 from .generate import _batches, generate_answers
 from .metrics import TEXT_METRICS, check_metric_names, normalize_answer
 

@@ -20,19 +20,14 @@ from ..eval.during_training import GenerationMetrics, attach
 from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..eval.plots import write_training_plots
 from ..models.checkpoint import check_model_path, model_errors
+from ..models.generation import full_parameters_for_generation
 from ..models.loading import apply_finetuning, load_model, trainable_table
 from ..models.packing import check_packing
 from ..models.registry import FAMILIES, GENERIC
 from ..outputs import check_output_folder
 from .callbacks import early_stopping_callback
 from .checkpoints import remove_deletion_leftovers, resolve_resume
-from .distributed import (
-    announce,
-    detect_topology,
-    full_parameters_for_generation,
-    sharded_quantization_kwargs,
-    shards_parameters,
-)
+from .distributed import announce, detect_topology, sharded_quantization_kwargs, shards_parameters
 from .fsdp import default_fsdp_wrap
 from .guard import StopOnSignal, check_finite_weights
 from .trainer import LENGTH_STRATEGIES, VlmTrainer

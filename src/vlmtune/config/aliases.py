@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .errors import UsageError
+from ..errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def _truthy(values: list[str]) -> bool:
 
 def use_habana(values: list[str], known: set[str]) -> Tokens:
     """Gaudi is used when accelerate finds it; otherwise say which device runs instead."""
-    from .compat import accelerator
+    from ..compat import accelerator
 
     device = accelerator()
     if _truthy(values) and device != "hpu":
@@ -325,7 +325,7 @@ def _warn(alias: Alias, warned: set[str]) -> None:
 
 
 def warning(alias: Alias) -> str:
-    """"`--lora_rank` (run_lora_vlm.py) is `--lora_r` in vlmtune", or the note when no one flag replaces it."""
+    """ "`--lora_rank` (run_lora_vlm.py) is `--lora_r` in vlmtune", or the note when no one flag replaces it."""
     if alias.note.startswith("`--") and "`" not in alias.note[1:].split("`", 1)[1][:1]:
         return f"`--{alias.foreign}` ({alias.systems}) is {alias.note} in vlmtune"
     return f"`--{alias.foreign}` ({alias.systems}) in vlmtune: {alias.note}"
@@ -359,8 +359,11 @@ def translate(argv: Iterable[str], known: Iterable[str], warned: set[str] | None
             out += alias.rule(values, known)
         elif not (early_off and name in _DROPPED_WHEN_OFF):
             out += _ours(name, values)
-    return out + _vizsage_data(groups, foreign, known) + _joined_output_dir(groups, foreign) + _early_stopping(
-        groups, foreign, known
+    return (
+        out
+        + _vizsage_data(groups, foreign, known)
+        + _joined_output_dir(groups, foreign)
+        + _early_stopping(groups, foreign, known)
     )
 
 

@@ -1,0 +1,261 @@
+"""The arguments of vlmtune's commands, as dataclasses: one definition serves `--flags`, YAML and JSON
+files and `--help` (parsed by `parser.py`, their values checked by `checks.py`).
+
+Every `transformers.TrainingArguments` field passes through by name; vlmtune's own fields are grouped
+ahead of them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import TrainingArguments
+
+from .. import compat
+
+
+def arg(default, help: str, **kwargs):  # noqa: A002 - argparse's own word
+    """A dataclass field with its `--help` text (default_factory given: `default` is ignored)."""
+    if "default_factory" in kwargs:
+        return field(metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelArguments:
+    _argument_group_name = "model"
+
+    model_name_or_path: str = arg(
+        None, "Base model: a local folder or a Hugging Face hub id (e.g. Qwen/Qwen2-VL-2B-Instruct)."
+    )
+    adapter_name_or_path: str | None = arg(
+        None, "A PEFT adapter to load on top of the base model (inference, or to continue training)."
+    )
+    attn_implementation: str = arg(
+        "sdpa", "Attention kernel: sdpa (default), eager, or flash_attention_2 (GPU, if installed)."
+    )
+    trust_remote_code: bool = arg(False, "Allow model code from the hub checkpoint.")
+    model_type: str | None = arg(
+        None, "Architecture the checkpoint must be (llava, qwen2_vl...): checked, never needed (read from config.json)."
+    )
+
+
+@dataclass
+class DataArguments:
+    _argument_group_name = "data"
+
+    dataset_name: str = arg(
+        None, "Training data: a CSV/TSV/JSON/JSONL/Parquet file, a folder of them, a save_to_disk folder, or a hub id."
+    )
+    eval_dataset_name: str | None = arg(None, "Separate evaluation data (same forms as --dataset_name).")
+    dataset_config: str | None = arg(None, "Hub dataset configuration name.")
+    image_column: str | None = arg(
+        None, "Column with the image(s); detected if omitted (image_path, image, images...)."
+    )
+    prompt_column: str | None = arg(None, "Column with the prompt; detected if omitted (prompt, question, query...).")
+    response_column: str | None = arg(None, "Column with the answer; detected if omitted (response, answer, label...).")
+    dataset_text_field: str | None = arg(None, "Column with OpenAI-style `messages` (role + content parts).")
+    dataset_image_field: str | None = arg(None, "Column with the images for --dataset_text_field (one or a list).")
+    image_root: str | None = arg(
+        None, "Folder that relative image paths are resolved against (default: the data file's folder)."
+    )
+    image_max_pixels: int | None = arg(
+        None, "Shrink larger images (aspect kept) to at most this many pixels before the processor."
+    )
+    image_min_pixels: int | None = arg(None, "Enlarge smaller images (aspect kept) to at least this many pixels.")
+    system_prompt: str | None = arg(None, "System message added to every conversation that has none.")
+    train_on_prompt: bool = arg(False, "Also train on prompt tokens (default: assistant turns only).")
+    max_train_samples: int | None = arg(None, "Use at most this many training rows.")
+    max_eval_samples: int | None = arg(None, "Use at most this many evaluation rows.")
+    val_split_ratio: float = arg(0.1, "Held-out fraction (seeded) when the data has no validation split; 0 disables.")
+    test_dataset_name: str | None = arg(None, "Separate test data (same forms as --dataset_name).")
+    train_split: str | None = arg(None, "Split to train on when the data has several (default: train).")
+    eval_split: str | None = arg(None, "Split to evaluate on (default: validation/val/valid/dev/eval).")
+    test_split: str | None = arg(None, "Split to test on (default: test).")
+    streaming: bool = arg(False, "Read the data as a stream (larger than memory); needs --max_steps.")
+    stream_buffer_size: int = arg(1000, "Shuffle buffer (rows) when streaming.")
+    max_seq_length: int | None = arg(
+        None, "Longest sample in tokens: longer ones lose prompt text from the start, or are skipped; images never cut."
+    )
+    on_bad_sample: str = arg(
+        "error", "error: stop at the first bad sample (file, row, reason); skip: drop bad samples and report them."
+    )
+    context_file: str | None = arg(None, "CSV of external knowledge joined into each prompt as a 'Context:' line.")
+    context_join_on: str | None = arg(
+        None, "Key for --context_file: a column both share, or data_column=csv_column (e.g. image=IMAGE_FILE)."
+    )
+    context_column: str | None = arg(None, "Column of --context_file with the text (detected if omitted).")
+    packing: bool = arg(
+        False,
+        "Pack samples into rows of at most --max_seq_length tokens (needs it), never splitting one; each "
+        "sample attends only to itself, with positions restarting per sample (unlike LLaMA-Factory's packing "
+        "without neat_packing). --per_device_train_batch_size then counts packed rows. Training only; "
+        "evaluation stays one sample per row (docs/packing.md).",
+    )
+    padding_free: bool = arg(
+        False,
+        "Join each training batch's samples into one row without padding (no plan, works with --streaming); "
+        "each sample attends only to itself. Implied by --packing, whose rows are already padding-free.",
+    )
+    packing_strategy: str = arg(
+        "best_fit",
+        "How --packing fills rows: best_fit (longest samples first, each into the fullest row it fits; "
+        "packs shuffled with --data_seed or --seed) or greedy (in data order, a new row when the next does not fit).",
+    )
+
+
+@dataclass
+class FinetuneArguments:
+    _argument_group_name = "fine-tuning"
+
+    finetuning_type: str = arg("lora", "lora (default), dora (weight-decomposed LoRA) or full.")
+    lora_r: int = arg(16, "LoRA rank.")
+    lora_alpha: int = arg(32, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = arg(
+        0.0,
+        "Dropout on the LoRA path (default 0: a dropout copies every adapted layer's input, which cost 20%% of "
+        "the step time in bench/compare.py; 0.05 is a common regulariser for small data).",
+    )
+    lora_target_modules: list[str] | None = arg(
+        None, "Modules to adapt: names, one regex, or all-linear (the language model's linear layers, the default)."
+    )
+    freeze_vision_tower: bool = arg(True, "Keep the vision encoder frozen (default on).")
+    freeze_projector: bool | None = arg(
+        None, "Freeze the vision-to-text projector (default: on for LoRA, off for full)."
+    )
+    freeze_language_model: bool = arg(False, "Freeze the language model (train only what else is unfrozen).")
+    max_new_tokens: int = arg(32, "Longest generated answer when evaluating accuracy.")
+    eval_accuracy: bool = arg(True, "After training, generate answers for the eval split and report exact match.")
+    eval_metrics: list[str] | None = arg(
+        None,
+        "Generation metrics (exact_match, exact_match_raw, relaxed_accuracy, anls, token_f1, loss, or all) computed "
+        "at every evaluation during training, logged as eval_<metric> (usable by --metric_for_best_model and "
+        "early stopping), and after training (default after training: exact_match).",
+    )
+    eval_metrics_samples: int = arg(64, "Eval rows that --eval_metrics generates answers for at each evaluation.")
+    use_rslora: bool = arg(False, "Rank-stabilised LoRA: scale the adapter by alpha / sqrt(r) instead of alpha / r.")
+    train_vision_lora: bool = arg(False, "Also add LoRA to the vision tower's linear layers (its weights stay frozen).")
+    vision_lr: float | None = arg(
+        None, "Learning rate of the vision tower's trainable parameters (default: --learning_rate)."
+    )
+    projector_lr: float | None = arg(
+        None, "Learning rate of the projector's trainable parameters (default: --learning_rate)."
+    )
+    load_in_4bit: bool = arg(False, "QLoRA: load the language model in 4-bit NF4, double quantised (bitsandbytes).")
+    load_in_8bit: bool = arg(False, "Load the language model in 8-bit (bitsandbytes) and train LoRA on top.")
+    quantize_vision_tower: bool = arg(False, "With --load_in_4bit/8bit, quantise the vision tower too (default: kept).")
+    early_stopping_patience: int | None = arg(
+        None, "Stop after this many evaluations without improvement of --metric_for_best_model (default eval loss)."
+    )
+    early_stopping_patience_ratio: float | None = arg(
+        None, "Patience as a fraction of the total training steps (e.g. 0.1), converted to evaluations."
+    )
+    early_stopping_threshold: float = arg(0.0, "Minimum improvement of the metric that resets the patience.")
+
+
+@dataclass
+class VlmTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments with defaults that suit VLM fine-tuning."""
+
+    output_dir: str = arg(None, "Where the adapter/model, processor, config and logs are written.")
+    overwrite_output_dir: bool = arg(False, "Replace a trained model already in --output_dir.")
+    remove_unused_columns: bool = arg(False, "Keep raw columns: the collator needs them.")
+    learning_rate: float = arg(1e-4, "Peak learning rate.")
+    logging_steps: float = arg(10, "Log every N steps.")
+    per_device_eval_batch_size: int = arg(8, "Batch size for evaluation and generation.")
+    deepspeed: dict | str | None = arg(
+        None, "DeepSpeed (GPUs): zero2, zero3, zero3_offload (configs shipped with vlmtune) or your JSON config file."
+    )
+    fsdp: str | None = field(
+        default=None,
+        metadata={
+            "help": "FSDP (GPUs): full_shard or hybrid_shard (configs shipped with vlmtune, the family's layers "
+            "wrapped), or bare --fsdp with your own --fsdp_config.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
+    resume_from_checkpoint: str | None = arg(
+        None, "Continue from a checkpoint-N folder, or `latest`: the newest complete checkpoint in --output_dir."
+    )
+    on_nonfinite: Literal["stop", "skip"] = arg(
+        "stop",
+        "A NaN/inf loss or gradient norm at a step: stop (default; exit 1 naming the step, nothing saved for it) "
+        "or skip (drop that optimizer step, count and report it, go on).",
+    )
+    dataloader_num_workers: int | None = arg(
+        None,
+        "Processes that load images and build batches beside training (default: with a GPU, half the CPU "
+        "cores up to 4; without, 0: on CPU they would take cores from the model).",
+    )
+    malloc_mmap_threshold_mb: float = arg(
+        2.0,
+        "Linux (glibc): host tensors of at least this many MiB get their own memory, returned to the system "
+        "when freed, so the heap does not fragment (CPU benchmark: 22%% lower peak RSS, steps about 25%% "
+        "slower; see docs/performance.md). 0: glibc's adaptive default. MALLOC_MMAP_THRESHOLD_ in the "
+        "environment wins.",
+    )
+    length_column_name: str = arg(
+        "__length__",
+        "Per-row token counts for --train_sampling_strategy group_by_length (batches of similar length: less "
+        "padding on mixed-length data): by default the counts vlmtune's pre-training check measured, so no "
+        "second pass over the data.",
+    )
+    cache_vision_features: bool = arg(
+        False,
+        "Compute each image's vision tower + projector features once and reuse them in later epochs and "
+        "evaluations (needs both frozen: the LoRA default). Kept in host memory up to --vision_cache_max_gb.",
+    )
+    vision_cache_max_gb: float = arg(
+        4.0, "Host memory for --cache_vision_features; images beyond it are computed every time."
+    )
+
+    def __post_init__(self):
+        if self.dataloader_num_workers is None:
+            self.dataloader_num_workers = default_num_workers()
+        if not _has_gpu():  # pinned memory only speeds copies to a GPU; without one torch warns every run
+            self.dataloader_pin_memory = False
+        # Before transformers' own checks, which refuse bf16/tf32 on machines without the hardware.
+        compat.fit_training_args(self)
+        super().__post_init__()
+
+
+def default_num_workers() -> int:
+    """Data-loader workers: images are decoded and processed while the GPU computes, off the training loop."""
+    import os
+
+    if not _has_gpu():
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass
+class InspectArguments:
+    """`vlmtune data inspect`'s own options (it takes the training arguments too, so a training config works)."""
+
+    num_examples: int = arg(3, "How many samples to show.")
+    inspect_split: str = arg("train", "Which split to show: train, eval or test.")
+    color: str = arg("auto", "Highlight the trained text in colour: auto (on a terminal), always or never.")
+
+
+# Every training command's arguments: the model, data and images, LoRA/full fine-tuning, and the Trainer's
+# (output, schedule, precision). `vlmtune train` takes exactly these; a preference trainer (dpo, grpo) adds
+# its own dataclass: `parse_args(argv, (*TRAINING_ARGUMENTS, DpoArguments))`.
+TRAINING_ARGUMENTS = (ModelArguments, DataArguments, FinetuneArguments, VlmTrainingArguments)
+
+
+def to_dict(*dataclass_objects) -> dict:
+    """All arguments of a run as one JSON-safe dict (saved next to the model as the resolved config)."""
+    out: dict = {}
+    for obj in dataclass_objects:
+        data = obj.to_dict() if hasattr(obj, "to_dict") else vars(obj)
+        out.update({k: v for k, v in data.items() if not k.startswith("_")})
+    return json.loads(json.dumps(out, default=str))
