@@ -2,12 +2,15 @@
 
 Run by tests/test_distributed.py under torchrun or with RANK/WORLD_SIZE set by hand. The command line is
 vlmtune's own; the only addition is a callback that, after every optimizer step, gathers a checksum of
-each rank's trainable weights (through accelerate) and stops the job if any rank differs.
+each rank's trainable weights (through accelerate) and stops the job if any rank differs. With
+VLMTUNE_TEST_STEP_SECONDS set, each training step first sleeps that long (so a signal arrives mid-run).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 import torch
 from accelerate.utils import gather_object
@@ -41,6 +44,17 @@ def run_training_checked(*args, callbacks=None):
 
 original = run_module.run_training
 run_module.run_training = run_training_checked
+
+if step_seconds := float(os.environ.get("VLMTUNE_TEST_STEP_SECONDS", "0")):
+    from vlmtune.train.trainer import VlmTrainer
+
+    training_step = VlmTrainer.training_step
+
+    def slow(self, *args, **kwargs):
+        time.sleep(step_seconds)
+        return training_step(self, *args, **kwargs)
+
+    VlmTrainer.training_step = slow
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -201,3 +201,29 @@ def test_the_checkpoints_generation_config_says_what_else_ends_a_turn(tmp_path, 
     processor, spec = load_processing(str(folder))
     assert spec.turn_end == ("<|im_end|>", "<|endoftext|>")
     assert get_family("qwen2_vl").turn_end == ("<|im_end|>",), "the registry entry itself is unchanged"
+
+
+def test_a_system_message_for_a_template_without_a_system_turn_is_folded_into_the_prompt(tiny_model_dir, caplog):
+    """PaliGemma's template renders user turns only: the system text goes before the first user text, with a
+    warning, and is never trained; for templates with a system turn nothing changes."""
+    processor, spec = load_processing(tiny_model_dir("paligemma"))
+    facts = spec.encoding
+    picture = Image.new("RGB", (64, 64), "red")
+    messages = [
+        _text("system", "Answer in one word."),
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+        _text("assistant", "red"),
+    ]
+    conv = Conversation(messages, images=[picture], meta={"source": "chat.jsonl", "row": 0})
+    with caplog.at_level("WARNING"):
+        encoded = encode(processor, conv, [picture], facts)
+        prompt = prompt_text(processor, conv.prompt_messages())
+    assert prompt.endswith("Answer in one word.\n\nWhat colour?")
+    assert "Answer in one word." in encoded.rendered.text
+    assert trained_text(processor, encoded).strip().startswith("red")
+    assert "Answer in one word" not in trained_text(processor, encoded)
+    assert caplog.text.count("has no system turn") == 1, "one warning per template"
+
+    qwen = real_processor("qwen2_vl")  # a template with a system turn renders it there, unfolded
+    text = prompt_text(qwen, [messages[0], messages[1]])
+    assert "<|im_start|>system\nAnswer in one word.<|im_end|>" in text and "Answer in one word.\n\nWhat" not in text

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.helpers import train_args
 from vlmtune.cli import main
@@ -23,6 +27,7 @@ from vlmtune.config import parse_args
 from vlmtune.config.launch import config_path, resolve_launch_shortcuts
 from vlmtune.errors import RunError
 from vlmtune.models.loading import load_model
+from vlmtune.train.checkpoints import complete_checkpoints
 from vlmtune.train.distributed import sharded_quantization_kwargs
 from vlmtune.train.fsdp import default_fsdp_wrap
 from vlmtune.train.run import run_training
@@ -286,3 +291,114 @@ def test_text_only_batch_runs_the_vision_tower_with_unchanged_loss_and_gradients
     model.eval()
     model(**{k: v for k, v in batch.items() if k != "labels"})
     assert hook.runs == 1, "generation and evaluation are left alone"
+
+
+# --- preemption: real signals to a real 2-process job ------------------------------------------------
+
+
+def _ranks(launcher: subprocess.Popen) -> dict[int, int]:
+    """RANK → pid of the launcher's training processes (read from /proc)."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    ranks = {}
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        variables = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
+        ranks[int(variables["RANK"])] = pid
+    return ranks
+
+
+TORCHRUN_2 = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", WORKER]
+
+
+def _job_flags(model_dir, shapes_data, out: Path) -> list[str]:
+    """12 steps of 2 rows per process with dropout (RNG state matters), a checkpoint every 2 steps."""
+    settings = dict(per_device_train_batch_size=2, max_steps=12, max_train_samples=48, val_split_ratio=0)
+    settings |= dict(eval_accuracy="false", lora_dropout=0.1, save_strategy="steps", save_steps=2)
+    return _train_flags(model_dir, shapes_data, out, **settings)
+
+
+def _preempted_run(model_dir, shapes_data, out: Path, send, *extra: str) -> tuple[int, str]:
+    """A 12-step torchrun job of 2 processes (steps slowed), signalled by `send(launcher)` once
+    checkpoint-2 is complete; (the launcher's exit code, stderr). Fails the test if the job hangs."""
+    stderr = out.parent / f"{out.name}.stderr"
+    with open(stderr, "w") as err_file:
+        launcher = subprocess.Popen(
+            [*TORCHRUN_2, *_job_flags(model_dir, shapes_data, out), *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+            env=_env(VLMTUNE_TEST_STEP_SECONDS="0.5"),
+            start_new_session=True,  # its own process group, as a terminal's job or a Slurm step has
+        )
+        try:
+            marker = out / "checkpoint-2" / "checkpoint_complete.json"
+            deadline = time.monotonic() + 300
+            while not marker.exists() and launcher.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert launcher.poll() is None, stderr.read_text()[-3000:]
+            send(launcher)
+            code = launcher.wait(timeout=120)  # every process stops: no hang
+        finally:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+    return code, stderr.read_text()
+
+
+def _stopped_together(out: Path, err: str, name: str) -> None:
+    """Both ranks stopped at one step before the end and saved one complete checkpoint of it."""
+    stopped = re.findall(rf"vlmtune: error: training stopped by {name} at step (\d+) of 12", err)
+    assert len(stopped) == 1, err[-3000:]  # said once, by the first process
+    step = int(stopped[0])
+    assert 2 <= step < 12
+    assert [p.name for p in complete_checkpoints(out)][-1] == f"checkpoint-{step}"
+    folder = out / f"checkpoint-{step}"
+    assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == step
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in folder.iterdir()}, "both ranks saved"
+    assert not (out / "adapter_model.safetensors").exists()
+    assert "Traceback" not in err.split("training stopped by")[0], "no rank crashed before stopping"
+
+
+def test_ctrl_c_to_a_torchrun_job_checkpoints_every_rank_at_one_step_and_resumes_exactly(
+    tiny_model_dir, shapes_data, tmp_path
+):
+    model = tiny_model_dir("qwen2_vl")
+    # A terminal's Ctrl-C reaches every process of the job at once, and torchrun passes it on again.
+    code, err = _preempted_run(model, shapes_data, tmp_path / "run", lambda p: os.killpg(p.pid, signal.SIGINT))
+    assert code != 0
+    _stopped_together(tmp_path / "run", err, "SIGINT")
+    assert "vlmtune: interrupted" not in err, "the signal passed on by torchrun is not a second Ctrl-C"
+    assert err.count("SIGINT received: saving a checkpoint") == 2  # each process, once
+
+    def job(out: Path, *extra: str) -> None:
+        done = subprocess.run(
+            [*TORCHRUN_2, *_job_flags(model, shapes_data, out), *extra],
+            capture_output=True, text=True, env=_env(), timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    job(tmp_path / "run", "--resume_from_checkpoint", "latest")
+    job(tmp_path / "straight")
+    got = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    expected = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    assert all(torch.equal(got[k], expected[k]) for k in expected), "the resumed run is the uninterrupted one"
+
+
+def test_slurms_warning_signal_to_one_rank_stops_the_whole_job_at_one_step(tiny_model_dir, shapes_data, tmp_path):
+    def to_rank_1(launcher):
+        os.kill(_ranks(launcher)[1], signal.SIGUSR1)
+
+    out = tmp_path / "run"
+    code, err = _preempted_run(
+        tiny_model_dir("qwen2_vl"), shapes_data, out, to_rank_1, "--save_on_signal", "SIGTERM", "SIGUSR1"
+    )
+    assert code != 0
+    _stopped_together(out, err, "SIGUSR1")
+    assert "vlmtune [rank 1]: SIGUSR1 received" in err and "vlmtune [rank 0]: SIGUSR1" not in err
+    # torchrun alone would not pass SIGUSR1 on: said at the start, with the launcher flag that fixes it.
+    assert "--signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in err
+
+
+def test_sigterm_to_the_launcher_alone_checkpoints_every_rank(tiny_model_dir, shapes_data, tmp_path):
+    out = tmp_path / "run"
+    code, err = _preempted_run(tiny_model_dir("qwen2_vl"), shapes_data, out, lambda p: p.send_signal(signal.SIGTERM))
+    assert code != 0
+    _stopped_together(out, err, "SIGTERM")

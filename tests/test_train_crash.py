@@ -1,4 +1,5 @@
-"""Crashes lose nothing: a SIGKILL while a checkpoint is written, a diverged run, and Ctrl-C.
+"""Crashes lose nothing: a SIGKILL while a checkpoint is written, a diverged run, Ctrl-C, two runs into one
+folder and a full disk.
 
 Killed runs are real processes that die by a real signal. They are forked from a `forkserver` that has
 imported the stack once, so each kill costs a training run, not a Python start-up.
@@ -7,11 +8,14 @@ imported the stack once, so each kill costs a training run, not a Python start-u
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import short_run
 from vlmtune.cli import main
+from vlmtune.outputs import LOCK_FILE
 from vlmtune.train.checkpoints import MARKER, checkpoint_folders, complete_checkpoints
 
 QWEN = "qwen2_vl"
@@ -215,6 +220,7 @@ def test_a_diverged_run_stops_at_its_step_and_saves_no_result(
         )
     err = capsys.readouterr().err
     assert failed.value.code == 1 and "Traceback" not in err
+    assert re.search(r"(^|\n)vlmtune: error: training diverged", err), "the message starts its own line"
     step = re.search(r"diverged at step (\d+)", err)
     assert step and 1 < int(step.group(1)) <= 6, err
     assert "--learning_rate" in err and "--bf16" in err and "--on_nonfinite skip" in err
@@ -300,3 +306,80 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes_to_the_same_adapter(
 
     short_run(tiny_model_dir(QWEN), shapes_data, out, resume_from_checkpoint="latest", **SETTINGS)
     assert_same_adapter(straight, out)
+
+
+# --- one run per output folder ---------------------------------------------------------------------
+
+
+def test_a_second_run_into_a_busy_output_folder_is_refused_and_a_killed_run_leaves_no_lock(
+    tiny_model_dir, shapes_data, tmp_path, forkserver, capsys, caplog
+):
+    out, stderr = tmp_path / "run", tmp_path / "stderr.txt"
+    argv = ["train", "--model_name_or_path", tiny_model_dir(QWEN), "--dataset_name", str(shapes_data["train"])]
+    argv += ["--output_dir", str(out), "--use_cpu", "--max_steps", "40", "--max_train_samples", "12"]
+    argv += ["--val_split_ratio", "0", "--eval_accuracy", "false", "--save_strategy", "no"]
+    first = forkserver.Process(target=train_slowly, args=(argv, str(stderr)))
+    first.start()
+    lock = out / LOCK_FILE
+    deadline = time.monotonic() + 300
+    while not (lock.exists() and lock.read_text()) and first.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert json.loads(lock.read_text())["pid"] == first.pid
+
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    err = capsys.readouterr().err
+    assert refused.value.code == 1 and "Traceback" not in err
+    assert f"--output_dir {out} is in use by another run: PID {first.pid} on host {socket.gethostname()}" in err
+    assert first.is_alive(), "the first run goes on"
+
+    os.kill(first.pid, signal.SIGKILL)  # killed: nothing runs to release the lock but the kernel
+    first.join()
+    assert lock.exists()
+    with caplog.at_level(logging.WARNING):
+        result = short_run(tiny_model_dir(QWEN), shapes_data, out)
+    assert result.trainer.state.global_step == 3
+    assert f"PID {first.pid}" in caplog.text and "ended without releasing it" in caplog.text
+    assert not lock.exists(), "released at the end"
+
+
+# --- a full disk -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1.2 MB file system (tmpfs): room for two checkpoints of the tiny model, not three."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_while_saving_is_a_message_and_the_last_complete_checkpoint_stays(
+    tiny_model_dir, shapes_data, small_disk, capsys
+):
+    out = small_disk / "run"
+    argv = ["train", "--model_name_or_path", tiny_model_dir(QWEN), "--dataset_name", str(shapes_data["train"])]
+    argv += ["--output_dir", str(out), "--use_cpu", "--max_steps", "8", "--max_train_samples", "12"]
+    argv += ["--val_split_ratio", "0", "--eval_accuracy", "false", "--save_strategy", "steps", "--save_steps", "2"]
+    with pytest.raises(SystemExit) as failed:
+        main(argv)
+    err = capsys.readouterr().err
+    assert failed.value.code == 1 and "Traceback" not in err and "RuntimeError" not in err
+    message = err[err.index("vlmtune: error: ") :]
+    assert f"no space left on device in {out} while saving checkpoint-" in message
+    complete = complete_checkpoints(out)
+    assert complete and f"the last complete checkpoint, {complete[-1]}, is intact" in message
+    assert "--resume_from_checkpoint latest" in message
+    assert names(checkpoint_folders(out)) == names(complete), "the half-written checkpoint was removed"
+    assert not (out / "adapter_model.safetensors").exists()
+
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)  # space freed
+    main([*argv, "--resume_from_checkpoint", "latest", "--save_total_limit", "1"])
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 8
+    assert (out / "adapter_model.safetensors").is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -11,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Noise users cannot act on, silenced before the libraries load: bitsandbytes warns at import on every CPU
-# without its optional `kernels` package, and PEFT calls a transformers method that v5 renamed.
+# without its optional `kernels` package, PEFT calls a transformers method that v5 renamed, and the hub's
+# HTTP client logs each request.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+for _client in ("httpx", "httpx2"):  # huggingface_hub's HTTP client logs every request at INFO
+    logging.getLogger(_client).setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 from .config import arg, parse_args  # noqa: E402
@@ -28,6 +32,7 @@ commands:
   eval         generate answers for a dataset and score them: metrics.json, predictions.jsonl, report.html
   predict      answer a prompt about one or more images (or a JSONL of requests) with a model and optional adapter
   merge        merge a LoRA adapter into its base model and save a standalone checkpoint
+  push         upload a trained or merged folder to the Hugging Face hub (e.g. after an upload failed)
   tiny-model   write a tiny random model of a real architecture (offline, for trying things out)
   demo         fine-tune a tiny Qwen2-VL on bundled synthetic data, offline, in about a minute
   data inspect show the first samples as the model sees them (trained text marked) and check all of them
@@ -166,11 +171,21 @@ def cmd_merge(argv: list[str]) -> None:
     print(f"Merged model written to {merge_adapter(args)}")
 
 
+def cmd_push(argv: list[str]) -> None:
+    from .hub import PushArguments, run_push
+
+    if argv and not argv[0].startswith("-"):  # `vlmtune push FOLDER ...`
+        argv = ["--folder", *argv]
+    (args,) = _parse(PushArguments, argv, "vlmtune push")
+    run_push(args)
+
+
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
     "predict": cmd_predict,
     "merge": cmd_merge,
+    "push": cmd_push,
     "data": cmd_data,
     "tiny-model": cmd_tiny_model,
     "demo": cmd_demo,
@@ -203,6 +218,23 @@ def _dispatch(argv: list[str]) -> None:
     COMMANDS[command](argv)
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars still on screen (a run that fails mid-step leaves the Trainer's open), so the
+    message that follows starts on a line of its own instead of after the bar."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _out_of_space(err: BaseException) -> str | None:
+    """The message for a write that found the disk (or quota) full, outside the saves that say more."""
+    if not (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)):
+        return None
+    where = f" while writing {err.filename}" if err.filename else ""
+    return f"no space left on device{where}; free some space, or write to another disk, and run the command again"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run one command. The one error boundary: a `VlmtuneError` (a mistake the user can fix) becomes
     its message on stderr and its exit code, without a traceback unless `--debug`; anything else keeps
@@ -214,12 +246,19 @@ def main(argv: list[str] | None = None) -> None:
     except VlmtuneError as err:
         if debug:
             traceback.print_exc()
-        print(f"vlmtune: error: {err}", file=sys.stderr)
+        if not getattr(err, "silent", False):  # (the other processes of a job, when the first one says it)
+            _end_progress_bars()
+            print(f"vlmtune: error: {err}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
     except KeyboardInterrupt:
+        _end_progress_bars()
         print("vlmtune: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
-    except Exception:
+    except Exception as err:
+        _end_progress_bars()
+        if (message := _out_of_space(err)) is not None:
+            print(f"vlmtune: error: {message}", file=sys.stderr)
+            raise SystemExit(1) from None
         traceback.print_exc()
         print(f"vlmtune: {BUG_LINE}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -8,7 +8,6 @@ change, so the user knows exactly what ran.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 from pathlib import Path
@@ -34,6 +33,21 @@ def _say(message: str) -> None:
     print(f"vlmtune: {message}")
 
 
+# `--report_to` back-ends whose pip package is not named as transformers names them.
+REPORTER_PACKAGES = {"azure_ml": "azureml-core", "flyte": "flytekit", "kubeflow": "kubeflow-training"}
+
+
+def missing_reporters(reporters: list[str]) -> list[str]:
+    """The `--report_to` back-ends transformers knows whose package is not installed here."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    installed = set(get_available_reporting_integrations())
+    return [r for r in reporters if r in INTEGRATION_TO_CALLBACK and r not in installed]
+
+
 def fit_training_args(args) -> None:
     """Adjust `TrainingArguments` fields this machine cannot honour (before transformers checks them)."""
     device = accelerator()
@@ -47,10 +61,15 @@ def fit_training_args(args) -> None:
         args.tf32 = None
         _say("tf32 needs an NVIDIA Ampere (or newer) GPU and there is none here: ignoring --tf32.")
     reporters = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
-    missing = [r for r in reporters if r == "wandb" and importlib.util.find_spec("wandb") is None]
+    missing = missing_reporters(reporters)
+    for name in missing:
+        package = REPORTER_PACKAGES.get(name, name)
+        _say(
+            f"--report_to {name}: {package} is not installed (pip install {package}): logging locally only "
+            "(the console, trainer_state.json and the training plots)."
+        )
     if missing:
         args.report_to = [r for r in reporters if r not in missing] or "none"
-        _say("W&B logging asked for but wandb is not installed (pip install wandb): logging to the console only.")
 
 
 def check_model_type(expected: str | None, config) -> None:

@@ -35,3 +35,8 @@ class OutputError(VlmtuneError):
 
 class RunError(VlmtuneError):
     """Training or evaluation cannot go on (diverged, interrupted, nothing to resume from)."""
+
+
+class HubError(VlmtuneError):
+    """An upload to (or download from) the Hugging Face hub that cannot work here: offline, no token, no
+    network, no write access. The message says what was asked, why, and the fix."""

@@ -16,6 +16,7 @@ import torch
 
 from .config import arg
 from .errors import OutputError, UsageError
+from .hub import check_push, push_folder
 from .models.loading import load_for_inference
 from .outputs import check_output_folder
 
@@ -59,6 +60,9 @@ def merge_adapter(args: MergeArguments) -> Path:
         raise UsageError("vlmtune merge: --output_dir must differ from --adapter")
     check_output_folder(out)
     check_merge_output(out, args.overwrite_output_dir)
+    repo_id = None
+    if args.push_to_hub:  # an upload that cannot work is refused before the merge
+        repo_id = check_push(args.hub_model_id or out.resolve().name, args.hub_token, "--push_to_hub")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     loaded = load_for_inference(
         args.model_name_or_path, args.adapter, dtype=dtype, trust_remote_code=args.trust_remote_code
@@ -74,17 +78,6 @@ def merge_adapter(args: MergeArguments) -> Path:
         model.generation_config.save_pretrained(out)
     loaded.processor.save_pretrained(out)
     logger.info("Merged %s into %s", args.adapter, out)
-    if args.push_to_hub:
-        push_folder(out, args.hub_model_id or out.name, private=args.hub_private_repo, token=args.hub_token)
+    if repo_id is not None:
+        push_folder(out, repo_id, private=args.hub_private_repo, token=args.hub_token, message="vlmtune merge")
     return out
-
-
-def push_folder(folder: Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Create (if needed) the hub model repository `repo_id` and upload `folder` to it."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(folder_path=str(folder), repo_id=repo.repo_id, commit_message="vlmtune merge")
-    print(f"Pushed {folder} to {repo.url}")
-    return repo.repo_id

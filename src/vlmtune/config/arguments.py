@@ -211,6 +211,13 @@ class VlmTrainingArguments(TrainingArguments):
     vision_cache_max_gb: float = arg(
         4.0, "Host memory for --cache_vision_features; images beyond it are computed every time."
     )
+    save_on_signal: list[str] = arg(
+        None,
+        "Signals that mean: finish this step, save a checkpoint, stop (exit 128 + the signal's number); Ctrl-C "
+        "always does. Add the one your scheduler warns with, e.g. SIGTERM SIGUSR1 for Slurm's --signal=USR1@120 "
+        "(docs/multi-gpu.md, 'Preemption').",
+        default_factory=lambda: ["SIGTERM"],
+    )
 
     def __post_init__(self):
         if self.dataloader_num_workers is None:

@@ -173,13 +173,10 @@ def _scheduler_problems(values: dict) -> list[tuple[str, str]]:
 
 
 def _report_to_problems(wanted) -> list[tuple[str, str]]:
-    """A `--report_to` logger that does not exist or is not installed fails now, not after the model loads."""
-    from transformers.integrations.integration_utils import (
-        INTEGRATION_TO_CALLBACK,
-        get_available_reporting_integrations,
-    )
+    """A `--report_to` logger that does not exist fails now, not after the model loads (one that is not
+    installed is dropped with a warning: `compat.fit_training_args`)."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-    installed = get_available_reporting_integrations()
     for name in [wanted] if isinstance(wanted, str) else wanted or []:
         if name in ("none", "all"):
             continue
@@ -187,8 +184,6 @@ def _report_to_problems(wanted) -> list[tuple[str, str]]:
             known = list(INTEGRATION_TO_CALLBACK)
             hint = did_you_mean(name, known)
             return [("report_to", f"cannot be {name!r}: choose from {', '.join(known)} or none{hint}")]
-        if name not in installed:
-            return [("report_to", f"{name}: its package is not installed; pip install {name}, or --report_to none")]
     return []
 
 

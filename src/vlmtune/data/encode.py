@@ -149,8 +149,62 @@ def string_roles(processor) -> frozenset[str]:
     return _STRING_ROLES[template]
 
 
-def template_messages(processor, messages: list[dict]) -> list[dict]:
-    """`messages` in the form the template renders correctly (text-only content as strings where needed)."""
+_SYSTEM_TURN: dict[str, bool] = {}
+_warned_system: set[str] = set()
+
+
+def renders_system(processor) -> bool:
+    """Whether the chat template shows a system message's text (PaliGemma's renders user turns only; some
+    templates raise on a system role). Decided by rendering a sentinel system message, once per template."""
+    template = processor.chat_template
+    if template not in _SYSTEM_TURN:
+        probe = [_text_message("system", SENTINEL, False), _text_message("user", "Hi", False)]
+        try:
+            shown = SENTINEL in _apply(processor, template_messages(processor, probe, fold_system=False))
+        except Exception:  # noqa: BLE001 - a template that refuses the system role has no system turn
+            shown = False
+        _SYSTEM_TURN[template] = shown
+    return _SYSTEM_TURN[template]
+
+
+def _fold_system(messages: list[dict]) -> list[dict]:
+    """The system messages' text put at the start of the first user message (for templates without a
+    system turn), so it still reaches the model."""
+    system = "\n\n".join(_text_of(m["content"]) for m in messages if m["role"] == "system")
+    rest = [m for m in messages if m["role"] != "system"]
+    first_user = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+    if not system or first_user is None:
+        return rest if system == "" else messages
+    user = rest[first_user]
+    content = user["content"]
+    if isinstance(content, str):
+        content = f"{system}\n\n{content}"
+    else:
+        texts = [i for i, part in enumerate(content) if part["type"] == "text"]
+        content = [dict(part) for part in content]
+        if texts:
+            content[texts[0]]["text"] = f"{system}\n\n{content[texts[0]]['text']}"
+        else:
+            content.append({"type": "text", "text": system})
+    return rest[:first_user] + [{**user, "content": content}] + rest[first_user + 1 :]
+
+
+def _text_of(content) -> str:
+    return content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
+
+
+def template_messages(processor, messages: list[dict], fold_system: bool = True) -> list[dict]:
+    """`messages` in the form the template renders correctly: text-only content as strings where needed,
+    and, where the template has no system turn, the system text folded into the first user message
+    (with one warning per template) rather than dropped."""
+    if fold_system and any(m["role"] == "system" for m in messages) and not renders_system(processor):
+        if processor.chat_template not in _warned_system:
+            _warned_system.add(processor.chat_template)
+            logger.warning(
+                "This model's chat template has no system turn: the system message (--system_prompt or the "
+                "data's) is put at the start of the first user message instead."
+            )
+        messages = _fold_system(messages)
     roles = string_roles(processor)
     out = []
     for message in messages:

@@ -14,20 +14,26 @@ place and fsync'd). Only a folder whose marker is there and whose files all matc
 - Incomplete leftovers (`checkpoint-N` without a valid marker) are never resumed from and never deleted
   on their own: they may be another tool's checkpoints. When training saves step N again, the folder of
   that step is replaced.
+- A full disk (or quota) while saving ends the run with "no space left on device" naming the folder: the
+  checkpoint being written is removed (it is incomplete and holds the space), the last complete one stays
+  as it was, and the message says how to resume.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..errors import RunError
+from ..errors import OutputError, RunError
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +176,64 @@ def rotate(run_dir: Path, limit: int | None, keep: set[Path]) -> None:
     remove_deletion_leftovers(run_dir)
 
 
+_NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_NO_SPACE_TEXTS = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
+# torch's zip writer reports a failed write without its errno ("unexpected pos 576 vs 534"): such an
+# error counts as a full disk when the file system has less than this left.
+LOW_SPACE_BYTES = 64 * 2**20
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes this user may still write on `folder`'s file system (its nearest existing ancestor)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def out_of_space(err: BaseException, folder: Path) -> bool:
+    """Whether `err`, raised while writing into `folder`, means that the disk or the quota is full: an
+    errno, a message (safetensors' and others' `os error 28`), or a torch zip-writer failure on a file
+    system that is (nearly) full."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _NO_SPACE_ERRNOS:
+            return True
+        text = str(seen).lower()
+        if any(t in text for t in _NO_SPACE_TEXTS):
+            return True
+        if "inline_container" in text or "pytorchstreamwriter" in text:
+            return free_bytes(folder) < LOW_SPACE_BYTES
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+@contextlib.contextmanager
+def no_space_errors(run_dir: Path, what: str, cleanup=None) -> Iterator[None]:
+    """Turn a full disk while saving `what` into `run_dir` into an `OutputError` that names the folder,
+    the space left and the last complete checkpoint (intact); `cleanup()` first removes what was
+    half written."""
+    try:
+        yield
+    except Exception as err:
+        if not out_of_space(err, run_dir):
+            raise
+        if cleanup is not None:
+            cleanup()
+        complete = complete_checkpoints(run_dir)
+        if complete:
+            kept = f"the last complete checkpoint, {complete[-1]}, is intact"
+            then = "run the same command with --resume_from_checkpoint latest"
+        else:
+            kept, then = "no complete checkpoint was saved before", "run the training again"
+        raise OutputError(
+            f"no space left on device in {run_dir} while saving {what} ({_size(free_bytes(run_dir))} free now); "
+            f"{kept}. Free some space, or choose an --output_dir on a disk with more room, then {then}."
+        ) from err
+
+
 class CompleteCheckpoints:
     """Trainer mixin: each checkpoint gets its completion marker, and rotation waits for it."""
 
@@ -181,12 +245,19 @@ class CompleteCheckpoints:
         self.accelerator.wait_for_everyone()
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # the Trainer's own rotation would run before the marker exists
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        self.accelerator.wait_for_everyone()  # every process's files (RNG states, shards) are written
+
+        def remove_incomplete() -> None:
+            if self.args.should_save and folder.exists():
+                discard(folder)
+
+        with no_space_errors(run_dir, folder.name, remove_incomplete):
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            self.accelerator.wait_for_everyone()  # every process's files (RNG states, shards) are written
+            if self.args.should_save:
+                mark_complete(folder, self.state.global_step)
         if self.args.should_save:
-            mark_complete(folder, self.state.global_step)
             best = self.state.best_model_checkpoint
             rotate(run_dir, limit, {folder} | ({Path(best)} if best else set()))

@@ -5,8 +5,14 @@
   that optimizer step (counted and reported) and goes on. With fp16 the loss scaler already skips steps
   whose gradients overflow (that is how it finds its scale), so there only the loss is checked.
 - Weights that are not finite are never saved: neither as a checkpoint nor as the result.
-- The first Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and stops; the
-  command then exits with 128 + the signal number and says how to resume. A second one quits at once.
+- The first Ctrl-C (SIGINT), or a signal of `--save_on_signal` (SIGTERM by default; Slurm's `--signal`
+  warning is often SIGUSR1), finishes the current step, saves a checkpoint and stops; the command then
+  exits with 128 + the signal number and says how to resume. A second one, more than `REPEAT_WINDOW_S`
+  after the first, quits at once; repeats within that window are the same request arriving twice (a
+  launcher passes on the signal that the terminal or Slurm already sent to every process).
+- Under torchrun / accelerate launch every process checks at each step whether any process was
+  signalled, so all stop at the same step and save one consistent checkpoint, whichever process (or the
+  launcher) got the signal.
 """
 
 from __future__ import annotations
@@ -14,16 +20,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from ..errors import RunError
+from ..errors import RunError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +43,59 @@ NONFINITE_FIXES = (
 
 
 class TrainingInterruptedError(RunError):
-    """Ctrl-C or SIGTERM: a checkpoint was saved; the exit code is 128 + the signal number."""
+    """Ctrl-C or a `--save_on_signal` signal: a checkpoint was saved; the exit code is 128 + the signal
+    number. `silent` on the processes other than the first, which say the same thing."""
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, silent: bool = False):
         super().__init__(message)
         self.exit_code = 128 + signum
+        self.silent = silent
+
+
+# Signals that cannot mean "checkpoint and stop": uncatchable, or sent by the system for other reasons.
+_NOT_HANDLED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE}
+# The signals torchrun (and accelerate launch, through torchrun) passes on to its processes by default.
+LAUNCHER_SIGNALS_VARIABLE = "TORCHELASTIC_SIGNALS_TO_HANDLE"
+
+
+def parse_signals(names, flag: str = "--save_on_signal") -> tuple[signal.Signals, ...]:
+    """`SIGUSR1`, `USR1`, `usr1` or `10` → the signal; a `UsageError` naming the flag otherwise."""
+    found = []
+    for name in names or ():
+        text = str(name).strip().upper()
+        text = text if text.isdigit() or text.startswith("SIG") else f"SIG{text}"
+        try:
+            signum = signal.Signals(int(text)) if text.isdigit() else signal.Signals[text]
+        except (KeyError, ValueError):
+            raise UsageError(
+                f"{flag} {name}: not a signal; use a name such as SIGTERM, SIGUSR1 or SIGUSR2 (`kill -l` lists them)"
+            ) from None
+        if signum in _NOT_HANDLED:
+            raise UsageError(
+                f"{flag} {signum.name}: this signal cannot be caught, or means something else; use SIGTERM, SIGUSR1 "
+                "or SIGUSR2"
+            )
+        found.append(signum)
+    return tuple(dict.fromkeys(found))
+
+
+def launcher_problem(signals, environ=os.environ) -> str | None:
+    """Under torchrun / accelerate launch: the `--save_on_signal` signals the launcher does not pass on to
+    its processes (a signal sent to the launcher alone would then end it without a checkpoint)."""
+    handled = environ.get(LAUNCHER_SIGNALS_VARIABLE)
+    if handled is None:
+        return None
+    passed = {s.strip().upper() for s in handled.split(",")}
+    missing = [s.name for s in signals if s.name not in passed]
+    if not missing:
+        return None
+    wanted = ",".join(dict.fromkeys([*(s.strip() for s in handled.split(",") if s.strip()), *missing]))
+    return (
+        f"--save_on_signal {' '.join(missing)}: the launcher passes on only {handled} to the training processes, "
+        f"so {' or '.join(missing)} sent to torchrun itself would end the job without a checkpoint (a signal "
+        f"sent to every process, as Slurm's --signal does without B:, still works). Launch with torchrun "
+        f"--signals_to_handle {wanted} (accelerate launch: PET_SIGNALS_TO_HANDLE={wanted} in the environment)."
+    )
 
 
 def check_finite_weights(model: torch.nn.Module, what: str) -> None:
@@ -99,22 +155,32 @@ class NonFiniteGuard:
 
 
 class StopOnSignal(TrainerCallback):
-    """Turn the first SIGINT/SIGTERM into "save a checkpoint at the end of this step and stop"."""
+    """Turn the first SIGINT or `signals` signal into "save a checkpoint at the end of this step and stop"."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_WINDOW_S = 2.0
 
-    def __init__(self):
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)):
+        self.signals = tuple(dict.fromkeys((signal.SIGINT, *signals)))
         self.signum: int | None = None
+        self._received_at = 0.0
         self._previous: dict = {}
 
+    @staticmethod
+    def _speaker() -> str:
+        """`vlmtune`, or `vlmtune [rank N]` under a launcher: only the signalled processes speak."""
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        return f"vlmtune [rank {os.environ.get('RANK', '?')}]" if world > 1 else "vlmtune"
+
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # asked twice: quit now (what is saved is still complete or recognised)
-            self._restore()
+        if self.signum is not None:
+            if time.monotonic() - self._received_at < self.REPEAT_WINDOW_S:
+                return  # the same request, passed on by a launcher or sent to every process at once
+            self._restore()  # asked twice: quit now (what is saved is still complete or recognised)
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self._received_at = signum, time.monotonic()
         print(
-            f"\nvlmtune: {signal.Signals(signum).name} received: saving a checkpoint after this step, then "
-            "stopping (press Ctrl-C again to quit without saving).",
+            f"\n{self._speaker()}: {signal.Signals(signum).name} received: saving a checkpoint after this step, "
+            "then stopping (press Ctrl-C again to quit without saving).",
             file=sys.stderr,
             flush=True,
         )
@@ -128,7 +194,7 @@ class StopOnSignal(TrainerCallback):
     def installed(self) -> Iterator[StopOnSignal]:
         """Handle the signals while the block runs (only the main thread can; elsewhere nothing changes)."""
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self._previous = {s: signal.signal(s, self._handle) for s in self.signals}
         try:
             yield self
         finally:
@@ -160,4 +226,5 @@ class StopOnSignal(TrainerCallback):
             f"{state.max_steps}; its checkpoint is {checkpoint}. To continue, run the same command with "
             "--resume_from_checkpoint latest.",
             self.signum,
+            silent=not trainer.is_world_process_zero(),
         )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,17 +21,18 @@ from ..errors import OutputError, UsageError
 from ..eval.during_training import GenerationMetrics, attach
 from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..eval.plots import write_training_plots
+from ..hub import check_push, hub_errors, upload_errors
 from ..models.checkpoint import check_model_path, model_errors
 from ..models.generation import full_parameters_for_generation
 from ..models.loading import apply_finetuning, load_model, trainable_table
 from ..models.packing import check_packing
 from ..models.registry import FAMILIES, GENERIC
-from ..outputs import check_output_folder
-from .callbacks import early_stopping_callback
-from .checkpoints import remove_deletion_leftovers, resolve_resume
+from ..outputs import LOCK_FILE, check_output_folder, exclusive_output_dir
+from .callbacks import early_stopping_callback, keep_training_when_reporters_fail
+from .checkpoints import no_space_errors, remove_deletion_leftovers, resolve_resume
 from .distributed import announce, detect_topology, sharded_quantization_kwargs, shards_parameters
 from .fsdp import default_fsdp_wrap
-from .guard import StopOnSignal, check_finite_weights
+from .guard import StopOnSignal, check_finite_weights, launcher_problem, parse_signals
 from .trainer import LENGTH_STRATEGIES, VlmTrainer
 from .vision_step import run_vision_every_step
 
@@ -118,8 +121,39 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     """
     do_train, do_eval = compat.run_steps(training_args)
     out = check_output_dir(training_args) if do_train else Path(training_args.output_dir or ".")
+    signals = parse_signals(training_args.save_on_signal)
+    repo_id = check_hub(training_args, out, do_train)
     topology = detect_topology(training_args)  # refuses a launch that did not become one job
     announce(topology)
+    if topology.rank == 0 and (problem := launcher_problem(signals)):
+        logger.warning(problem)
+    # One run per output folder: the first process holds it (the others write nothing of their own).
+    holding = exclusive_output_dir(out) if do_train and topology.rank == 0 else contextlib.nullcontext()
+    with holding:
+        return _run(model_args, data_args, finetune_args, training_args, callbacks, out, topology, signals, repo_id)
+
+
+_LATER = "Pass --push_to_hub false to train without uploading; `vlmtune push` uploads the result later."
+
+
+def check_hub(training_args, out: Path, do_train: bool) -> str | None:
+    """With --push_to_hub: refuse now an upload that cannot work (hub.py says why); the repository id.
+    The first process checks (the others take the name as given: only the first uploads)."""
+    if not training_args.push_to_hub:
+        return None
+    if not do_train:  # nothing is trained, so nothing is uploaded (and the Trainer must not create a repository)
+        logger.warning("--push_to_hub is ignored without training: evaluation results stay in %s.", out)
+        training_args.push_to_hub = False
+        return None
+    repo = training_args.hub_model_id or out.resolve().name  # the Trainer's default name
+    if training_args.process_index != 0:
+        return repo
+    return check_push(repo, training_args.hub_token, "--push_to_hub")
+
+
+def _run(model_args, data_args, finetune_args, training_args, callbacks, out, topology, signals, repo_id):
+    """`run_training` once the output folder is held."""
+    do_train, do_eval = compat.run_steps(training_args)
     main_process = topology.rank == 0  # one process prints and writes; the Trainer saves on it only
     resume = resolve_resume(training_args.resume_from_checkpoint, out) if do_train else None  # fail fast
     if do_train and training_args.should_save:
@@ -165,26 +199,33 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
         raise UsageError("--eval_strategy needs evaluation data: add --eval_dataset_name or --val_split_ratio")
     generation_metrics = GenerationMetrics.from_args(loaded.processor, splits, finetune_args, training_args)
     early_stopping = early_stopping_callback(finetune_args, training_args)
-    stop_on_signal = StopOnSignal()
-    trainer = VlmTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_rows,
-        eval_dataset=splits.eval,
-        data_collator=VlmCollator(
-            loaded.processor,
-            splits.preparer,
-            data_args.train_on_prompt,
-            pack_capacity=data_args.max_seq_length if data_args.packing else None,
-        ),
-        processing_class=loaded.processor,
-        **(generation_metrics.trainer_kwargs() if generation_metrics else {}),
-        callbacks=[c for c in (early_stopping, stop_on_signal, *(callbacks or [])) if c is not None],
-        spec=loaded.spec,
-        vision_lr=finetune_args.vision_lr,
-        projector_lr=finetune_args.projector_lr,
-    )
+    stop_on_signal = StopOnSignal(signals)
+    if repo_id is not None:
+        training_args.hub_model_id = repo_id  # as checked; the Trainer creates the repository if needed
+    creating = contextlib.nullcontext()
+    if repo_id is not None:  # the Trainer creates the repository when it starts
+        creating = hub_errors(f"--push_to_hub: creating the repository {repo_id}", _LATER)
+    with creating:
+        trainer = VlmTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_rows,
+            eval_dataset=splits.eval,
+            data_collator=VlmCollator(
+                loaded.processor,
+                splits.preparer,
+                data_args.train_on_prompt,
+                pack_capacity=data_args.max_seq_length if data_args.packing else None,
+            ),
+            processing_class=loaded.processor,
+            **(generation_metrics.trainer_kwargs() if generation_metrics else {}),
+            callbacks=[c for c in (early_stopping, stop_on_signal, *(callbacks or [])) if c is not None],
+            spec=loaded.spec,
+            vision_lr=finetune_args.vision_lr,
+            projector_lr=finetune_args.projector_lr,
+        )
     attach(trainer, generation_metrics)
+    keep_training_when_reporters_fail(trainer.callback_handler)
     if not do_train:
         return _evaluate_only(trainer, loaded, splits, finetune_args, training_args, out)
     with stop_on_signal.installed():
@@ -199,15 +240,17 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
         print(splits.summary())
 
     check_finite_weights(trainer.model, f"the result in {out}")  # a previous good result stays as it was
-    # `_internal_call`: no upload yet with --push_to_hub; the whole folder goes up once at the end.
-    trainer.save_model(str(out), _internal_call=True)
-    if main_process:
-        loaded.processor.save_pretrained(str(out))
-        compat.save_base_config(model_args, out)
-        write_training_plots(trainer.state.log_history, out)
-        config = to_dict(model_args, data_args, finetune_args, training_args)
-        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    trainer.save_state()
+    started = time.time()
+    with no_space_errors(out, "the trained result", lambda: remove_written_since(out, started)):
+        # `_internal_call`: no upload yet with --push_to_hub; the whole folder goes up once at the end.
+        trainer.save_model(str(out), _internal_call=True)
+        if main_process:
+            loaded.processor.save_pretrained(str(out))
+            compat.save_base_config(model_args, out)
+            write_training_plots(trainer.state.log_history, out)
+            config = to_dict(model_args, data_args, finetune_args, training_args)
+            (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        trainer.save_state()
     if do_eval and splits.eval is not None:
         metrics.update(compat.loss_metrics(trainer))
 
@@ -220,9 +263,18 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
                 print(f"Evaluation: {sum(shares)} rows answered by {len(shares)} processes {shares}")
             result.write(out)
     trainer.save_metrics("all", metrics)
-    if training_args.push_to_hub:  # the whole output_dir: adapter, processor, metrics, plots
-        trainer.push_to_hub(commit_message="vlmtune: end of training")
+    if repo_id is not None:  # the whole output_dir: adapter, processor, metrics, plots
+        with upload_errors(out, repo_id, training_args.hub_private_repo):
+            trainer.push_to_hub(commit_message="vlmtune: end of training")
     return TrainResult(output_dir=out, metrics=metrics, trainer=trainer)
+
+
+def remove_written_since(out: Path, started: float) -> None:
+    """Remove the files a failed final save wrote at the top of `out` (half-written results must not look
+    like results); checkpoints and the folder lock stay."""
+    for path in out.iterdir():
+        if path.is_file() and path.name != LOCK_FILE and path.stat().st_mtime >= started:
+            path.unlink(missing_ok=True)
 
 
 def _answer_eval_rows(trainer, loaded, splits, finetune_args, training_args):
