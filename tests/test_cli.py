@@ -67,6 +67,21 @@ def test_console_script_is_installed():
     assert "tiny-model" in out.stdout and "predict" in out.stdout
 
 
+def test_python_dash_m_vlmtune_is_the_command(tmp_path):
+    """`python -m vlmtune` (what torchrun/accelerate `-m` and job scripts run) does the command's work and
+    ends a user's mistake with its message and exit code, like `vlmtune`."""
+    out = subprocess.run(
+        [sys.executable, "-m", "vlmtune", "tiny-model", "--family", "qwen2_vl", "--output_dir", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert AutoConfig.from_pretrained(tmp_path / "m").model_type == "qwen2_vl"
+    typo = subprocess.run([sys.executable, "-m", "vlmtune", "trian"], capture_output=True, text=True)
+    assert typo.returncode == 2
+    assert "unknown command 'trian'" in typo.stderr and "Traceback" not in typo.stderr
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
 def test_tiny_model_command_writes_a_loadable_checkpoint(tmp_path, capsys, family):
     main(["tiny-model", "--family", family, "--output_dir", str(tmp_path / family)])

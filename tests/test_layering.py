@@ -1,4 +1,4 @@
-"""Imports run one way: cli -> commands (train, eval, export, demo) -> config -> models -> data -> base.
+"""Imports run one way: cli -> commands (train, eval, export, demo, hub) -> config -> models -> data -> base.
 
 A module may import its own layer or any layer below it. Among the commands, training may evaluate (and
 the demo trains and evaluates), but evaluation never imports training: what both need (the loss at
@@ -21,11 +21,18 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("data", ("vlmtune.data",)),
     ("models", ("vlmtune.models",)),
     ("config", ("vlmtune.config",)),
-    ("commands", ("vlmtune.train", "vlmtune.eval", "vlmtune.export", "vlmtune.demo")),
+    ("commands", ("vlmtune.train", "vlmtune.eval", "vlmtune.export", "vlmtune.demo", "vlmtune.hub")),
     ("cli", ("vlmtune.cli", "vlmtune.__main__")),
 )
 # Commands that may use another command: (importer, imported).
-COMMAND_USES = {("vlmtune.train", "vlmtune.eval"), ("vlmtune.demo", "vlmtune.train"), ("vlmtune.demo", "vlmtune.eval")}
+# Training and merging upload their result the way `vlmtune push` does (hub.py).
+COMMAND_USES = {
+    ("vlmtune.train", "vlmtune.eval"),
+    ("vlmtune.demo", "vlmtune.train"),
+    ("vlmtune.demo", "vlmtune.eval"),
+    ("vlmtune.train", "vlmtune.hub"),
+    ("vlmtune.export", "vlmtune.hub"),
+}
 
 
 def _matches(module: str, prefix: str) -> bool:

@@ -21,6 +21,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is depre
 
 from .config import arg, parse_args  # noqa: E402
 from .errors import DataError, UsageError, VlmtuneError  # noqa: E402
+from .models.tiny import RECIPES as TINY_FAMILIES  # noqa: E402
 from .outputs import check_output_file, check_output_folder  # noqa: E402
 
 USAGE = """usage: vlmtune <command> [options]
@@ -40,6 +41,15 @@ commands:
 Config files: `vlmtune train config.yaml [--flag value ...]` (flags override the file).
 `--debug` (or VLMTUNE_DEBUG=1) shows the Python traceback behind an error message.
 """
+
+
+@dataclass
+class TinyModelArguments:
+    """`vlmtune tiny-model`'s flags."""
+
+    family: str = arg("qwen2_vl", f"Architecture to build: {', '.join(TINY_FAMILIES)}.")
+    output_dir: str = arg(None, "Folder to write the model and processor to.")
+    seed: int = arg(0, "Seed for the random weights.")
 
 
 @dataclass
@@ -81,7 +91,7 @@ def cmd_train(argv: list[str]) -> None:
 
 
 def cmd_tiny_model(argv: list[str]) -> None:
-    from .models.tiny import TinyModelArguments, build_tiny_model
+    from .models.tiny import build_tiny_model
 
     (args,) = _parse(TinyModelArguments, argv, "vlmtune tiny-model")
     if not args.output_dir:

@@ -22,13 +22,11 @@ with a `RECIPES` dict, listed in `_LINEAGES` below. The family also needs its re
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForImageTextToText, PretrainedConfig, ProcessorMixin
 
-from ...config import arg
 from ...errors import UsageError
 from ..registry import get_family
 from . import gemma, idefics, llama, llava, qwen
@@ -45,15 +43,6 @@ BUILDERS: dict[str, Callable[[], tuple[PretrainedConfig, ProcessorMixin]]] = {
 }
 
 
-@dataclass
-class TinyModelArguments:
-    """`vlmtune tiny-model`'s flags."""
-
-    family: str = arg("qwen2_vl", f"Architecture to build: {', '.join(RECIPES)}.")
-    output_dir: str = arg(None, "Folder to write the model and processor to.")
-    seed: int = arg(0, "Seed for the random weights.")
-
-
 def build_tiny_model(family: str, output_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny random model of `family` with its processor to `output_dir` and return the path."""
     if family not in RECIPES:
@@ -66,4 +55,4 @@ def build_tiny_model(family: str, output_dir: str | Path, seed: int = 0) -> Path
     return save(model, processor, output_dir)
 
 
-__all__ = ["BUILDERS", "HIDDEN", "INIT_RANGE", "RECIPES", "TinyModelArguments", "TinyRecipe", "build_tiny_model"]
+__all__ = ["BUILDERS", "HIDDEN", "INIT_RANGE", "RECIPES", "TinyRecipe", "build_tiny_model"]
