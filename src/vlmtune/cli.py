@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import errno
 import logging
 import os
@@ -34,6 +35,7 @@ commands:
   predict      answer a prompt about one or more images (or a JSONL of requests) with a model and optional adapter
   merge        merge a LoRA adapter into its base model and save a standalone checkpoint
   push         upload a trained or merged folder to the Hugging Face hub (e.g. after an upload failed)
+  models       every architecture transformers knows and what vlmtune makes of it (checked, generic, refused)
   tiny-model   write a tiny random model of a real architecture (offline, for trying things out)
   demo         fine-tune a tiny Qwen2-VL on bundled synthetic data, offline, in about a minute
   data inspect show the first samples as the model sees them (trained text marked) and check all of them
@@ -50,6 +52,15 @@ class TinyModelArguments:
     family: str = arg("qwen2_vl", f"Architecture to build: {', '.join(TINY_FAMILIES)}.")
     output_dir: str = arg(None, "Folder to write the model and processor to.")
     seed: int = arg(0, "Seed for the random weights.")
+
+
+@dataclass
+class ModelsArguments:
+    """`vlmtune models`' flags."""
+
+    status: str | None = arg(None, "Only architectures with this status: checked, generic, untested here, refused.")
+    model_type: str | None = arg(None, "Only this `model_type` (as in a checkpoint's config.json).")
+    format: str = arg("text", "text (a table for the terminal) or markdown (as docs/models.md carries it).")
 
 
 @dataclass
@@ -98,6 +109,32 @@ def cmd_tiny_model(argv: list[str]) -> None:
         raise UsageError("vlmtune tiny-model: --output_dir is required")
     check_output_folder(args.output_dir)
     print(f"Wrote a tiny {args.family} model to {build_tiny_model(args.family, args.output_dir, args.seed)}")
+
+
+def _no_architecture(args: ModelsArguments, known: list[str]) -> str:
+    if args.model_type is None:
+        return f"no architecture has --status {args.status!r} in this transformers"
+    close = difflib.get_close_matches(args.model_type, known)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `vlmtune models` lists them all"
+    return f"--model_type {args.model_type!r}: transformers knows no such image-text-to-text architecture{hint}"
+
+
+def cmd_models(argv: list[str]) -> None:
+    from .models import catalog
+
+    (args,) = _parse(ModelsArguments, argv, "vlmtune models")
+    if args.status is not None and args.status not in catalog.STATUSES:
+        raise UsageError(f"--status {args.status!r}: choose one of: {', '.join(catalog.STATUSES)}")
+    if args.format not in ("text", "markdown"):
+        raise UsageError(f"--format {args.format!r}: choose text or markdown")
+    rows = tuple(
+        a
+        for a in catalog.architectures()
+        if (args.status is None or a.status == args.status) and args.model_type in (None, a.model_type)
+    )
+    if not rows:
+        raise UsageError(_no_architecture(args, [a.model_type for a in catalog.architectures()]))
+    print(catalog.as_markdown(rows) if args.format == "markdown" else catalog.as_text(rows))
 
 
 def cmd_predict(argv: list[str]) -> None:
@@ -198,6 +235,7 @@ COMMANDS = {
     "push": cmd_push,
     "data": cmd_data,
     "tiny-model": cmd_tiny_model,
+    "models": cmd_models,
     "demo": cmd_demo,
 }
 
