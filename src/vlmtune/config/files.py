@@ -65,8 +65,3 @@ def take_config_files(argv: list[str]) -> list[str]:
         files.append(argv[i + 1])
         del argv[i : i + 2]
     return files
-
-
-def option_names(tokens: list[str]) -> list[str]:
-    """The option names in `--name value ...` tokens (`--name=value` too)."""
-    return [t[2:].split("=", 1)[0].replace("-", "_") for t in tokens if t.startswith("--")]
