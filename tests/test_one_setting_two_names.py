@@ -77,6 +77,8 @@ def test_one_name_twice_on_the_command_line_with_two_values_is_refused():
     message = _refused([*BASE, "--lora_r", "8", "--lora_r", "16"])
     assert "`--lora_r 8`" in message and "`--lora_r 16`" in message
     assert _training([*BASE, "--max_steps", "5", "--max_steps", "5"]).max_steps == 5  # the same twice: fine
+    negated = _refused([*BASE, "--eval_accuracy", "true", "--no_eval_accuracy"])  # two flags, one setting
+    assert "`--eval_accuracy true`" in negated and "`--no_eval_accuracy`" in negated
 
 
 def test_equal_values_under_two_names_are_one_setting(tmp_path):

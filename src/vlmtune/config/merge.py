@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from ..errors import UsageError
 from .aliases import Given, Tokens
@@ -35,8 +35,14 @@ TOTAL_BATCH = "batch_size"
 PER_DEVICE = "per_device_train_batch_size"
 ACCUMULATION = "gradient_accumulation_steps"
 
-# `value(name, values)`: what the parser makes of `--name values` (so 1e-4 equals 0.0001, "true" equals "1").
-Value = Callable[[str, tuple[str, ...]], object]
+
+class Reader(Protocol):
+    """What the parser knows of an option: the field it sets (`--no_eval_accuracy` sets eval_accuracy) and
+    what it makes of `--name values` (so 1e-4 equals 0.0001, and "true" equals "1")."""
+
+    def dest(self, name: str) -> str: ...
+
+    def typed(self, name: str, values: tuple[str, ...]) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -58,37 +64,43 @@ class Setting:
         return f"`{text}` ({where}{meaning.rstrip()})"
 
 
-def merge(sources: list[tuple[str, list[Given]]], value: Value) -> tuple[Tokens, dict[str, Setting]]:
-    """The argv to parse (one value per option) and each option's `Setting`, from `sources` in order
-    (source name, its options); a `UsageError` for two values of one setting within a source."""
+def merge(sources: list[tuple[str, list[Given]]], reader: Reader) -> tuple[Tokens, dict[str, Setting]]:
+    """The argv to parse (one value per setting) and each setting's `Setting` by the field it sets, from
+    `sources` in order (source name, its options); a `UsageError` for two values of one setting within a
+    source."""
     sources = _axolotl_total(sources)
     positional: Tokens = []
     settled: dict[str, Setting] = {}
     for source, given in sources:
         positional += [token for g in given if not g.name for token in g.values]
-        for name, setting in _one_per_option(source, [g for g in given if g.name], value).items():
-            earlier = settled.get(name)
-            if earlier is not None and value(name, earlier.given.values) != value(name, setting.given.values):
+        for field, setting in _one_per_setting(source, [g for g in given if g.name], reader).items():
+            earlier = settled.get(field)
+            if earlier is not None and _value(reader, earlier) != _value(reader, setting):
                 logger.info("%s replaces %s", setting.describe(), earlier.describe())
-            settled[name] = setting
-    _derive_accumulation(settled, value)
-    _refuse_two_precisions(settled, value)
+            settled[field] = setting
+    _derive_accumulation(settled, reader)
+    _refuse_two_precisions(settled, reader)
     return positional + [token for s in settled.values() for token in s.given.tokens()], settled
 
 
-def _one_per_option(source: str, given: list[Given], value: Value) -> dict[str, Setting]:
-    """Each option once: a second value for it must equal the first (a derived value replaces it)."""
+def _value(reader: Reader, setting: Setting) -> object:
+    return reader.typed(setting.given.name, setting.given.values)
+
+
+def _one_per_setting(source: str, given: list[Given], reader: Reader) -> dict[str, Setting]:
+    """Each setting once: a second value for it must equal the first (a derived value replaces it)."""
     kept: dict[str, Setting] = {}
     for g in given:
-        setting, first = Setting(g, source), kept.get(g.name)
-        kept[g.name] = setting if first is None or g.derived else _agreeing(first, setting, value)
+        field = reader.dest(g.name)
+        setting, first = Setting(g, source), kept.get(field)
+        kept[field] = setting if first is None or g.derived else _agreeing(first, setting, reader)
     return kept
 
 
-def _agreeing(first: Setting, second: Setting, value: Value) -> Setting:
-    """The one value two mentions of an option give; a `UsageError` when they differ."""
-    name = first.given.name
-    a, b = value(name, first.given.values), value(name, second.given.values)
+def _agreeing(first: Setting, second: Setting, reader: Reader) -> Setting:
+    """The one value two mentions of a setting give; a `UsageError` when they differ."""
+    name = reader.dest(first.given.name)
+    a, b = _value(reader, first), _value(reader, second)
     if a == b:
         return second
     if name == "warmup_steps" and 0 in (a, b):  # no warmup one way, some warmup the other: that one
@@ -126,7 +138,7 @@ def _whole(setting: Setting) -> int:
     return number
 
 
-def _derive_accumulation(settled: dict[str, Setting], value: Value) -> None:
+def _derive_accumulation(settled: dict[str, Setting], reader: Reader) -> None:
     """Axolotl's total batch as accumulation steps: total / (per-device batch x processes), whole."""
     total, micro = settled.pop(TOTAL_BATCH, None), settled.get(PER_DEVICE)
     if total is None or micro is None:  # a command without a training batch (eval reading a training file)
@@ -143,7 +155,7 @@ def _derive_accumulation(settled: dict[str, Setting], value: Value) -> None:
         )
     steps = samples // per_step
     given = settled.get(ACCUMULATION)
-    if given is not None and value(ACCUMULATION, given.given.values) != steps:
+    if given is not None and _value(reader, given) != steps:
         raise UsageError(
             f"{total.describe()} with {micro.describe()} means {arithmetic} = {steps} accumulation steps, "
             f"but {given.describe()} says otherwise: keep gradient_accumulation_steps or batch_size, not both"
@@ -159,10 +171,10 @@ def _derive_accumulation(settled: dict[str, Setting], value: Value) -> None:
     )
 
 
-def _refuse_two_precisions(settled: dict[str, Setting], value: Value) -> None:
+def _refuse_two_precisions(settled: dict[str, Setting], reader: Reader) -> None:
     """`bf16` and `fp16` both on (e.g. `torch_dtype: float16` with `use_bf16: true`): say which gave each."""
     bf16, fp16 = settled.get("bf16"), settled.get("fp16")
-    if bf16 and fp16 and value("bf16", bf16.given.values) is True and value("fp16", fp16.given.values) is True:
+    if bf16 and fp16 and _value(reader, bf16) is True and _value(reader, fp16) is True:
         raise UsageError(
             f"{bf16.describe()} and {fp16.describe()} ask for two mixed precisions: keep one (bf16 on "
             "Ampere or newer GPUs, Gaudi and recent CPUs; fp16 on older GPUs)"

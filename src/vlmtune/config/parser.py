@@ -54,6 +54,11 @@ class VlmArgumentParser(HfArgumentParser):
             return f"--{written}"
         return f"{setting.source}: key {written!r}"
 
+    def dest(self, name: str) -> str:
+        """The field `--name` sets (`--no_eval_accuracy` sets eval_accuracy); the name itself if unknown."""
+        action = self._option_string_actions.get(f"--{name}")
+        return action.dest if action is not None else name
+
     def typed(self, name: str, values: tuple[str, ...]) -> object:
         """What parsing `--name values` gives (1e-4 and 0.0001 are one value); the text itself where the
         option is not ours or the text is not a value of its type (parsing then names that mistake)."""
@@ -154,7 +159,7 @@ def parse_args(
         given = aliases.translate_given(file_to_argv(values), known, warned)
         sources.append((path, aliases.shared_config(given, known, train_known, path)))
     sources.append((COMMAND_LINE, aliases.translate_given(argv, known, warned)))
-    tokens, parser.settled = merge(sources, parser.typed)
+    tokens, parser.settled = merge(sources, parser)
     # Before TrainingArguments: it opens the DeepSpeed/FSDP files and sets up the process group.
     args = resolve_launch_shortcuts(tokens)
     prepare_launch_environment()
