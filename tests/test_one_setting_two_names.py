@@ -12,6 +12,7 @@ import yaml
 
 from vlmtune.cli import main
 from vlmtune.config import aliases, make_parser, parse_args
+from vlmtune.config.files import read_config_file
 from vlmtune.errors import UsageError
 
 BASE = ["--model_name_or_path", "m", "--dataset_name", "d.csv", "--output_dir", "out"]
@@ -171,3 +172,16 @@ def test_vlmtune_train_with_two_learning_rates_in_its_file_exits_2_with_the_mess
     assert exit_.value.code == 2 and "Traceback" not in err
     assert "`lr: 0.0002`" in err and "`learning_rate: 0.0001`" in err and config in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_key_written_twice_in_one_file_is_refused_with_its_lines(tmp_path):
+    """YAML and JSON parsers keep the last of two equal keys without a word; vlmtune names both."""
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 2.0e-4\nlora_r: 8\nlr: 1.0e-4\n")
+    assert _refused([str(config), *BASE]) == f"{config}, lines 1 and 3: key 'lr' is written twice; keep one"
+    json_config = tmp_path / "run.json"
+    json_config.write_text('{"lora_r": 8, "lora_r": 16}')
+    assert "key 'lora_r' is written twice" in _refused(["--config", str(json_config), *BASE])
+    shared = tmp_path / "anchors.yaml"  # a YAML merge (<<) may be overridden: that is what it is for
+    shared.write_text("lr_scheduler_kwargs:\n  <<: {num_cycles: 1, power: 2}\n  num_cycles: 2\n")
+    assert read_config_file(str(shared)) == {"lr_scheduler_kwargs": {"num_cycles": 2, "power": 2}}

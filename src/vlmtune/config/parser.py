@@ -143,9 +143,11 @@ def parse_args(
     argv: list[str], classes=TRAINING_ARGUMENTS, prog: str | None = None, extra_names: Mapping[str, str] | None = None
 ) -> tuple:
     """Parse `argv` into the argument objects; a leading `.yaml`/`.yml`/`.json` path (or `--config FILE`)
-    supplies defaults. Other tools' option names are translated first (`aliases`, one warning per name);
-    every mistake is a `UsageError` naming the flag, or the file and key; `extra_names` (other names ->
-    option names) widen the "did you mean" suggestions beyond the alias table."""
+    supplies defaults. Other tools' option names are translated first (`aliases`, one warning per name),
+    then files and command line become one value per setting (`merge`: the command line overrides a file,
+    two values within one are refused); every mistake is a `UsageError` naming the flag, or the file and
+    key; `extra_names` (other names -> option names) widen the "did you mean" suggestions beyond the alias
+    table."""
     argv = list(argv)
     parser = make_parser(classes, prog=prog, extra_names={**aliases.suggestion_names(), **(extra_names or {})})
     known = set(parser.option_names())
