@@ -37,7 +37,7 @@ class VlmArgumentParser(HfArgumentParser):
     def __init__(self, classes, extra_names: Mapping[str, str] | None = None, **kwargs):
         super().__init__(classes, allow_abbrev=False, exit_on_error=False, **kwargs)
         self.extra_names = dict(extra_names or {})
-        self.settled: dict[str, Setting] = {}  # option name -> its value and where it came from
+        self.settled: dict[str, Setting] = {}  # field name -> its value and where it came from
         for action in self._actions:
             if action.dest in CHECKS and action.help and action.option_strings:
                 action.help += f" [{CHECKS[action.dest].describe()}]"
