@@ -34,9 +34,12 @@ def _training(argv: list[str]):
     return parse_args(argv)[-1]
 
 
+OPTIONS = make_parser()._option_string_actions  # `vlmtune train`'s options by flag
+
+
 def _two_values(ours: str) -> tuple[str, str]:
     """Two different valid values of our option `ours`, as text (from its type in the parser)."""
-    action = make_parser()._option_string_actions[f"--{ours}"]
+    action = OPTIONS[f"--{ours}"]
     kind = getattr(action.type, "__name__", "")
     if kind == "string_to_bool":
         return "true", "false"
@@ -49,7 +52,7 @@ def _two_values(ours: str) -> tuple[str, str]:
 RENAMES = sorted(
     (foreign, ours)
     for foreign, ours in aliases.suggestion_names().items()
-    if ours != foreign and f"--{ours}" in make_parser()._option_string_actions
+    if ours != foreign and f"--{ours}" in OPTIONS
 )
 
 
