@@ -35,3 +35,14 @@ def tiny_model_dir(tmp_path_factory):
 def shapes_data(tmp_path_factory):
     """The coloured-shapes dataset (train.csv / validation.csv with relative image paths)."""
     return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=300, n_eval=60, seed=0)
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """This process as a user's with a network would be: huggingface_hub's and datasets' offline mode off
+    (both read it once, at import). For code that fetches from a local test server (image URLs)."""
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)

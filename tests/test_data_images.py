@@ -33,11 +33,13 @@ def test_every_reference_kind_loads_as_rgb(tmp_path):
     assert load_image("sub/a.png", (tmp_path,)).getpixel((0, 0)) == (255, 0, 0)
 
 
-def test_unreachable_url_fails_fast_naming_the_url():
+def test_unreachable_url_fails_fast_naming_the_url(online):
     start = time.time()
     with pytest.raises(ImageError, match=r"cannot download image 'http://127\.0\.0\.1:9/x\.png' \(timeout \d+s\)"):
         load_image("http://127.0.0.1:9/x.png")
     assert time.time() - start < 5
+    with pytest.raises(ImageError, match="on a machine without one, download the images where there is a network"):
+        load_image("http://127.0.0.1:9/x.png")
 
 
 @pytest.mark.parametrize(

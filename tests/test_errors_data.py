@@ -437,7 +437,7 @@ def http_server():
     server.server_close()
 
 
-def test_urls_are_http_only_with_a_byte_cap(http_server, monkeypatch):
+def test_urls_are_http_only_with_a_byte_cap(http_server, monkeypatch, online):
     from vlmtune.data import images
     from vlmtune.data.images import ImageError, load_image
 

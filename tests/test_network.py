@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.data_files import write_rows
 from tests.hub_server import FakeHub
 from vlmtune.cli import main
 
@@ -184,3 +185,42 @@ def test_a_report_to_back_end_that_fails_steps_aside_with_one_warning(tiny_model
     )
     assert offline.returncode == 0 and "--report_to wandb failed" not in offline.stderr
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+# --- downloads the data asks for: a hub dataset id, image URLs in rows -------------------------------------
+
+
+def _inspect(tiny_model_dir, dataset) -> list[str]:
+    return ["data", "inspect", "--model_name_or_path", tiny_model_dir("qwen2_vl"), "--dataset_name", str(dataset)]
+
+
+def test_a_hub_dataset_offline_says_what_why_and_how_to_bring_it(tiny_model_dir, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(_inspect(tiny_model_dir, "HuggingFaceM4/ChartQA"))
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "Traceback" not in err
+    assert "HuggingFaceM4/ChartQA: no such local file or folder" in err  # what was asked
+    assert "offline mode is on (HF_HUB_OFFLINE=1" in err  # why not here
+    assert "load_dataset('HuggingFaceM4/ChartQA').save_to_disk('ChartQA')" in err  # the fix, either way
+    assert "--dataset_name ChartQA" in err and "unset HF_HUB_OFFLINE" in err
+
+
+def test_a_hub_dataset_without_a_network_says_so(tiny_model_dir, tmp_path):
+    env = _online(tmp_path, f"http://127.0.0.1:{_closed_port()}", None)
+    env["HF_DATASETS_OFFLINE"] = "0"
+    done = _vlmtune(_inspect(tiny_model_dir, "HuggingFaceM4/ChartQA"), env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "HuggingFaceM4/ChartQA: no such local file or folder" in done.stderr
+    assert "no network connection to http://127.0.0.1:" in done.stderr and "save_to_disk" in done.stderr
+
+
+def test_an_image_url_in_a_row_offline_names_the_row_the_url_and_the_fix(tiny_model_dir, tmp_path, capsys):
+    url = "https://example.com/chart.png"
+    data = write_rows(tmp_path / "d.csv", [{"image_path": url, "prompt": "Highest value?", "response": "42"}])
+    with pytest.raises(SystemExit) as refused:
+        main(_inspect(tiny_model_dir, data))
+    err = capsys.readouterr().err
+    assert refused.value.code == 1 and "Traceback" not in err
+    assert f"{data}, row 0, field 'image_path', image 0: image URL '{url}' cannot be downloaded" in err
+    assert "offline mode is on (HF_HUB_OFFLINE=1" in err
+    assert "write their local paths in the data" in err and "unset HF_HUB_OFFLINE" in err

@@ -180,7 +180,8 @@ def test_seed_002_axolotl_command(tiny_model_dir, tmp_path, capsys, caplog, monk
     known = set(make_parser().option_names())
     assert aliases.translate(["--deepspeed_config", "zero3"], known) == ["--deepspeed", "zero3"]
     with pytest.raises(SystemExit) as exit_:
-        main(["train", *argv, "--model_type", "qwen2_vl", "--output_dir", str(tmp_path / "other")])
+        wrong_type = [("qwen2_vl" if a == "llava" else a) for a in argv]  # one value per option (merge.py)
+        main(["train", *wrong_type, "--output_dir", str(tmp_path / "other")])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "--model_type qwen2_vl" in err and "llava" in err and "Traceback" not in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -27,6 +28,35 @@ def accelerator() -> str | None:
         if available():
             return name
     return None
+
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+_TRUE = ("1", "ON", "YES", "TRUE")
+
+
+def offline_variables(for_datasets: bool = False) -> list[str]:
+    """The variables that keep the Hugging Face libraries off the network ([] when they may use it), as
+    the libraries read them (once, when imported): huggingface_hub's HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE,
+    and for `datasets` (`for_datasets`) also HF_DATASETS_OFFLINE, which overrides those two."""
+    from huggingface_hub import constants
+
+    offline, names = constants.HF_HUB_OFFLINE, OFFLINE_VARIABLES[:2]
+    if for_datasets:
+        from datasets import config
+
+        offline, names = config.HF_HUB_OFFLINE, OFFLINE_VARIABLES
+    if not offline:
+        return []
+    return [v for v in names if os.environ.get(v, "").strip().upper() in _TRUE] or ["HF_HUB_OFFLINE"]
+
+
+def offline_reason(for_datasets: bool = False) -> str | None:
+    """Why nothing is downloaded here ("offline mode is on (HF_HUB_OFFLINE=1)"), or None. In the base
+    layer: uploads (hub.py), hub datasets and image URLs in the data (data/) all say it the same way."""
+    variables = offline_variables(for_datasets)
+    if not variables:
+        return None
+    return f"offline mode is on ({', '.join(f'{v}={os.environ.get(v, 1)}' for v in variables)})"
 
 
 def _say(message: str) -> None:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .compat import offline_reason
 from .config import arg
 from .errors import HubError, UsageError
 
@@ -30,16 +30,6 @@ logger = logging.getLogger(__name__)
 # What `Trainer.push_to_hub` leaves out of an upload: private files and checkpoints.
 IGNORE_PATTERNS = ["_*", "checkpoint-*"]
 _LATER = "or pass --push_to_hub false and upload the result later, where there is a network, with `vlmtune push`"
-
-
-def offline_reason() -> str | None:
-    """Why huggingface_hub is in offline mode (the variable that switched it on), or None."""
-    from huggingface_hub import constants
-
-    if not constants.HF_HUB_OFFLINE:
-        return None
-    variable = next((v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v)), "HF_HUB_OFFLINE")
-    return f"offline mode is on ({variable}={os.environ.get(variable, '1')})"
 
 
 def _is_network_error(err: BaseException) -> bool:

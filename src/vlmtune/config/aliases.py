@@ -339,47 +339,73 @@ def _ours(name: str, values: list[str]) -> Tokens:
     return [f"--{name}", *values]
 
 
-def translate(argv: Iterable[str], known: Iterable[str], warned: set[str] | None = None) -> Tokens:
-    """`argv` with every foreign option replaced by ours; `known` are the flags the command accepts.
+@dataclass(frozen=True)
+class Given:
+    """One of our options as one source gave it: our `name` and `values`, and what the user wrote for it
+    (`written`, `raw`: a foreign name and its value, or ours), so a disagreement can quote both.
 
-    `warned` collects the foreign names already explained in this run (one warning per name).
+    `derived` values are built from several keys (VizSage's data folders, mixtrain's output folder under
+    `--output_dir`): they replace the value they were built from instead of disagreeing with it.
+    """
+
+    name: str
+    values: tuple[str, ...]
+    written: str
+    raw: tuple[str, ...]
+    derived: bool = False
+
+    def tokens(self) -> Tokens:
+        return _ours(self.name, list(self.values)) if self.name else list(self.values)
+
+
+def _given(tokens: Tokens, written: str | None = None, raw: list[str] | None = None, derived: bool = False):
+    """Our `tokens` as `Given`s, each written as `written` (default: its own name)."""
+    return [
+        Given(name, tuple(values), written or name, tuple(values if raw is None else raw), derived)
+        for name, values in _split(tokens)
+    ]
+
+
+def translate_given(argv: Iterable[str], known: Iterable[str], warned: set[str] | None = None) -> list[Given]:
+    """`argv` as our options, each with what the user wrote for it; `known` are the flags the command
+    accepts. `warned` collects the foreign names already explained in this run (one warning per name).
     A foreign name that the command itself defines (e.g. `batch_size` of `vlmtune predict`) is left alone.
     """
     known = set(known)
     groups = _split(list(argv))
     foreign = {name: values for name, values in groups if name in BY_NAME and name not in known}
     early_off = "use_early_stopping" in foreign and not _truthy(foreign["use_early_stopping"])
-    out: Tokens = []
+    out: list[Given] = []
     for name, values in groups:
         if not name:
-            out += values
+            out.append(Given("", tuple(values), "", tuple(values)))
         elif name in foreign:
             alias = BY_NAME[name]
-            _warn(alias, warned if warned is not None else set())
-            out += alias.rule(values, known)
+            if not (name == "batch_size" and "micro_batch_size" in foreign):  # Axolotl's total: `merge` explains
+                _warn(alias, warned if warned is not None else set())
+            out += _given(alias.rule(values, known), name, values)
         elif not (early_off and name in _DROPPED_WHEN_OFF):
-            out += _ours(name, values)
-    return (
-        out
-        + _vizsage_data(groups, foreign, known)
+            out.append(Given(name, tuple(values), name, tuple(values)))
+    derived = (
+        _vizsage_data(groups, foreign, known)
         + _joined_output_dir(groups, foreign)
         + _early_stopping(groups, foreign, known)
     )
+    return out + _given(derived, derived=True)
 
 
-def shared_config(tokens: Tokens, known: set[str], train_known: set[str], file: str) -> Tokens:
+def translate(argv: Iterable[str], known: Iterable[str], warned: set[str] | None = None) -> Tokens:
+    """`argv` with every foreign option replaced by ours (`translate_given`, as tokens)."""
+    return [token for given in translate_given(argv, known, warned) for token in given.tokens()]
+
+
+def shared_config(given: list[Given], known: set[str], train_known: set[str], file: str) -> list[Given]:
     """A config file written for `vlmtune train` also serves `vlmtune eval`/`data inspect` (VizSage runs its
     test step on its training YAML): training-only options in the file are left out, saying which."""
-    kept: Tokens = []
-    dropped: list[str] = []
-    for name, values in _split(tokens):
-        if name and name not in known and name in train_known:
-            dropped.append(name)
-        else:
-            kept += ([f"--{name}"] if name else []) + values
+    dropped = [g.name for g in given if g.name and g.name not in known and g.name in train_known]
     if dropped:
         logger.info("%s: training options not used by this command: %s", file, ", ".join(dropped))
-    return kept
+    return [g for g in given if g.name not in dropped]
 
 
 def suggestion_names() -> dict[str, str]:

@@ -20,8 +20,9 @@ from ..errors import UsageError
 from . import aliases
 from .arguments import TRAINING_ARGUMENTS
 from .checks import CHECKS, check_values
-from .files import file_to_argv, option_names, read_config_file, take_config_files
+from .files import file_to_argv, read_config_file, take_config_files
 from .launch import prepare_launch_environment, resolve_launch_shortcuts
+from .merge import COMMAND_LINE, Setting, merge
 from .suggest import did_you_mean
 
 
@@ -36,7 +37,7 @@ class VlmArgumentParser(HfArgumentParser):
     def __init__(self, classes, extra_names: Mapping[str, str] | None = None, **kwargs):
         super().__init__(classes, allow_abbrev=False, exit_on_error=False, **kwargs)
         self.extra_names = dict(extra_names or {})
-        self.sources: dict[str, str] = {}  # option name -> the config file its value came from
+        self.settled: dict[str, Setting] = {}  # field name -> its value and where it came from
         for action in self._actions:
             if action.dest in CHECKS and action.help and action.option_strings:
                 action.help += f" [{CHECKS[action.dest].describe()}]"
@@ -46,8 +47,32 @@ class VlmArgumentParser(HfArgumentParser):
         return sorted({o.lstrip("-") for o in self._option_string_actions if o.startswith("--") and "-" not in o[2:]})
 
     def where(self, name: str) -> str:
-        """How to name an option to the user: its config file and key, or its flag."""
-        return f"{self.sources[name]}: key {name!r}" if name in self.sources else f"--{name}"
+        """How to name an option to the user: its config file and key, or its flag, as the user wrote it."""
+        setting = self.settled.get(name)
+        written = setting.given.written if setting and not setting.given.derived else name
+        if setting is None or setting.source == COMMAND_LINE:
+            return f"--{written}"
+        return f"{setting.source}: key {written!r}"
+
+    def dest(self, name: str) -> str:
+        """The field `--name` sets (`--no_eval_accuracy` sets eval_accuracy); the name itself if unknown."""
+        action = self._option_string_actions.get(f"--{name}")
+        return action.dest if action is not None else name
+
+    def typed(self, name: str, values: tuple[str, ...]) -> object:
+        """What parsing `--name values` gives (1e-4 and 0.0001 are one value); the text itself where the
+        option is not ours or the text is not a value of its type (parsing then names that mistake)."""
+        action = self._option_string_actions.get(f"--{name}")
+        if action is None:
+            return values
+        if not values:
+            return action.const
+        convert = action.type if callable(action.type) else str
+        try:
+            items = tuple(convert(v) for v in values)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            return values
+        return items[0] if len(items) == 1 and action.nargs in (None, "?") else items
 
     def error(self, message: str):
         """argparse calls this for the errors it does not raise (required options); never exit."""
@@ -118,28 +143,27 @@ def parse_args(
     argv: list[str], classes=TRAINING_ARGUMENTS, prog: str | None = None, extra_names: Mapping[str, str] | None = None
 ) -> tuple:
     """Parse `argv` into the argument objects; a leading `.yaml`/`.yml`/`.json` path (or `--config FILE`)
-    supplies defaults. Other tools' option names are translated first (`aliases`, one warning per name);
-    every mistake is a `UsageError` naming the flag, or the file and key; `extra_names` (other names ->
-    option names) widen the "did you mean" suggestions beyond the alias table."""
+    supplies defaults. Other tools' option names are translated first (`aliases`, one warning per name),
+    then files and command line become one value per setting (`merge`: the command line overrides a file,
+    two values within one are refused); every mistake is a `UsageError` naming the flag, or the file and
+    key; `extra_names` (other names -> option names) widen the "did you mean" suggestions beyond the alias
+    table."""
     argv = list(argv)
     parser = make_parser(classes, prog=prog, extra_names={**aliases.suggestion_names(), **(extra_names or {})})
     known = set(parser.option_names())
     train_known = known if classes is TRAINING_ARGUMENTS else set(make_parser().option_names())
     warned: set[str] = set()  # each foreign name is explained once per run
-    file_argv: list[str] = []
+    sources: list[tuple[str, list[aliases.Given]]] = []
     for path in take_config_files(argv):
         values = read_config_file(path)
         # Foreign keys are translated below; a training config's own keys are dropped for other commands.
         parser.check_keys(path, [k for k in values if str(k) not in aliases.BY_NAME and str(k) not in train_known])
-        tokens = aliases.translate(file_to_argv(values), known, warned)
-        tokens = aliases.shared_config(tokens, known, train_known, path)
-        parser.sources.update({name: path for name in option_names(tokens)})
-        file_argv += tokens
-    argv = aliases.translate(argv, known, warned)
-    for name in option_names(argv):  # a value the command line gives is not the file's
-        parser.sources.pop(name, None)
+        given = aliases.translate_given(file_to_argv(values), known, warned)
+        sources.append((path, aliases.shared_config(given, known, train_known, path)))
+    sources.append((COMMAND_LINE, aliases.translate_given(argv, known, warned)))
+    tokens, parser.settled = merge(sources, parser)
     # Before TrainingArguments: it opens the DeepSpeed/FSDP files and sets up the process group.
-    args = resolve_launch_shortcuts(file_argv + argv)
+    args = resolve_launch_shortcuts(tokens)
     prepare_launch_environment()
     try:
         parsed = parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..compat import offline_reason, offline_variables
 from ..errors import DataError
 
 URL_TIMEOUT_S = 10
@@ -67,14 +68,30 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
 
 
+_LOCAL_COPY = (
+    "download the images where there is a network and write their local paths in the data instead (relative "
+    "to the data file's folder or to --image_root)"
+)
+
+
 def _fetch_url(url: str) -> bytes:
+    """The image at `url`; in offline mode (as `datasets` does for any URL) none is fetched: the message
+    says which variable stops it."""
+    if variables := offline_variables(for_datasets=True):
+        raise ImageError(
+            f"image URL {url!r} cannot be downloaded: {offline_reason(for_datasets=True)}. Either {_LOCAL_COPY}, "
+            f"or unset {' and '.join(variables)} if this machine has a network"
+        )
     try:
         with _OPENER.open(url, timeout=URL_TIMEOUT_S) as resp:
             data = resp.read(URL_MAX_BYTES + 1)
     except ImageError:
         raise
     except Exception as err:
-        raise ImageError(f"cannot download image {url!r} (timeout {URL_TIMEOUT_S}s): {err}") from err
+        raise ImageError(
+            f"cannot download image {url!r} (timeout {URL_TIMEOUT_S}s): {err}. Check the URL and the network; "
+            f"on a machine without one, {_LOCAL_COPY}"
+        ) from err
     if len(data) > URL_MAX_BYTES:
         raise ImageError(f"image {url!r} is larger than {URL_MAX_BYTES // 2**20} MiB")
     return data

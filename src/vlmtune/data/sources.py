@@ -29,6 +29,8 @@ import datasets
 import pyarrow as pa
 from datasets.features.features import generate_from_arrow_type
 
+from ..compat import offline_reason, offline_variables
+from ..errors import UsageError
 from .schema import DataError
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -408,12 +410,31 @@ def load_hub(name: str, config: str | None = None, streaming: bool = False) -> L
     """A dataset `datasets.load_dataset` understands by name (hub id, or a local dataset folder)."""
     try:
         loaded = datasets.load_dataset(name, config, streaming=streaming)
-    except Exception as err:  # not found, offline, gated, bad config: many types
+    except ConnectionError as err:  # datasets' "Couldn't reach ... on the Hub": offline mode or no network
+        raise _unreachable(name, config) from err
+    except Exception as err:  # not found, gated, bad config: many types
         raise DataError(
             f"{name}: not a local file or folder, and it cannot be loaded as a hub dataset "
             f"({type(_root_cause(err)).__name__}: {_root_cause(err)})"
         ) from err
     return Loaded({split: _labelled(rows, f"{name} [{split}]") for split, rows in dict(loaded).items()})
+
+
+def _unreachable(name: str, config: str | None) -> UsageError:
+    """A hub dataset id that cannot be downloaded from here: what was asked, why, and how to get it."""
+    from huggingface_hub import constants
+
+    variables = offline_variables(for_datasets=True)
+    why = offline_reason(for_datasets=True) if variables else f"no network connection to {constants.ENDPOINT}"
+    folder = name.rstrip("/").rsplit("/", 1)[-1]
+    args = f"{name!r}, {config!r}" if config else repr(name)
+    online = f"unset {' and '.join(variables)} if this machine has a network" if variables else "check the network"
+    return UsageError(
+        f"{name}: no such local file or folder, and as a hub dataset it cannot be downloaded here: {why}. "
+        f"Download it where there is a network (python -c \"import datasets; datasets.load_dataset({args})"
+        f".save_to_disk('{folder}')\"), copy the folder here and pass it (e.g. --dataset_name {folder}), or "
+        f"{online}"
+    )
 
 
 def load_splits(name: str, config: str | None = None, streaming: bool = False) -> Loaded:

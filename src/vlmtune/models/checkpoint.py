@@ -8,11 +8,11 @@ wrong with the name the user gave and what to pass instead.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..compat import offline_variables
 from ..errors import ModelError, UsageError, VlmtuneError
 
 EXAMPLE = "a local model folder or a hub id such as Qwen/Qwen2-VL-2B-Instruct"
@@ -71,14 +71,6 @@ def check_adapter_path(adapter: str, flag: str = "--adapter") -> None:
         raise ModelError(f"{flag} {adapter}: no adapter_config.json in this folder; {hint}")
 
 
-OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-def _offline() -> str | None:
-    """The environment variable that switched the hub off, if one did."""
-    return next((v for v in OFFLINE_VARIABLES if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")), None)
-
-
 def _explain(name: str, flag: str, err: Exception) -> str | None:
     """The user-facing reason behind what transformers/huggingface_hub raised, or None if not ours."""
     text = " ".join(str(err).split())
@@ -95,8 +87,9 @@ def _explain(name: str, flag: str, err: Exception) -> str | None:
         return None
     if Path(name).expanduser().is_dir():
         return f"{flag} {name}: cannot load it: {text}"
-    if _offline() or "couldn't connect" in text or "offline" in text.lower():
-        reason = f"{_offline()} is set" if _offline() else "no network connection to huggingface.co"
+    offline = offline_variables()
+    if offline or "couldn't connect" in text or "offline" in text.lower():
+        reason = f"{offline[0]} is set" if offline else "no network connection to huggingface.co"
         return (
             f"{flag} {name}: no such local folder, and as a hub id it cannot be downloaded ({reason}) and is "
             f"not in the local cache; pass a local folder, or download it where there is a network (hf download {name})"
