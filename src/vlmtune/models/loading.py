@@ -8,7 +8,6 @@ adapted by accident.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import re
@@ -19,8 +18,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig, PreTrainedModel
 
-from ..errors import UsageError
-from .checkpoint import check_adapter_path, check_model_path, model_errors
+from ..errors import ModelError, UsageError
+from .checkpoint import (
+    adapter_base,
+    check_adapter_base,
+    check_adapter_path,
+    check_model_path,
+    check_vision_language,
+    model_errors,
+)
 from .processors import load_processor
 from .registry import GENERIC, FamilySpec, get_family
 
@@ -239,14 +245,22 @@ def load_processing(
     model_name_or_path: str, processor_path: str | None = None, trust_remote_code: bool = False
 ) -> tuple[object, FamilySpec]:
     """The checkpoint's processor (with a chat template) and family spec, without loading weights."""
-    check_model_path(model_name_or_path)
-    with model_errors(model_name_or_path):
-        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    config = read_config(model_name_or_path, trust_remote_code)
     spec = get_family(config.model_type)
     with model_errors(processor_path or model_name_or_path, "--adapter" if processor_path else "--model_name_or_path"):
         processor = load_processor(processor_path or model_name_or_path, trust_remote_code=trust_remote_code)
     spec = with_processor_image_tokens(spec, processor)
     return with_chat_template(processor, spec), with_checkpoint_turn_end(spec, processor, model_name_or_path)
+
+
+def read_config(model_name_or_path: str, trust_remote_code: bool = False):
+    """The checkpoint's config, read after its local files are checked; a model that takes no images is
+    refused here, before any weights load."""
+    check_model_path(model_name_or_path)
+    with model_errors(model_name_or_path):
+        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    check_vision_language(config, model_name_or_path)
+    return config
 
 
 def with_processor_image_tokens(spec: FamilySpec, processor) -> FamilySpec:
@@ -289,8 +303,9 @@ def load_for_inference(model_name_or_path: str | None, adapter: str | None = Non
     """Base model plus an optional adapter; the adapter folder's processor (and base path) win."""
     if adapter:
         check_adapter_path(adapter)
-    if adapter and not model_name_or_path:
-        model_name_or_path = adapter_base_path(adapter)
+        model_name_or_path = model_name_or_path or adapter_base_path(adapter)
+        config = read_config(model_name_or_path, kwargs.get("trust_remote_code", False))
+        check_adapter_base(adapter, model_name_or_path, config.model_type)  # before the weights load
     processor_files = ("processor_config.json", "tokenizer_config.json")
     has_processor = adapter and any((Path(adapter) / f).exists() for f in processor_files)
     loaded = load_model(model_name_or_path, processor_path=adapter if has_processor else None, **kwargs)
@@ -303,8 +318,13 @@ def load_for_inference(model_name_or_path: str | None, adapter: str | None = Non
 
 def adapter_base_path(adapter: str) -> str:
     """The base model an adapter was trained on, as PEFT recorded it."""
-    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
-    return config["base_model_name_or_path"]
+    recorded, _ = adapter_base(adapter)
+    if not recorded:
+        raise ModelError(
+            f"--adapter {adapter}: its adapter_config.json records no base_model_name_or_path; pass the base "
+            "model it was trained on as --model_name_or_path"
+        )
+    return recorded
 
 
 FINETUNING_TYPES = ("lora", "dora", "full")

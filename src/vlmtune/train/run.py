@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, Trainer, set_seed
+from transformers import Trainer, set_seed
 
 from .. import compat
 from ..config import to_dict
@@ -22,9 +22,8 @@ from ..eval.during_training import GenerationMetrics, attach
 from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..eval.plots import write_training_plots
 from ..hub import check_push, hub_errors, upload_errors
-from ..models.checkpoint import check_model_path, model_errors
 from ..models.generation import full_parameters_for_generation
-from ..models.loading import apply_finetuning, load_model, trainable_table
+from ..models.loading import apply_finetuning, load_model, read_config, trainable_table
 from ..models.packing import check_packing
 from ..models.registry import FAMILIES, GENERIC
 from ..outputs import LOCK_FILE, check_output_folder, exclusive_output_dir
@@ -87,10 +86,7 @@ def check_packing_family(model_args, data_args) -> None:
     flag = "packing" if data_args.packing else "padding_free" if data_args.padding_free else None
     if flag is None:
         return
-    path = model_args.model_name_or_path
-    check_model_path(path)
-    with model_errors(path):
-        config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    config = read_config(model_args.model_name_or_path, model_args.trust_remote_code)
     check_packing(FAMILIES.get(config.model_type, GENERIC), f"--{flag}", config.model_type)
 
 
