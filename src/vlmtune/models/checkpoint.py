@@ -94,7 +94,8 @@ def check_chat_template(path: Path, fix: str = MODEL_FIX) -> None:
         _compile_jinja_template(text)
     except TemplateSyntaxError as err:
         raise ModelError(
-            f"{path}, line {err.lineno}: not a valid Jinja template ({err.message}); fix that line, or {fix}"
+            f"{path}, line {err.lineno}: not a valid Jinja template ({(err.message or '').rstrip('.')}); fix that "
+            f"line, or {fix}"
         ) from None
 
 
@@ -104,7 +105,12 @@ def check_safetensors(path: Path, fix: str = MODEL_FIX) -> None:
         with safe_open(path, framework="pt"):
             pass
     except SafetensorError as err:
-        raise ModelError(f"{path} is truncated or corrupt (safetensors: {err}); {fix}") from None
+        raise ModelError(f"{path} is truncated or corrupt (safetensors: {_header_error(err)}); {fix}") from None
+
+
+def _header_error(err: SafetensorError) -> str:
+    """safetensors' reason without its generic prefix ("incomplete metadata, file not fully covered")."""
+    return str(err).removeprefix("Error while deserializing header: ")
 
 
 def weight_files(folder: Path, fix: str = MODEL_FIX) -> list[Path]:
@@ -256,7 +262,7 @@ def _explain(name: str, flag: str, err: Exception) -> str | None:
         return f"{flag} {name} is not a vision-language model that vlmtune can fine-tune; docs/models.md lists them"
     fix = ADAPTER_FIX if flag == "--adapter" else f"download it again (hf download {name} --force-download)"
     if isinstance(err, SafetensorError):  # (a hub model's cached files; a local folder's are checked first)
-        return f"{flag} {name}: a weights file is truncated or corrupt (safetensors: {text}); {fix}"
+        return f"{flag} {name}: a weights file is truncated or corrupt (safetensors: {_header_error(err)}); {fix}"
     if isinstance(err, json.JSONDecodeError):
         return f"{flag} {name}: a file is not valid JSON ({text}); {DAMAGED}: {fix}"
     if not isinstance(err, OSError):
