@@ -148,7 +148,8 @@ BASE_FAULTS = {
 
 def command(name: str, tmp: Path, made: dict[str, Path], model: Path | None, adapter: Path | None) -> list[str]:
     """`name`'s command line for `model` (and `adapter`), writing under `tmp`."""
-    given = (["--model_name_or_path", str(model)] if model else []) + (["--adapter", str(adapter)] if adapter else [])
+    flag = "--adapter_name_or_path" if name == "train" else "--adapter"  # train continues the adapter
+    given = (["--model_name_or_path", str(model)] if model else []) + ([flag, str(adapter)] if adapter else [])
     data = ["--dataset_name", str(made["data"])]
     return {
         "train": ["train", *given, *data, "--output_dir", str(tmp / "out"), "--use_cpu", "true", "--max_steps", "1"],
@@ -164,7 +165,7 @@ def test_a_damaged_or_foreign_base_model_is_named_with_the_fix(cmd, name, made, 
     fault = BASE_FAULTS[name]
     folder = shutil.copytree(made[fault.base], tmp_path / "model")
     says = fault.damage(folder)
-    adapter = made["qwen_run"] if cmd == "merge" else None  # merge folds the adapter into the damaged base
+    adapter = made["qwen_run"] if cmd == "merge" else None  # merge folds an adapter into the damaged base
     code, message = cli_error(command(cmd, tmp_path, made, folder, adapter), capsys)
     assert code != 0
     for text in says:
@@ -201,7 +202,7 @@ ADAPTER_FAULTS = {
 
 
 @pytest.mark.parametrize("name", list(ADAPTER_FAULTS))
-@pytest.mark.parametrize("cmd", ["eval", "predict", "merge"])
+@pytest.mark.parametrize("cmd", ["train", "eval", "predict", "merge"])
 def test_a_damaged_adapter_is_named_with_the_fix(cmd, name, made, tmp_path, capsys):
     folder = shutil.copytree(made["qwen_run"], tmp_path / "adapter", ignore=shutil.ignore_patterns("checkpoint-*"))
     says = ADAPTER_FAULTS[name](folder)
@@ -211,9 +212,10 @@ def test_a_damaged_adapter_is_named_with_the_fix(cmd, name, made, tmp_path, caps
         assert text in message, (text, message)
 
 
-@pytest.mark.parametrize("cmd", ["eval", "predict", "merge"])
+@pytest.mark.parametrize("cmd", ["train", "eval", "predict", "merge"])
 def test_an_adapter_of_another_base_model_is_refused_naming_both(cmd, made, tmp_path, capsys):
-    """A LLaVA adapter on a Qwen2-VL model: PEFT would load what matches by name and answer nonsense."""
+    """A LLaVA adapter on a Qwen2-VL model: PEFT would load what matches by name and answer nonsense (train:
+    continuing it with --adapter_name_or_path)."""
     code, message = cli_error(command(cmd, tmp_path, made, made["qwen"], made["llava_run"]), capsys)
     assert code != 0
     base = json.loads((made["llava_run"] / "adapter_config.json").read_text())["base_model_name_or_path"]

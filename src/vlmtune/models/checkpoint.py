@@ -226,14 +226,14 @@ def adapter_base(adapter: str) -> tuple[str | None, str | None]:
     return recorded, None
 
 
-def check_adapter_base(adapter: str, model_name_or_path: str, model_type: str) -> None:
+def check_adapter_base(adapter: str, model_name_or_path: str, model_type: str, flag: str = "--adapter") -> None:
     """Refuse an adapter trained on a model of another type than `model_name_or_path`: PEFT would load the
     layers whose names happen to match and leave the rest, or fail deep inside with an AttributeError."""
     recorded, adapter_type = adapter_base(adapter)
     if adapter_type is None or adapter_type == model_type:
         return
     raise ModelError(
-        f"--adapter {adapter} was trained on {recorded} (a '{adapter_type}' model, as its adapter_config.json "
+        f"{flag} {adapter} was trained on {recorded} (a '{adapter_type}' model, as its adapter_config.json "
         f"and config.json say), but --model_name_or_path {model_name_or_path} is a '{model_type}' model; an "
         f"adapter only fits the base model it was trained on: pass --model_name_or_path {recorded} (or leave it "
         "out: the adapter records it), or an adapter trained on this model"

@@ -302,10 +302,7 @@ def with_chat_template(processor, spec: FamilySpec):
 def load_for_inference(model_name_or_path: str | None, adapter: str | None = None, **kwargs) -> Loaded:
     """Base model plus an optional adapter; the adapter folder's processor (and base path) win."""
     if adapter:
-        check_adapter_path(adapter)
-        model_name_or_path = model_name_or_path or adapter_base_path(adapter)
-        config = read_config(model_name_or_path, kwargs.get("trust_remote_code", False))
-        check_adapter_base(adapter, model_name_or_path, config.model_type)  # before the weights load
+        model_name_or_path = check_adapter_fits(adapter, model_name_or_path, kwargs.get("trust_remote_code", False))
     processor_files = ("processor_config.json", "tokenizer_config.json")
     has_processor = adapter and any((Path(adapter) / f).exists() for f in processor_files)
     loaded = load_model(model_name_or_path, processor_path=adapter if has_processor else None, **kwargs)
@@ -314,6 +311,18 @@ def load_for_inference(model_name_or_path: str | None, adapter: str | None = Non
             loaded.model = PeftModel.from_pretrained(loaded.model, adapter)
     loaded.model.eval()
     return loaded
+
+
+def check_adapter_fits(
+    adapter: str, model_name_or_path: str | None, trust_remote_code: bool = False, flag: str = "--adapter"
+) -> str:
+    """Refuse, before any weights load, a damaged adapter folder or one trained on another kind of model;
+    return the base model to load it on (the one the adapter records when none is given)."""
+    check_adapter_path(adapter, flag)
+    model_name_or_path = model_name_or_path or adapter_base_path(adapter)
+    config = read_config(model_name_or_path, trust_remote_code)
+    check_adapter_base(adapter, model_name_or_path, config.model_type, flag)
+    return model_name_or_path
 
 
 def adapter_base_path(adapter: str) -> str:
@@ -330,11 +339,21 @@ def adapter_base_path(adapter: str) -> str:
 FINETUNING_TYPES = ("lora", "dora", "full")
 
 
-def apply_finetuning(model: PreTrainedModel, spec: FamilySpec, args) -> PreTrainedModel:
-    """Freeze parts and add LoRA / DoRA as `args` (FinetuneArguments) asks; return the model to train."""
+def apply_finetuning(
+    model: PreTrainedModel, spec: FamilySpec, args, resume_adapter: str | None = None
+) -> PreTrainedModel:
+    """Freeze parts and add LoRA / DoRA as `args` (FinetuneArguments) asks; return the model to train.
+
+    With `resume_adapter` (`--adapter_name_or_path`), training continues that adapter: PEFT loads it
+    trainable, with its own rank, targets and saved modules (the --lora_* flags do not apply)."""
     kind = args.finetuning_type
     if kind not in FINETUNING_TYPES:
         raise UsageError(f"--finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, got {kind!r}")
+    if resume_adapter and kind == "full":
+        raise UsageError(
+            "--adapter_name_or_path continues training a LoRA adapter, which --finetuning_type full does not "
+            "train: drop one of them (to fine-tune a merged model fully, `vlmtune merge` it first)"
+        )
     adapter = kind != "full"
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     if quantized and not adapter:
@@ -357,6 +376,10 @@ def apply_finetuning(model: PreTrainedModel, spec: FamilySpec, args) -> PreTrain
         param.requires_grad = not frozen[part_of(name, spec)]
     if not adapter:
         return model
+    if resume_adapter:
+        logger.info("Continuing to train the adapter in %s (its own LoRA settings apply).", resume_adapter)
+        with model_errors(resume_adapter, "--adapter_name_or_path"):
+            return PeftModel.from_pretrained(model, resume_adapter, is_trainable=True)
     # Unfrozen non-LoRA parts (a projector being trained) are saved with the adapter.
     module_names = {name for name, _ in model.named_modules()}
     modules_to_save = [] if frozen["projector"] else [k for k in spec.projector_keys if k in module_names]
