@@ -40,3 +40,21 @@ def short_run(model_dir: str, shapes_data, out, eval_data: bool = False, callbac
     validation = str(shapes_data["validation"]) if eval_data else None
     args = train_args(model_dir, str(shapes_data["train"]), str(out), validation, **{**SHORT, **overrides})
     return run_training(*args, callbacks=callbacks)
+
+
+def cli_error(argv: list[str], capsys) -> tuple[int, str]:
+    """Run the real command line on `argv`, expecting it to refuse: (exit code, the one error message).
+
+    Fails the test on a traceback, on no error, or on a message of more than one paragraph."""
+    import pytest
+
+    from vlmtune.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert "vlmtune: error: " in err, err
+    message = err[err.index("vlmtune: error: ") :]  # after any progress bars
+    assert message.count("\n") == 1, err
+    return exit_info.value.code, message

@@ -8,6 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from tests.helpers import train_args
@@ -86,6 +87,26 @@ def test_plain_peft_reload_gives_vlmtune_logits(lora_run, tiny_model_dir):
     assert torch.equal(a, b)
     with torch.no_grad(), plain.disable_adapter():
         assert not torch.allclose(plain(**inputs).logits, a), "the adapter must change the answer"
+
+
+def test_training_continues_the_adapter_it_is_given(lora_run, tiny_model_dir, shapes_data, tmp_path):
+    """--adapter_name_or_path: the run starts from the trained adapter, not from a fresh LoRA (which answers
+    no shape right), and saves it under the same names."""
+    args = train_args(
+        tiny_model_dir("qwen2_vl"),
+        str(shapes_data["train"]),
+        str(tmp_path),
+        str(shapes_data["validation"]),
+        adapter_name_or_path=str(lora_run.output_dir),
+        max_steps=2,
+        learning_rate=1e-6,
+    )
+    result = run_training(*args)
+    assert result.metrics["eval_exact_match"] >= 0.9
+    before = load_file(lora_run.output_dir / "adapter_model.safetensors")
+    after = load_file(tmp_path / "adapter_model.safetensors")
+    assert after.keys() == before.keys()
+    assert all(torch.allclose(after[k], before[k], atol=1e-4) for k in before)
 
 
 def test_full_finetune_learns_and_keeps_vision_frozen(tiny_model_dir, shapes_data, tmp_path):

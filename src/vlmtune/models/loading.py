@@ -8,7 +8,6 @@ adapted by accident.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import re
@@ -19,8 +18,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig, PreTrainedModel
 
-from ..errors import UsageError
-from .checkpoint import check_adapter_path, check_model_path, model_errors
+from ..errors import ModelError, UsageError
+from .checkpoint import (
+    adapter_base,
+    check_adapter_base,
+    check_adapter_path,
+    check_model_path,
+    check_vision_language,
+    model_errors,
+)
 from .processors import load_processor
 from .registry import GENERIC, FamilySpec, get_family
 
@@ -239,14 +245,22 @@ def load_processing(
     model_name_or_path: str, processor_path: str | None = None, trust_remote_code: bool = False
 ) -> tuple[object, FamilySpec]:
     """The checkpoint's processor (with a chat template) and family spec, without loading weights."""
-    check_model_path(model_name_or_path)
-    with model_errors(model_name_or_path):
-        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    config = read_config(model_name_or_path, trust_remote_code)
     spec = get_family(config.model_type)
     with model_errors(processor_path or model_name_or_path, "--adapter" if processor_path else "--model_name_or_path"):
         processor = load_processor(processor_path or model_name_or_path, trust_remote_code=trust_remote_code)
     spec = with_processor_image_tokens(spec, processor)
     return with_chat_template(processor, spec), with_checkpoint_turn_end(spec, processor, model_name_or_path)
+
+
+def read_config(model_name_or_path: str, trust_remote_code: bool = False):
+    """The checkpoint's config, read after its local files are checked; a model that takes no images is
+    refused here, before any weights load."""
+    check_model_path(model_name_or_path)
+    with model_errors(model_name_or_path):
+        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    check_vision_language(config, model_name_or_path)
+    return config
 
 
 def with_processor_image_tokens(spec: FamilySpec, processor) -> FamilySpec:
@@ -288,9 +302,7 @@ def with_chat_template(processor, spec: FamilySpec):
 def load_for_inference(model_name_or_path: str | None, adapter: str | None = None, **kwargs) -> Loaded:
     """Base model plus an optional adapter; the adapter folder's processor (and base path) win."""
     if adapter:
-        check_adapter_path(adapter)
-    if adapter and not model_name_or_path:
-        model_name_or_path = adapter_base_path(adapter)
+        model_name_or_path = check_adapter_fits(adapter, model_name_or_path, kwargs.get("trust_remote_code", False))
     processor_files = ("processor_config.json", "tokenizer_config.json")
     has_processor = adapter and any((Path(adapter) / f).exists() for f in processor_files)
     loaded = load_model(model_name_or_path, processor_path=adapter if has_processor else None, **kwargs)
@@ -301,20 +313,47 @@ def load_for_inference(model_name_or_path: str | None, adapter: str | None = Non
     return loaded
 
 
+def check_adapter_fits(
+    adapter: str, model_name_or_path: str | None, trust_remote_code: bool = False, flag: str = "--adapter"
+) -> str:
+    """Refuse, before any weights load, a damaged adapter folder or one trained on another kind of model;
+    return the base model to load it on (the one the adapter records when none is given)."""
+    check_adapter_path(adapter, flag)
+    model_name_or_path = model_name_or_path or adapter_base_path(adapter)
+    config = read_config(model_name_or_path, trust_remote_code)
+    check_adapter_base(adapter, model_name_or_path, config.model_type, flag)
+    return model_name_or_path
+
+
 def adapter_base_path(adapter: str) -> str:
     """The base model an adapter was trained on, as PEFT recorded it."""
-    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
-    return config["base_model_name_or_path"]
+    recorded, _ = adapter_base(adapter)
+    if not recorded:
+        raise ModelError(
+            f"--adapter {adapter}: its adapter_config.json records no base_model_name_or_path; pass the base "
+            "model it was trained on as --model_name_or_path"
+        )
+    return recorded
 
 
 FINETUNING_TYPES = ("lora", "dora", "full")
 
 
-def apply_finetuning(model: PreTrainedModel, spec: FamilySpec, args) -> PreTrainedModel:
-    """Freeze parts and add LoRA / DoRA as `args` (FinetuneArguments) asks; return the model to train."""
+def apply_finetuning(
+    model: PreTrainedModel, spec: FamilySpec, args, resume_adapter: str | None = None
+) -> PreTrainedModel:
+    """Freeze parts and add LoRA / DoRA as `args` (FinetuneArguments) asks; return the model to train.
+
+    With `resume_adapter` (`--adapter_name_or_path`), training continues that adapter: PEFT loads it
+    trainable, with its own rank, targets and saved modules (the --lora_* flags do not apply)."""
     kind = args.finetuning_type
     if kind not in FINETUNING_TYPES:
         raise UsageError(f"--finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, got {kind!r}")
+    if resume_adapter and kind == "full":
+        raise UsageError(
+            "--adapter_name_or_path continues training a LoRA adapter, which --finetuning_type full does not "
+            "train: drop one of them (to fine-tune a merged model fully, `vlmtune merge` it first)"
+        )
     adapter = kind != "full"
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     if quantized and not adapter:
@@ -337,6 +376,10 @@ def apply_finetuning(model: PreTrainedModel, spec: FamilySpec, args) -> PreTrain
         param.requires_grad = not frozen[part_of(name, spec)]
     if not adapter:
         return model
+    if resume_adapter:
+        logger.info("Continuing to train the adapter in %s (its own LoRA settings apply).", resume_adapter)
+        with model_errors(resume_adapter, "--adapter_name_or_path"):
+            return PeftModel.from_pretrained(model, resume_adapter, is_trainable=True)
     # Unfrozen non-LoRA parts (a projector being trained) are saved with the adapter.
     module_names = {name for name, _ in model.named_modules()}
     modules_to_save = [] if frozen["projector"] else [k for k in spec.projector_keys if k in module_names]

@@ -33,7 +33,8 @@ from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..errors import OutputError, RunError
+from ..errors import ModelError, OutputError, RunError
+from ..models.checkpoint import check_files
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def incompleteness(folder: Path) -> str | None:
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, not the {size} it was saved with"
+            return f"{path} is truncated or corrupt ({path.stat().st_size} bytes, not the {size} it was saved with)"
     return None
 
 
@@ -124,6 +125,7 @@ def resolve_resume(value: str | None, output_dir: Path) -> str | None:
                 "--output_dir, or start from the beginning without --resume_from_checkpoint."
             )
         logger.info("Resuming from %s", complete[-1])
+        check_readable(complete[-1], value)
         return str(complete[-1])
     path = Path(value)
     if not path.is_dir():
@@ -133,14 +135,29 @@ def resolve_resume(value: str | None, output_dir: Path) -> str | None:
         )
     problem = incompleteness(path)
     if problem:
-        complete = complete_checkpoints(path.parent)
-        newest = f" The newest complete one there is {complete[-1]}." if complete else ""
         raise RunError(
-            f"--resume_from_checkpoint {value}: this checkpoint is incomplete ({problem}); the run was "
-            f"probably killed while saving it.{newest} Use --resume_from_checkpoint latest to take the newest "
-            "complete checkpoint."
+            f"--resume_from_checkpoint {value}: this checkpoint is incomplete ({problem}); the run was probably "
+            f"killed while saving it. {another_checkpoint(path)}"
         )
+    check_readable(path, value)
     return str(path)
+
+
+def another_checkpoint(folder: Path) -> str:
+    """Which other checkpoints of the run there are to resume from (the way out of a damaged one)."""
+    others = [p for p in checkpoint_folders(folder.parent) if p.resolve() != folder.resolve()]
+    listed = ", ".join(f"{p} ({'complete' if incompleteness(p) is None else 'incomplete'})" for p in others)
+    there = f"The other checkpoints there: {listed}" if others else f"There is no other checkpoint in {folder.parent}"
+    return f"{there}. Pass another one, or --resume_from_checkpoint latest for the newest complete one."
+
+
+def check_readable(folder: Path, value: str) -> None:
+    """Refuse a checkpoint whose files are complete in size but damaged (a weights header, a JSON file),
+    naming the file: the Trainer would fail on it after the model loaded, with safetensors' own words."""
+    try:
+        check_files(folder, "pick another checkpoint")
+    except ModelError as err:
+        raise RunError(f"--resume_from_checkpoint {value}: {err}. {another_checkpoint(folder)}") from None
 
 
 def discard(folder: Path) -> None:

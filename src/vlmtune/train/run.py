@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, Trainer, set_seed
+from transformers import Trainer, set_seed
 
 from .. import compat
 from ..config import to_dict
@@ -22,9 +22,8 @@ from ..eval.during_training import GenerationMetrics, attach
 from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..eval.plots import write_training_plots
 from ..hub import check_push, hub_errors, upload_errors
-from ..models.checkpoint import check_model_path, model_errors
 from ..models.generation import full_parameters_for_generation
-from ..models.loading import apply_finetuning, load_model, trainable_table
+from ..models.loading import apply_finetuning, check_adapter_fits, load_model, read_config, trainable_table
 from ..models.packing import check_packing
 from ..models.registry import FAMILIES, GENERIC
 from ..outputs import LOCK_FILE, check_output_folder, exclusive_output_dir
@@ -87,10 +86,7 @@ def check_packing_family(model_args, data_args) -> None:
     flag = "packing" if data_args.packing else "padding_free" if data_args.padding_free else None
     if flag is None:
         return
-    path = model_args.model_name_or_path
-    check_model_path(path)
-    with model_errors(path):
-        config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    config = read_config(model_args.model_name_or_path, model_args.trust_remote_code)
     check_packing(FAMILIES.get(config.model_type, GENERIC), f"--{flag}", config.model_type)
 
 
@@ -164,6 +160,13 @@ def _run(model_args, data_args, finetune_args, training_args, callbacks, out, to
         # Accelerate would fetch streamed batches once and slice every tensor by batch rows, cutting
         # pixel tensors whose first dimension is image patches; each process reads its own instead.
         training_args.accelerator_config.dispatch_batches = False
+    if model_args.adapter_name_or_path:  # continuing an adapter: it must fit the model (or name its base)
+        model_args.model_name_or_path = check_adapter_fits(
+            model_args.adapter_name_or_path,
+            model_args.model_name_or_path,
+            model_args.trust_remote_code,
+            "--adapter_name_or_path",
+        )
     check_packing_family(model_args, data_args)  # before the weights load
     set_seed(training_args.seed)
     loaded = load_model(
@@ -185,7 +188,7 @@ def _run(model_args, data_args, finetune_args, training_args, callbacks, out, to
         if plan is not None:
             print(plan.summary(training_args.per_device_train_batch_size))
     default_fsdp_wrap(training_args, loaded.model, loaded.spec)
-    model = apply_finetuning(loaded.model, loaded.spec, finetune_args)
+    model = apply_finetuning(loaded.model, loaded.spec, finetune_args, model_args.adapter_name_or_path)
     if shards_parameters(training_args):  # ZeRO-3/FSDP: a text-only batch must still run the vision tower
         run_vision_every_step(model, loaded.processor)
     compat.keep_4bit_trainable(model)
