@@ -176,8 +176,8 @@ def check_vision_language(config, name: str, flag: str = "--model_name_or_path")
     raise ModelError(
         f"{flag} {name} is not a vision-language model: its config.json has model_type '{config.model_type}'"
         f"{f' ({classes})' if classes else ''}, with no vision part (no vision_config), and transformers has no "
-        "image-text-to-text class for it; pass a model that takes images (docs/models.md lists the families "
-        "vlmtune knows)"
+        "image-text-to-text class for it; pass a model that takes images (`vlmtune models` lists every "
+        "architecture vlmtune can fine-tune)"
     )
 
 
@@ -251,7 +251,7 @@ def _explain(name: str, flag: str, err: Exception) -> str | None:
     if "does not recognize this architecture" in text or "Unrecognized model" in text:
         return _unknown_model_type(name, flag, text)
     if "Unrecognized configuration class" in text:
-        return f"{flag} {name} is not a vision-language model that vlmtune can fine-tune; docs/models.md lists them"
+        return f"{flag} {name} is not a vision-language model that vlmtune can fine-tune; `vlmtune models` lists them"
     fix = ADAPTER_FIX if flag == "--adapter" else f"download it again (hf download {name} --force-download)"
     if isinstance(err, SafetensorError):  # (a hub model's cached files; a local folder's are checked first)
         return f"{flag} {name}: a weights file is truncated or corrupt (safetensors: {_header_error(err)}); {fix}"
