@@ -1,7 +1,8 @@
 """A small synthetic VQA dataset whose answers need the image: coloured shapes.
 
-Used by `vlmtune demo` and by the learning tests; `write_preference_dataset` makes preference pairs of it. Each row asks either the colour or the shape of the
-one figure drawn on a plain background, so a model that ignores the image scores near chance.
+Used by `vlmtune demo` and by the learning tests. Each row asks either the colour or the shape of the
+one figure drawn on a plain background, so a model that ignores the image scores near chance;
+`write_preference_dataset` makes preference pairs of it (the right answer chosen, a wrong one rejected).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def write_preference_dataset(
     folder = Path(folder)
     files = write_shapes_dataset(folder, n_train, n_eval, seed)
     rng = random.Random(seed + 1)
-    for split, path in files.items():
+    for path in files.values():
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
         with open(path, "w", newline="") as f:
