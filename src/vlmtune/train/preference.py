@@ -22,12 +22,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from peft import PeftModel
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from .. import compat
 from ..config import VlmTrainingArguments, to_dict
+from ..data.encode import IGNORE_INDEX
 from ..data.preference import SIDES, PreferenceCollator, PreferenceSplits, build_preference_splits
 from ..errors import UsageError
 from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
@@ -35,6 +37,7 @@ from ..eval.plots import write_training_plots
 from ..models.checkpoint import check_adapter_path, model_errors
 from ..models.generation import full_parameters_for_generation
 from ..models.loading import apply_finetuning, load_model, trainable_table
+from ..models.loss import labelled_nll_per_row
 from ..outputs import exclusive_output_dir
 from .checkpoints import CompleteCheckpoints, no_space_errors, remove_deletion_leftovers, resolve_resume
 from .guard import NonFiniteGuard, StopOnSignal, check_finite_weights, parse_signals
@@ -193,16 +196,42 @@ def _run(model_args, data_args, finetune_args, training_args, dpo_args, callback
         callbacks=[stop_on_signal, *(callbacks or [])],
         new_adapter=not model_args.adapter_name_or_path,
     )
+    before = _preference_accuracy(trainer, splits)
     with stop_on_signal.installed():
         metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
     stop_on_signal.raise_if_stopped_early(trainer)
     _save(trainer, loaded, out, (model_args, data_args, finetune_args, training_args, dpo_args), main_process)
     if splits.eval is not None:
         metrics.update(trainer.evaluate())
+        metrics.update(
+            eval_preference_accuracy_before=before, eval_preference_accuracy=_preference_accuracy(trainer, splits)
+        )
         if finetune_args.eval_accuracy:
             metrics.update(_answer_eval_pairs(trainer, loaded, splits, finetune_args, training_args, out))
     trainer.save_metrics("all", metrics)
     return DpoResult(output_dir=out, metrics=metrics, trainer=trainer)
+
+
+def pair_log_probs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair of a `PreferenceCollator` batch: the summed log-probability of the chosen and of the rejected
+    answer (their trained tokens only), from logits at those positions only (`models/loss.py`)."""
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    inputs["labels"] = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+    nll, _ = labelled_nll_per_row(model, inputs)
+    return (-nll).chunk(2)
+
+
+@torch.no_grad()
+def preference_accuracy(model, collator: PreferenceCollator, rows, batch_size: int = 8) -> float:
+    """Share of `rows`' pairs whose chosen answer the model finds more likely than the rejected one (no
+    reference model involved: what the model itself prefers)."""
+    device = next(model.parameters()).device
+    wins = []
+    for start in range(0, len(rows), batch_size):
+        batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+        chosen, rejected = pair_log_probs(model, {k: v.to(device) for k, v in batch.items()})
+        wins += (chosen > rejected).tolist()
+    return sum(wins) / len(wins)
 
 
 def _save(trainer, loaded, out: Path, arguments: tuple, main_process: bool) -> None:
@@ -217,6 +246,19 @@ def _save(trainer, loaded, out: Path, arguments: tuple, main_process: bool) -> N
             write_training_plots(trainer.state.log_history, out)
             (out / CONFIG_FILE).write_text(json.dumps(to_dict(*arguments), indent=2))
         trainer.save_state()
+
+
+def _preference_accuracy(trainer, splits: PreferenceSplits) -> float | None:
+    """`preference_accuracy` of the model being trained on the eval pairs (None without eval pairs)."""
+    if splits.eval is None:
+        return None
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    try:
+        return preference_accuracy(model, trainer.data_collator, splits.eval, trainer.args.per_device_eval_batch_size)
+    finally:
+        model.train(was_training)
 
 
 def _answer_eval_pairs(trainer, loaded, splits: PreferenceSplits, finetune_args, training_args, out: Path) -> dict:
