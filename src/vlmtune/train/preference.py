@@ -36,7 +36,7 @@ from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..eval.plots import write_training_plots
 from ..models.checkpoint import check_adapter_path, model_errors
 from ..models.generation import full_parameters_for_generation
-from ..models.loading import apply_finetuning, load_model, trainable_table
+from ..models.loading import apply_finetuning, load_model, load_processing, trainable_table
 from ..models.loss import labelled_nll_per_row
 from ..outputs import exclusive_output_dir
 from .checkpoints import CompleteCheckpoints, no_space_errors, remove_deletion_leftovers, resolve_resume
@@ -121,7 +121,7 @@ def load_policy(model_args, finetune_args, training_args):
         dtype=_dtype(training_args),
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
-        processor_path=model_args.adapter_name_or_path if _has_processor(model_args.adapter_name_or_path) else None,
+        processor_path=_processor_path(model_args),
         **quantization_kwargs(finetune_args),
     )
     compat.check_model_type(model_args.model_type, loaded.model.config)
@@ -134,10 +134,11 @@ def load_policy(model_args, finetune_args, training_args):
     return loaded, model
 
 
-def _has_processor(adapter: str | None) -> bool:
-    """Whether an adapter folder holds the processor it was trained with (vlmtune saves it there)."""
+def _processor_path(model_args) -> str | None:
+    """The adapter folder when it holds the processor it was trained with (vlmtune saves it there)."""
+    adapter = model_args.adapter_name_or_path
     names = ("processor_config.json", "tokenizer_config.json")
-    return bool(adapter) and any((Path(adapter) / name).exists() for name in names)
+    return adapter if adapter and any((Path(adapter) / name).exists() for name in names) else None
 
 
 def load_reference(dpo_args, training_args):
@@ -167,16 +168,15 @@ def _run(model_args, data_args, finetune_args, training_args, dpo_args, callback
     resume = resolve_resume(training_args.resume_from_checkpoint, out)
     if training_args.should_save:
         remove_deletion_leftovers(out)
+    # Every pair is checked before the weights load: a bad row costs seconds, not a model load.
+    processor, spec = load_processing(
+        model_args.model_name_or_path, _processor_path(model_args), model_args.trust_remote_code
+    )
+    splits = build_preference_splits(
+        data_args, spec.encoding, processor, dpo_args.chosen_column, dpo_args.rejected_column, training_args.seed
+    )
     set_seed(training_args.seed)
     loaded, model = load_policy(model_args, finetune_args, training_args)
-    splits = build_preference_splits(
-        data_args,
-        loaded.spec.encoding,
-        loaded.processor,
-        dpo_args.chosen_column,
-        dpo_args.rejected_column,
-        seed=training_args.seed,
-    )
     if main_process:
         print(splits.describe())
         print(splits.summary())

@@ -1,0 +1,185 @@
+"""`vlmtune dpo`: preference pairs on TRL's DPOTrainer, scored only on the answers, after a short SFT.
+
+The pairs are the shapes data with the right colour chosen and a wrong one rejected
+(`write_preference_dataset`); the tiny Qwen2-VL is trained by `vlmtune train` first, then by `vlmtune dpo`
+continuing its adapter, both through the command line as a user runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText
+
+from tests.helpers import train_args
+from vlmtune.cli import main
+from vlmtune.config import DataArguments, DpoArguments, FinetuneArguments, VlmTrainingArguments
+from vlmtune.data.preference import PreferenceCollator, build_preference_splits
+from vlmtune.data.synthetic import write_preference_dataset
+from vlmtune.models.loading import apply_finetuning, load_model, load_processing
+from vlmtune.train.preference import VlmDpoTrainer, dpo_config, pair_log_probs, preference_accuracy, run_dpo
+
+LN2 = math.log(2)
+RUN = ["--use_cpu", "--seed", "0", "--report_to", "none", "--save_strategy", "no", "--max_new_tokens", "4"]
+BATCH = [
+    "--per_device_train_batch_size",
+    "8",
+    "--learning_rate",
+    "1e-3",
+    "--logging_steps",
+    "5",
+    "--logging_first_step",
+]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_preference_dataset(tmp_path_factory.mktemp("pairs"), n_train=200, n_eval=40, seed=0)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, pairs, tmp_path_factory):
+    """A 30-step SFT on the chosen answers, then 30 DPO steps continuing its adapter (DPO + the SFT term on
+    the chosen answers, `--loss_type sigmoid sft`); both evaluated on the same held-out pairs."""
+    root, model = tmp_path_factory.mktemp("runs"), tiny_model_dir("qwen2_vl")
+    data = ["--dataset_name", str(pairs["train"]), "--eval_dataset_name", str(pairs["validation"])]
+    common = ["--model_name_or_path", model, *data, *RUN, *BATCH, "--max_steps", "30"]
+    main(["train", *common, "--response_column", "chosen", "--output_dir", str(root / "sft")])
+    dpo = ["--adapter_name_or_path", str(root / "sft"), "--loss_type", "sigmoid", "sft", "--beta", "0.1"]
+    main(["dpo", *common, *dpo, "--output_dir", str(root / "dpo")])
+    return {name: root / name for name in ("sft", "dpo")}
+
+
+def _results(folder) -> dict:
+    return json.loads((folder / "all_results.json").read_text())
+
+
+def test_dpo_after_sft_raises_held_out_accuracy(runs):
+    sft, dpo = _results(runs["sft"]), _results(runs["dpo"])
+    # The model prefers the right colour over the wrong one on more held-out pairs than before DPO ...
+    assert dpo["eval_preference_accuracy"] >= dpo["eval_preference_accuracy_before"] + 0.15
+    # ... and answers more held-out images right (generated, exact match against the chosen answer).
+    assert dpo["eval_exact_match"] >= sft["eval_exact_match"] + 0.1
+
+
+def test_reference_is_the_sft_adapter_and_metrics_are_logged(runs):
+    """Continuing an SFT adapter, the reference is that adapter as the run found it: at step 1 policy and
+    reference agree exactly (rewards 0; against the base model they would not)."""
+    log = json.loads((runs["dpo"] / "trainer_state.json").read_text())["log_history"]
+    first, trained = log[0], [e for e in log[1:] if "rewards/accuracies" in e]
+    assert first["step"] == 1 and first["rewards/chosen"] == first["rewards/rejected"] == 0.0
+    assert trained and all("rewards/margins" in e and "logps/rejected" in e for e in trained)
+    assert trained[-1]["rewards/margins"] > 0 and trained[-1]["rewards/accuracies"] > 0.5
+
+
+@pytest.mark.parametrize("reference", ["new LoRA disabled", "--ref_model", "SFT adapter copy"])
+def test_step_zero_loss_is_ln2(tiny_model_dir, pairs, tmp_path, request, reference):
+    model = tiny_model_dir("qwen2_vl")
+    adapter = str(request.getfixturevalue("runs")["sft"]) if reference == "SFT adapter copy" else None
+    args = train_args(
+        model,
+        str(pairs["train"]),
+        str(tmp_path),
+        adapter_name_or_path=adapter,
+        max_steps=1,
+        max_train_samples=8,
+        per_device_train_batch_size=8,
+        val_split_ratio=0.0,
+        logging_steps=1,
+        report_to="none",
+    )
+    result = run_dpo(*args, DpoArguments(ref_model=model if reference == "--ref_model" else None))
+    first = result.trainer.state.log_history[0]
+    assert first["loss"] == pytest.approx(LN2, abs=1e-6)
+    assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0
+    assert not (tmp_path / "ref").exists()  # one adapter in the output, no reference copy
+
+
+def test_adapter_reloads_in_plain_peft_with_the_reported_preferences(runs, tiny_model_dir, pairs):
+    out = runs["dpo"]
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "ref").exists()
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir("qwen2_vl"))
+    plain = PeftModel.from_pretrained(base, str(out)).eval()
+    processor, spec = load_processing(tiny_model_dir("qwen2_vl"), str(out))
+    data = DataArguments(dataset_name=str(pairs["validation"]), val_split_ratio=0.0)
+    splits = build_preference_splits(data, spec.encoding, processor)
+    collator = PreferenceCollator(processor, splits.preparers)
+    accuracy = preference_accuracy(plain, collator, splits.train)
+    assert accuracy == pytest.approx(_results(out)["eval_preference_accuracy"])
+
+
+@pytest.fixture(scope="module")
+def one_pair(tiny_model_dir, tmp_path_factory):
+    """One pair with a system prompt: its processor, family spec, row, splits and collated [chosen, rejected]."""
+    folder = tmp_path_factory.mktemp("one_pair")
+    files = write_preference_dataset(folder, n_train=2, n_eval=1, seed=3)
+    processor, spec = load_processing(tiny_model_dir("qwen2_vl"))
+    data = DataArguments(dataset_name=str(files["train"]), val_split_ratio=0.0, system_prompt="Look closely.")
+    splits = build_preference_splits(data, spec.encoding, processor)
+    collator = PreferenceCollator(processor, splits.preparers)
+    return processor, spec, splits, collator([splits.train[0]])
+
+
+def test_only_the_answer_and_end_of_turn_are_scored_with_the_same_image_inputs(one_pair):
+    processor, spec, splits, batch = one_pair
+    row, ids, mask = splits.train[0], batch["input_ids"], batch["completion_mask"].bool()
+    assert processor.tokenizer.decode(ids[0][mask[0]]) == f"{row['chosen']}<|im_end|>"
+    assert processor.tokenizer.decode(ids[1][mask[1]]) == f"{row['rejected']}<|im_end|>"
+    image_id = processor.tokenizer.convert_tokens_to_ids(spec.encoding.image_token)
+    assert (ids == image_id).any() and not ((ids == image_id) & mask).any()
+    # Everything before the answer is the same tokens on both sides: system text, image, prompt.
+    start = int(mask[0].nonzero()[0])
+    assert start == int(mask[1].nonzero()[0]) and torch.equal(ids[0, :start], ids[1, :start])
+    assert "Look closely." in processor.tokenizer.decode(ids[0, :start])
+    # The processor's image inputs are there for both sequences, identical.
+    pixels, grids = batch["pixel_values"].chunk(2), batch["image_grid_thw"]
+    assert torch.equal(pixels[0], pixels[1]) and grids.shape[0] == 2 and torch.equal(grids[0], grids[1])
+
+
+def _log_probs_from_full_logits(model, batch) -> torch.Tensor:
+    """Per sequence: the log-probability of its completion-mask tokens from the full logits (independent of
+    models/loss.py and of TRL's fused head)."""
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    logits = model(**inputs).logits.float().log_softmax(-1)
+    picked = logits[:, :-1].gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    return (picked * batch["completion_mask"][:, 1:]).sum(-1)
+
+
+def test_trl_scores_exactly_the_answer_tokens(one_pair, tiny_model_dir, tmp_path):
+    """The chosen/rejected log-probabilities TRL's DPOTrainer computes (and logs) are the sums over the
+    answer tokens alone: equal to the full-logit sum over them, unlike the sum that also counts the prompt;
+    changing one answer token changes them."""
+    processor, spec, splits, batch = one_pair
+    loaded = load_model(tiny_model_dir("qwen2_vl"))
+    policy = apply_finetuning(loaded.model, loaded.spec, FinetuneArguments(lora_dropout=0.0))
+    config = dpo_config(VlmTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"), DpoArguments())
+    trainer = VlmDpoTrainer(
+        model=policy,
+        args=config,
+        train_dataset=splits.train,
+        data_collator=PreferenceCollator(processor, splits.preparers),
+        processing_class=processor,
+        new_adapter=True,
+    )
+    policy.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(policy, dict(batch))
+        trainer.log({})
+        full = _log_probs_from_full_logits(policy, batch)
+        ours = torch.cat(pair_log_probs(policy, batch))
+        with_prompt = _log_probs_from_full_logits(policy, dict(batch, completion_mask=batch["attention_mask"]))
+    logged = trainer.state.log_history[-1]
+    assert float(loss) == pytest.approx(LN2, abs=1e-6)  # a new LoRA: policy == reference
+    assert logged["eval_logps/chosen"] == pytest.approx(float(full[0]), rel=1e-5)
+    assert logged["eval_logps/rejected"] == pytest.approx(float(full[1]), rel=1e-5)
+    assert torch.allclose(ours, full, rtol=1e-5)
+    assert not torch.allclose(with_prompt, full, rtol=1e-2)
+    changed = dict(batch, input_ids=batch["input_ids"].clone())
+    answer_at = int(batch["completion_mask"][0].nonzero()[0])
+    changed["input_ids"][0, answer_at] = (batch["input_ids"][0, answer_at] + 1) % len(processor.tokenizer)
+    with torch.no_grad():
+        assert not torch.allclose(pair_log_probs(policy, changed)[0], ours[:1], rtol=1e-3)
