@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, TrainerCallback
 
 from tests.helpers import train_args
 from vlmtune.cli import main
@@ -277,3 +277,25 @@ def test_a_missing_answer_column_is_named_with_the_flag(tiny_model_dir, pairs, t
 def test_bad_dpo_options_are_usage_errors(tiny_model_dir, pairs, tmp_path, capsys, flags, says):
     err = _fails(_dpo(tiny_model_dir, tmp_path, "--dataset_name", str(pairs["train"]), *flags), capsys, code=2)
     assert says in err
+
+
+class _CountSteps(TrainerCallback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+def test_dpo_resumes_from_its_latest_checkpoint(tiny_model_dir, pairs, tmp_path):
+    model, data = tiny_model_dir("qwen2_vl"), str(pairs["train"])
+    args = dict(max_train_samples=8, per_device_train_batch_size=4, val_split_ratio=0.0, report_to="none")
+    args.update(save_strategy="steps", save_steps=1, max_steps=2, logging_steps=1)
+    run_dpo(*train_args(model, data, str(tmp_path), **args), DpoArguments())
+    assert (tmp_path / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "checkpoint-2" / "ref").exists()
+    counter = _CountSteps()
+    again = train_args(model, data, str(tmp_path), **dict(args, max_steps=3, resume_from_checkpoint="latest"))
+    result = run_dpo(*again, DpoArguments(), callbacks=[counter])
+    steps = [entry["step"] for entry in result.trainer.state.log_history if "loss" in entry]
+    assert counter.steps == 1 and steps == [1, 2, 3]  # one more step, on top of the checkpoint's two

@@ -40,8 +40,11 @@ from ..models.loading import apply_finetuning, load_model, load_processing, trai
 from ..models.loss import labelled_nll_per_row
 from ..outputs import exclusive_output_dir
 from .checkpoints import CompleteCheckpoints, no_space_errors, remove_deletion_leftovers, resolve_resume
+from .distributed import announce, detect_topology, shards_parameters
+from .fsdp import default_fsdp_wrap
 from .guard import NonFiniteGuard, StopOnSignal, check_finite_weights, parse_signals
 from .run import CONFIG_FILE, _dtype, check_output_dir, quantization_kwargs, remove_written_since
+from .vision_step import run_vision_every_step
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +161,9 @@ def run_dpo(model_args, data_args, finetune_args, training_args, dpo_args, callb
         raise UsageError("vlmtune dpo: --model_name_or_path is required (the base model)")
     out = check_output_dir(training_args)
     signals = parse_signals(training_args.save_on_signal)
-    holding = exclusive_output_dir(out) if training_args.process_index == 0 else contextlib.nullcontext()
+    topology = detect_topology(training_args)  # refuses a launch that did not become one job
+    announce(topology)
+    holding = exclusive_output_dir(out) if topology.rank == 0 else contextlib.nullcontext()
     with holding:
         return _run(model_args, data_args, finetune_args, training_args, dpo_args, callbacks, out, signals)
 
@@ -177,6 +182,9 @@ def _run(model_args, data_args, finetune_args, training_args, dpo_args, callback
     )
     set_seed(training_args.seed)
     loaded, model = load_policy(model_args, finetune_args, training_args)
+    default_fsdp_wrap(training_args, loaded.model, loaded.spec)
+    if shards_parameters(training_args):  # ZeRO-3/FSDP: a text-only batch must still run the vision tower
+        run_vision_every_step(model, loaded.processor)
     if main_process:
         print(splits.describe())
         print(splits.summary())
