@@ -79,15 +79,16 @@ def test_reference_is_the_sft_adapter_and_metrics_are_logged(runs):
     assert trained[-1]["rewards/margins"] > 0 and trained[-1]["rewards/accuracies"] > 0.5
 
 
-@pytest.mark.parametrize("reference", ["new LoRA disabled", "--ref_model", "SFT adapter copy"])
+@pytest.mark.parametrize("reference", ["new LoRA disabled", "--ref_model", "SFT adapter copy", "full: a second copy"])
 def test_step_zero_loss_is_ln2(tiny_model_dir, pairs, tmp_path, request, reference):
     model = tiny_model_dir("qwen2_vl")
     adapter = str(request.getfixturevalue("runs")["sft"]) if reference == "SFT adapter copy" else None
     args = train_args(
-        model,
+        None if adapter else model,  # continuing an adapter, the base model is the one it records
         str(pairs["train"]),
         str(tmp_path),
         adapter_name_or_path=adapter,
+        finetuning_type="full" if reference.startswith("full") else "lora",
         max_steps=1,
         max_train_samples=8,
         per_device_train_batch_size=8,

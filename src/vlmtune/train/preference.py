@@ -36,7 +36,7 @@ from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..eval.plots import write_training_plots
 from ..models.checkpoint import check_adapter_path, model_errors
 from ..models.generation import full_parameters_for_generation
-from ..models.loading import apply_finetuning, load_model, load_processing, trainable_table
+from ..models.loading import adapter_base_path, apply_finetuning, load_model, load_processing, trainable_table
 from ..models.loss import labelled_nll_per_row
 from ..outputs import exclusive_output_dir
 from .checkpoints import CompleteCheckpoints, no_space_errors, remove_deletion_leftovers, resolve_resume
@@ -56,7 +56,7 @@ _NOT_YET = {
     "packing": "pairs are scored one sequence per row",
     "padding_free": "pairs are scored one sequence per row",
     "max_seq_length": "a pair is never cut (both sides must keep the same prompt); leave it out",
-    "cache_vision_features": "the reference and policy forwards share the vision tower",
+    "cache_vision_features": "the vision feature cache is not wired into the DPO trainer",
 }
 
 
@@ -129,7 +129,6 @@ def load_policy(model_args, finetune_args, training_args):
     )
     compat.check_model_type(model_args.model_type, loaded.model.config)
     if model_args.adapter_name_or_path:
-        check_adapter_path(model_args.adapter_name_or_path)
         with model_errors(model_args.adapter_name_or_path, "--adapter_name_or_path"):
             model = PeftModel.from_pretrained(loaded.model, model_args.adapter_name_or_path, is_trainable=True)
     else:
@@ -157,8 +156,15 @@ def run_dpo(model_args, data_args, finetune_args, training_args, dpo_args, callb
     """Train on preference pairs as the arguments say; save the adapter (or model), processor, metrics and
     plots in `--output_dir`; return the final metrics."""
     check_supported(data_args, training_args)
+    if model_args.adapter_name_or_path:
+        check_adapter_path(model_args.adapter_name_or_path)
+        if not model_args.model_name_or_path:  # the base model the adapter records, as `vlmtune predict` does
+            model_args.model_name_or_path = adapter_base_path(model_args.adapter_name_or_path)
     if not model_args.model_name_or_path:
-        raise UsageError("vlmtune dpo: --model_name_or_path is required (the base model)")
+        raise UsageError(
+            "vlmtune dpo: --model_name_or_path is required (the base model), or --adapter_name_or_path an adapter "
+            "that records its base"
+        )
     out = check_output_dir(training_args)
     signals = parse_signals(training_args.save_on_signal)
     topology = detect_topology(training_args)  # refuses a launch that did not become one job
