@@ -25,7 +25,7 @@ from .conversation import Conversation
 from .encode import IGNORE_INDEX, Encoded, EncodingFacts, encode
 from .images import ImageOptions
 from .prepare import LENGTH, Preparer
-from .schema import IMAGE_COLUMNS, PROMPT_COLUMNS, Schema, _message, _pick
+from .schema import IMAGE_COLUMNS, PROMPT_COLUMNS, ROLES, Schema, _message, _pick
 from .sources import INDEX, Rows, column_names, load_sources
 from .splits import _hold_out, _image_root, _limit
 from .validate import Checker, CheckReport, check_rows
@@ -33,15 +33,15 @@ from .validate import Checker, CheckReport, check_rows
 SIDES = ("chosen", "rejected")
 
 
-def _messages(value, where: str, name: str) -> list:
-    """A message list (JSON text from a CSV cell is parsed); an answer given as plain text is one
+def _messages(value, where: str, name: str, answer: bool) -> list:
+    """A message list (JSON text from a CSV cell is parsed); an `answer` given as plain text is one
     assistant turn."""
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             value = json.loads(value, parse_float=str, parse_int=str, parse_constant=str)
         except json.JSONDecodeError as err:
             raise DataError(f"{where}, field {name!r}: not valid JSON: {err}") from err
-    if isinstance(value, str) and name != "prompt" and value.strip():
+    if isinstance(value, str) and answer and value.strip():
         return [{"role": "assistant", "content": value}]
     if not isinstance(value, (list, tuple)) or not value:
         raise DataError(f"{where}, field {name!r}: must be a non-empty list of messages")
@@ -63,13 +63,13 @@ class SideSchema(Schema):
     def to_conversation(self, row: dict, index: int) -> Conversation:
         if self.kind == "messages":
             where = f"{row.get('__source__') or self.source}, row {index}"
-            prompt = _messages(row.get(self.prompt_column), where, self.prompt_column)
-            if prompt[-1].get("role") == "assistant":
+            prompt = _messages(row.get(self.prompt_column), where, self.prompt_column, answer=False)
+            if ROLES.get(prompt[-1].get("role") or prompt[-1].get("from") or "") == "assistant":
                 raise DataError(
                     f"{where}, field {self.prompt_column!r}: ends with an assistant turn; the prompt holds the "
                     f"turns before the answer, and {', '.join(SIDES)} the answers"
                 )
-            answer = _messages(row.get(self.messages_column), where, self.messages_column)
+            answer = _messages(row.get(self.messages_column), where, self.messages_column, answer=True)
             row = {**row, self.messages_column: prompt + answer}
         return super().to_conversation(row, index)
 
