@@ -244,6 +244,17 @@ def test_a_bad_table_row_names_file_row_and_field(tiny_model_dir, one_pair, tmp_
     assert f"{path}, row 1, field 'rejected': empty" in err and "Traceback" not in err
 
 
+def test_on_bad_sample_skip_drops_the_pair(one_pair):
+    processor, spec, splits, _ = one_pair
+    image, folder = splits.train[0]["image_path"], Path(splits.train[0]["__source__"]).parent
+    path = folder / "skip.csv"
+    path.write_text(f"image_path,question,chosen,rejected\n{image},What colour?,,blue\n{image},What colour?,red,blue\n")
+    data = DataArguments(dataset_name=str(path), val_split_ratio=0.0, on_bad_sample="skip")
+    kept = build_preference_splits(data, spec.encoding, processor)
+    assert [row["__index__"] for row in kept.train] == [1]
+    assert "field 'chosen': empty" in kept.summary() and "1 bad samples skipped" in kept.summary()
+
+
 @pytest.mark.parametrize(
     ("change", "says"),
     [
