@@ -279,8 +279,8 @@ class DpoArguments:
 
     _argument_group_name = "preference (DPO)"
 
-    chosen_column: str | None = arg(None, "Column with the preferred answer (default: chosen).")
-    rejected_column: str | None = arg(None, "Column with the dispreferred answer (default: rejected).")
+    chosen_column: str | None = arg(None, "Column with the preferred answer; `chosen` if omitted.")
+    rejected_column: str | None = arg(None, "Column with the dispreferred answer; `rejected` if omitted.")
     ref_model: str | None = arg(
         None,
         "Reference model (a folder or hub id). Default: none loaded; the policy itself with the new LoRA "
@@ -290,7 +290,7 @@ class DpoArguments:
     beta: float = arg(0.1, "DPO's beta: how far the policy may move from the reference (higher: less far).")
     loss_type: list[str] = arg(
         None,
-        f"TRL's DPO loss, or several summed with --loss_weights: {', '.join(DPO_LOSS_TYPES)}.",
+        "TRL's DPO loss (sigmoid: DPO; sigmoid sft: RPO); several are summed, weighted by --loss_weights.",
         default_factory=lambda: ["sigmoid"],
     )
     loss_weights: list[float] | None = arg(None, "Weights of the --loss_type losses, one per loss (default 1 each).")
