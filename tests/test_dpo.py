@@ -19,9 +19,12 @@ from transformers import AutoModelForImageTextToText, TrainerCallback
 from tests.helpers import train_args
 from vlmtune.cli import main
 from vlmtune.config import DataArguments, DpoArguments, FinetuneArguments, VlmTrainingArguments
+from vlmtune.data.collate import SEQUENCE_KEYS
+from vlmtune.data.encode import token_ids
 from vlmtune.data.preference import PreferenceCollator, build_preference_splits
 from vlmtune.data.synthetic import write_preference_dataset
 from vlmtune.models.loading import apply_finetuning, load_model, load_processing
+from vlmtune.models.tiny import RECIPES
 from vlmtune.train.preference import VlmDpoTrainer, dpo_config, pair_log_probs, preference_accuracy, run_dpo
 
 LN2 = math.log(2)
@@ -311,3 +314,44 @@ def test_dpo_resumes_from_its_latest_checkpoint(tiny_model_dir, pairs, tmp_path)
     result = run_dpo(*again, DpoArguments(), callbacks=[counter])
     steps = [entry["step"] for entry in result.trainer.state.log_history if "loss" in entry]
     assert counter.steps == 1 and steps == [1, 2, 3]  # one more step, on top of the checkpoint's two
+
+
+@pytest.mark.parametrize("family", list(RECIPES))
+def test_every_family_scores_only_the_answers_on_the_same_image_inputs(family, tiny_model_dir, pairs, tmp_path):
+    """For each family: the trained tokens are the answer and its end of turn, never an image token; every
+    per-image input the processor returns is the same for both sides; and TRL's DPOTrainer, fed these
+    batches, starts at ln 2 with the chosen log-probabilities vlmtune computes at the labelled positions."""
+    loaded = load_model(tiny_model_dir(family))
+    data = DataArguments(dataset_name=str(pairs["validation"]), val_split_ratio=0.0, max_train_samples=2)
+    splits = build_preference_splits(data, loaded.spec.encoding, loaded.processor)
+    collator = PreferenceCollator(loaded.processor, splits.preparers)
+    batch = collator(list(splits.train))
+    tokenizer, facts = loaded.processor.tokenizer, loaded.spec.encoding
+    ends = (*facts.turn_end, tokenizer.eos_token)
+    mask = batch["completion_mask"].bool()
+    for i, (row, side) in enumerate([(r, s) for s in ("chosen", "rejected") for r in splits.train]):
+        text = tokenizer.decode(batch["input_ids"][i][mask[i]]).strip()
+        assert any(text == f"{row[side]}{end}" for end in ends), (text, row[side])
+    assert not torch.isin(
+        batch["input_ids"][mask], torch.tensor(sorted(token_ids(loaded.processor, facts.image_tokens)))
+    ).any()
+    for key, value in batch.items():
+        if key not in (*SEQUENCE_KEYS, "input_ids", "completion_mask"):
+            assert torch.equal(*value.chunk(2)), key
+    policy = apply_finetuning(loaded.model, loaded.spec, FinetuneArguments(lora_dropout=0.0))
+    config = dpo_config(VlmTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"), DpoArguments())
+    trainer = VlmDpoTrainer(
+        model=policy,
+        args=config,
+        train_dataset=splits.train,
+        data_collator=collator,
+        processing_class=loaded.processor,
+        new_adapter=True,
+    )
+    policy.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(policy, dict(batch))
+        trainer.log({})
+        chosen, _ = pair_log_probs(policy, batch)
+    assert float(loss) == pytest.approx(LN2, abs=1e-6)
+    assert trainer.state.log_history[-1]["eval_logps/chosen"] == pytest.approx(float(chosen.mean()), rel=1e-5)
