@@ -165,6 +165,8 @@ def run_dpo(model_args, data_args, finetune_args, training_args, dpo_args, callb
             "vlmtune dpo: --model_name_or_path is required (the base model), or --adapter_name_or_path an adapter "
             "that records its base"
         )
+    if not training_args.output_dir:
+        raise UsageError("vlmtune dpo: --output_dir is required (the folder for the adapter, processor and logs)")
     out = check_output_dir(training_args)
     signals = parse_signals(training_args.save_on_signal)
     topology = detect_topology(training_args)  # refuses a launch that did not become one job
@@ -186,6 +188,8 @@ def _run(model_args, data_args, finetune_args, training_args, dpo_args, callback
     splits = build_preference_splits(
         data_args, spec.encoding, processor, dpo_args.chosen_column, dpo_args.rejected_column, training_args.seed
     )
+    if splits.eval is None and training_args.eval_strategy != "no":
+        raise UsageError("--eval_strategy needs evaluation pairs: add --eval_dataset_name or --val_split_ratio")
     set_seed(training_args.seed)
     loaded, model = load_policy(model_args, finetune_args, training_args)
     default_fsdp_wrap(training_args, loaded.model, loaded.spec)
@@ -195,8 +199,6 @@ def _run(model_args, data_args, finetune_args, training_args, dpo_args, callback
         print(splits.describe())
         print(splits.summary())
         print(trainable_table(model, loaded.spec))
-    if splits.eval is None and training_args.eval_strategy != "no":
-        raise UsageError("--eval_strategy needs evaluation pairs: add --eval_dataset_name or --val_split_ratio")
     config = dpo_config(training_args, dpo_args)
     stop_on_signal = StopOnSignal(signals)
     trainer = VlmDpoTrainer(
