@@ -31,6 +31,7 @@ Fine-tune vision-language models on your own image+text data.
 
 commands:
   train        fine-tune a model (LoRA by default) on a dataset; `vlmtune train --help`
+  dpo          align a model (after train) with preference pairs: image, prompt, chosen, rejected; `vlmtune dpo --help`
   eval         generate answers for a dataset and score them: metrics.json, predictions.jsonl, report.html
   predict      answer a prompt about one or more images (or a JSONL of requests) with a model and optional adapter
   merge        merge a LoRA adapter into its base model and save a standalone checkpoint
@@ -95,6 +96,22 @@ def cmd_train(argv: list[str]) -> None:
     model_args, data_args, finetune_args, training_args = parse_args(argv, prog="vlmtune train")
     result = run_training(model_args, data_args, finetune_args, training_args)
     if not result.trainer.is_world_process_zero():  # under torchrun / accelerate, one process reports
+        return
+    print(f"Saved to {result.output_dir}")
+    for key in sorted(result.metrics):
+        print(f"  {key}: {result.metrics[key]}")
+
+
+def cmd_dpo(argv: list[str]) -> None:
+    from .config import TRAINING_ARGUMENTS, DpoArguments, make_parser
+    from .train.preference import run_dpo
+
+    classes = (*TRAINING_ARGUMENTS, DpoArguments)
+    if any(a in ("-h", "--help") for a in argv):
+        make_parser(classes, prog="vlmtune dpo").print_help()
+        return
+    result = run_dpo(*parse_args(argv, classes, prog="vlmtune dpo"))
+    if not result.trainer.is_world_process_zero():
         return
     print(f"Saved to {result.output_dir}")
     for key in sorted(result.metrics):
@@ -229,6 +246,7 @@ def cmd_push(argv: list[str]) -> None:
 
 COMMANDS = {
     "train": cmd_train,
+    "dpo": cmd_dpo,
     "eval": cmd_eval,
     "predict": cmd_predict,
     "merge": cmd_merge,

@@ -5,6 +5,7 @@ names (`aliases`) and what a launch settles before `TrainingArguments` (`launch`
 from .arguments import (
     TRAINING_ARGUMENTS,
     DataArguments,
+    DpoArguments,
     FinetuneArguments,
     InspectArguments,
     ModelArguments,
@@ -18,6 +19,7 @@ from .suggest import did_you_mean
 __all__ = [
     "TRAINING_ARGUMENTS",
     "DataArguments",
+    "DpoArguments",
     "FinetuneArguments",
     "InspectArguments",
     "ModelArguments",

@@ -253,6 +253,50 @@ class InspectArguments:
     color: str = arg("auto", "Highlight the trained text in colour: auto (on a terminal), always or never.")
 
 
+# TRL's DPOTrainer loss variants (trl 1.16, `DPOConfig.loss_type`); several may be combined.
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+
+
+@dataclass
+class DpoArguments:
+    """`vlmtune dpo`'s own options (the model, data, LoRA/full and Trainer ones are `vlmtune train`'s)."""
+
+    _argument_group_name = "preference (DPO)"
+
+    chosen_column: str | None = arg(None, "Column with the preferred answer; `chosen` if omitted.")
+    rejected_column: str | None = arg(None, "Column with the dispreferred answer; `rejected` if omitted.")
+    ref_model: str | None = arg(
+        None,
+        "Reference model (a folder or hub id). Default: none loaded; the policy itself with the new LoRA "
+        "disabled, or, with --adapter_name_or_path, a frozen copy of that adapter (the SFT model), so no second "
+        "model is held in memory. Full fine-tuning without it loads a second copy of --model_name_or_path.",
+    )
+    beta: float = arg(0.1, "DPO's beta: how far the policy may move from the reference (higher: less far).")
+    loss_type: list[str] = arg(
+        None,
+        "TRL's DPO loss (sigmoid: DPO; sigmoid sft: RPO); several are summed, weighted by --loss_weights.",
+        default_factory=lambda: ["sigmoid"],
+    )
+    loss_weights: list[float] | None = arg(None, "Weights of the --loss_type losses, one per loss (default 1 each).")
+    label_smoothing: float = arg(0.0, "Share of pairs assumed mislabelled (robust and exo_pair losses; cDPO).")
+
+
 # Every training command's arguments: the model, data and images, LoRA/full fine-tuning, and the Trainer's
 # (output, schedule, precision). `vlmtune train` takes exactly these; a preference trainer (dpo, grpo) adds
 # its own dataclass: `parse_args(argv, (*TRAINING_ARGUMENTS, DpoArguments))`.

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from ..errors import UsageError
+from .arguments import DPO_LOSS_TYPES
 from .suggest import did_you_mean
 
 
@@ -78,6 +79,9 @@ CHECKS: dict[str, Check] = {
     "max_eval_samples": at_least(1),
     "stream_buffer_size": at_least(1),
     "on_bad_sample": one_of("error", "skip"),
+    "beta": above(0),
+    "loss_type": one_of(*DPO_LOSS_TYPES),
+    "label_smoothing": Check(low=0, high=0.5, high_open=True),
     "packing_strategy": one_of("best_fit", "greedy"),
     "max_new_tokens": at_least(1),
     "eval_metrics_samples": at_least(1),

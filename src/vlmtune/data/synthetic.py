@@ -1,7 +1,8 @@
 """A small synthetic VQA dataset whose answers need the image: coloured shapes.
 
 Used by `vlmtune demo` and by the learning tests. Each row asks either the colour or the shape of the
-one figure drawn on a plain background, so a model that ignores the image scores near chance.
+one figure drawn on a plain background, so a model that ignores the image scores near chance;
+`write_preference_dataset` makes preference pairs of it (the right answer chosen, a wrong one rejected).
 """
 
 from __future__ import annotations
@@ -68,4 +69,25 @@ def write_shapes_dataset(
                 draw_shape(colour, shape, rng=rng).save(folder / name)
                 writer.writerow([name, QUESTIONS[kind], colour if kind == "colour" else shape])
         files[split] = path
+    return files
+
+
+def write_preference_dataset(
+    folder: str | Path, n_train: int = 300, n_eval: int = 60, seed: int = 0
+) -> dict[str, Path]:
+    """The shapes data as preference pairs: `train.csv` / `validation.csv` with columns image_path, prompt,
+    chosen, rejected; chosen is the right colour, rejected a wrong one (seeded), images as in
+    `write_shapes_dataset` (same seed, same images and questions)."""
+    folder = Path(folder)
+    files = write_shapes_dataset(folder, n_train, n_eval, seed)
+    rng = random.Random(seed + 1)
+    for path in files.values():
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image_path", "prompt", "chosen", "rejected"])
+            for row in rows:
+                wrong = rng.choice([c for c in COLOURS if c != row["response"]])
+                writer.writerow([row["image_path"], row["prompt"], row["response"], wrong])
     return files

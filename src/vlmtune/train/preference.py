@@ -1,0 +1,294 @@
+"""`vlmtune dpo`: preference pairs → TRL's `DPOTrainer` on vlmtune's encoding → one PEFT adapter.
+
+TRL computes the loss, the reference log-probabilities and the metrics (rewards/accuracies, margins);
+vlmtune gives it the batches: each pair's chosen and rejected conversations encoded by the one encoding
+path (`data/preference.py`), so only the answer and its end-of-turn are scored, with the same prompt and
+image inputs on both sides.
+
+The reference: TRL's own choice, with nothing copied beyond an adapter. A new LoRA: the policy with the
+adapter disabled (equal to the policy at step 0). `--adapter_name_or_path SFT`: that adapter is trained
+further, and TRL keeps a frozen copy of it (adapter-sized) as the reference, so the reference is the SFT
+model the run starts from. `--ref_model`: that model. Full fine-tuning without one: TRL loads a second copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import set_seed
+from trl import DPOConfig, DPOTrainer
+
+from .. import compat
+from ..config import VlmTrainingArguments, to_dict
+from ..data.encode import IGNORE_INDEX
+from ..data.preference import SIDES, PreferenceCollator, PreferenceSplits, build_preference_splits
+from ..errors import UsageError
+from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
+from ..eval.plots import write_training_plots
+from ..models.checkpoint import check_adapter_path, model_errors
+from ..models.generation import full_parameters_for_generation
+from ..models.loading import adapter_base_path, apply_finetuning, load_model, load_processing, trainable_table
+from ..models.loss import labelled_nll_per_row
+from ..outputs import exclusive_output_dir
+from .checkpoints import CompleteCheckpoints, no_space_errors, remove_deletion_leftovers, resolve_resume
+from .distributed import announce, detect_topology, shards_parameters
+from .fsdp import default_fsdp_wrap
+from .guard import NonFiniteGuard, StopOnSignal, check_finite_weights, parse_signals
+from .run import CONFIG_FILE, _dtype, check_output_dir, quantization_kwargs, remove_written_since
+from .vision_step import run_vision_every_step
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of the adapter it continues
+
+# What vlmtune dpo does not do yet, with the reason (each is a flag `vlmtune train` takes).
+_NOT_YET = {
+    "streaming": "preference pairs are read in full (both sides are checked before training)",
+    "packing": "pairs are scored one sequence per row",
+    "padding_free": "pairs are scored one sequence per row",
+    "max_seq_length": "a pair is never cut (both sides must keep the same prompt); leave it out",
+    "cache_vision_features": "the vision feature cache is not wired into the DPO trainer",
+}
+
+
+@dataclass
+class DpoConfig(VlmTrainingArguments, DPOConfig):
+    """TRL's `DPOConfig` with vlmtune's training defaults and options (one set of Trainer arguments)."""
+
+
+@dataclass
+class DpoResult:
+    output_dir: Path
+    metrics: dict
+    trainer: DPOTrainer
+
+
+class VlmDpoTrainer(NonFiniteGuard, CompleteCheckpoints, DPOTrainer):
+    """TRL's `DPOTrainer` fed vlmtune's batches; it stops on non-finite steps and marks each checkpoint
+    complete, as `vlmtune train` does."""
+
+    def __init__(self, *args, new_adapter: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if new_adapter and REFERENCE_ADAPTER in getattr(self.model, "peft_config", {}):
+            # TRL copies any adapter it is given as the reference; a new LoRA starts as the base model
+            # (its B matrices are zero), so disabling it gives the same reference without the copy.
+            self.model.delete_adapter(REFERENCE_ADAPTER)
+
+    def _save(self, output_dir=None, state_dict=None):
+        """Only the trained adapter is saved: the reference copy is the adapter the run started from."""
+        super()._save(output_dir, state_dict)
+        shutil.rmtree(Path(output_dir or self.args.output_dir) / REFERENCE_ADAPTER, ignore_errors=True)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """Rows stay raw: `PreferenceCollator` encodes each pair per batch (TRL would tokenize the text
+        columns with its own template rendering)."""
+        return dataset
+
+
+def dpo_config(training_args, dpo_args) -> DpoConfig:
+    """The Trainer arguments as parsed, plus the DPO options (TRL's names)."""
+    values = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args) if f.init}
+    values.update(
+        beta=dpo_args.beta,
+        loss_type=list(dpo_args.loss_type),
+        loss_weights=dpo_args.loss_weights,
+        label_smoothing=dpo_args.label_smoothing,
+        gradient_checkpointing=training_args.gradient_checkpointing,  # TRL's default is on; vlmtune's is train's
+    )
+    config = DpoConfig(**values)
+    config.do_train_given = getattr(training_args, "do_train_given", False)
+    return config
+
+
+def check_supported(data_args, training_args) -> None:
+    """Refuse the `vlmtune train` options `vlmtune dpo` does not support yet, naming the flag."""
+    for name, why in _NOT_YET.items():
+        owner = data_args if hasattr(data_args, name) else training_args
+        if getattr(owner, name):
+            raise UsageError(f"vlmtune dpo: --{name} is not supported yet: {why}")
+
+
+def load_policy(model_args, finetune_args, training_args):
+    """The model to train: the SFT adapter to continue (`--adapter_name_or_path`), or a new LoRA/full one."""
+    loaded = load_model(
+        model_args.model_name_or_path,
+        dtype=_dtype(training_args),
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=model_args.trust_remote_code,
+        processor_path=_processor_path(model_args),
+        **quantization_kwargs(finetune_args),
+    )
+    compat.check_model_type(model_args.model_type, loaded.model.config)
+    if model_args.adapter_name_or_path:
+        with model_errors(model_args.adapter_name_or_path, "--adapter_name_or_path"):
+            model = PeftModel.from_pretrained(loaded.model, model_args.adapter_name_or_path, is_trainable=True)
+    else:
+        model = apply_finetuning(loaded.model, loaded.spec, finetune_args)
+    return loaded, model
+
+
+def _processor_path(model_args) -> str | None:
+    """The adapter folder when it holds the processor it was trained with (vlmtune saves it there)."""
+    adapter = model_args.adapter_name_or_path
+    names = ("processor_config.json", "tokenizer_config.json")
+    return adapter if adapter and any((Path(adapter) / name).exists() for name in names) else None
+
+
+def load_reference(dpo_args, training_args):
+    """`--ref_model` loaded (frozen), or None for TRL's own reference (see the module docstring)."""
+    if not dpo_args.ref_model:
+        return None
+    reference = load_model(dpo_args.ref_model, dtype=_dtype(training_args)).model
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def run_dpo(model_args, data_args, finetune_args, training_args, dpo_args, callbacks=None) -> DpoResult:
+    """Train on preference pairs as the arguments say; save the adapter (or model), processor, metrics and
+    plots in `--output_dir`; return the final metrics."""
+    check_supported(data_args, training_args)
+    if model_args.adapter_name_or_path:
+        check_adapter_path(model_args.adapter_name_or_path)
+        if not model_args.model_name_or_path:  # the base model the adapter records, as `vlmtune predict` does
+            model_args.model_name_or_path = adapter_base_path(model_args.adapter_name_or_path)
+    if not model_args.model_name_or_path:
+        raise UsageError(
+            "vlmtune dpo: --model_name_or_path is required (the base model), or --adapter_name_or_path an adapter "
+            "that records its base"
+        )
+    if not training_args.output_dir:
+        raise UsageError("vlmtune dpo: --output_dir is required (the folder for the adapter, processor and logs)")
+    out = check_output_dir(training_args)
+    signals = parse_signals(training_args.save_on_signal)
+    topology = detect_topology(training_args)  # refuses a launch that did not become one job
+    announce(topology)
+    holding = exclusive_output_dir(out) if topology.rank == 0 else contextlib.nullcontext()
+    with holding:
+        return _run(model_args, data_args, finetune_args, training_args, dpo_args, callbacks, out, signals)
+
+
+def _run(model_args, data_args, finetune_args, training_args, dpo_args, callbacks, out, signals) -> DpoResult:
+    main_process = training_args.process_index == 0
+    resume = resolve_resume(training_args.resume_from_checkpoint, out)
+    if training_args.should_save:
+        remove_deletion_leftovers(out)
+    # Every pair is checked before the weights load: a bad row costs seconds, not a model load.
+    processor, spec = load_processing(
+        model_args.model_name_or_path, _processor_path(model_args), model_args.trust_remote_code
+    )
+    splits = build_preference_splits(
+        data_args, spec.encoding, processor, dpo_args.chosen_column, dpo_args.rejected_column, training_args.seed
+    )
+    if splits.eval is None and training_args.eval_strategy != "no":
+        raise UsageError("--eval_strategy needs evaluation pairs: add --eval_dataset_name or --val_split_ratio")
+    set_seed(training_args.seed)
+    loaded, model = load_policy(model_args, finetune_args, training_args)
+    default_fsdp_wrap(training_args, loaded.model, loaded.spec)
+    if shards_parameters(training_args):  # ZeRO-3/FSDP: a text-only batch must still run the vision tower
+        run_vision_every_step(model, loaded.processor)
+    if main_process:
+        print(splits.describe())
+        print(splits.summary())
+        print(trainable_table(model, loaded.spec))
+    config = dpo_config(training_args, dpo_args)
+    stop_on_signal = StopOnSignal(signals)
+    trainer = VlmDpoTrainer(
+        model=model,
+        ref_model=load_reference(dpo_args, training_args),
+        args=config,
+        data_collator=PreferenceCollator(loaded.processor, splits.preparers),
+        train_dataset=splits.train,
+        eval_dataset=splits.eval,
+        processing_class=loaded.processor,
+        callbacks=[stop_on_signal, *(callbacks or [])],
+        new_adapter=not model_args.adapter_name_or_path,
+    )
+    before = _preference_accuracy(trainer, splits)
+    with stop_on_signal.installed():
+        metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
+    stop_on_signal.raise_if_stopped_early(trainer)
+    _save(trainer, loaded, out, (model_args, data_args, finetune_args, training_args, dpo_args), main_process)
+    if splits.eval is not None:
+        metrics.update(trainer.evaluate())
+        metrics.update(
+            eval_preference_accuracy_before=before, eval_preference_accuracy=_preference_accuracy(trainer, splits)
+        )
+        if finetune_args.eval_accuracy:
+            metrics.update(_answer_eval_pairs(trainer, loaded, splits, finetune_args, training_args, out))
+    trainer.save_metrics("all", metrics)
+    return DpoResult(output_dir=out, metrics=metrics, trainer=trainer)
+
+
+def pair_log_probs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair of a `PreferenceCollator` batch: the summed log-probability of the chosen and of the rejected
+    answer (their trained tokens only), from logits at those positions only (`models/loss.py`)."""
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    inputs["labels"] = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+    nll, _ = labelled_nll_per_row(model, inputs)
+    return (-nll).chunk(2)
+
+
+@torch.no_grad()
+def preference_accuracy(model, collator: PreferenceCollator, rows, batch_size: int = 8) -> float:
+    """Share of `rows`' pairs whose chosen answer the model finds more likely than the rejected one (no
+    reference model involved: what the model itself prefers)."""
+    device = next(model.parameters()).device
+    wins = []
+    for start in range(0, len(rows), batch_size):
+        batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+        chosen, rejected = pair_log_probs(model, {k: v.to(device) for k, v in batch.items()})
+        wins += (chosen > rejected).tolist()
+    return sum(wins) / len(wins)
+
+
+def _save(trainer, loaded, out: Path, arguments: tuple, main_process: bool) -> None:
+    """The adapter (or model), processor, config, plots and trainer state, as `vlmtune train` saves them."""
+    check_finite_weights(trainer.model, f"the result in {out}")
+    started = time.time()
+    with no_space_errors(out, "the trained result", lambda: remove_written_since(out, started)):
+        trainer.save_model(str(out))
+        if main_process:
+            loaded.processor.save_pretrained(str(out))
+            compat.save_base_config(arguments[0], out)
+            write_training_plots(trainer.state.log_history, out)
+            (out / CONFIG_FILE).write_text(json.dumps(to_dict(*arguments), indent=2))
+        trainer.save_state()
+
+
+def _preference_accuracy(trainer, splits: PreferenceSplits) -> float | None:
+    """`preference_accuracy` of the model being trained on the eval pairs (None without eval pairs)."""
+    if splits.eval is None:
+        return None
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    try:
+        return preference_accuracy(model, trainer.data_collator, splits.eval, trainer.args.per_device_eval_batch_size)
+    finally:
+        model.train(was_training)
+
+
+def _answer_eval_pairs(trainer, loaded, splits: PreferenceSplits, finetune_args, training_args, out: Path) -> dict:
+    """Generate answers for the eval pairs' prompts and score them against the chosen answers."""
+    with full_parameters_for_generation(trainer):
+        result = evaluate_generation(
+            trainer.model,
+            loaded.processor,
+            splits.preparers[SIDES[0]],
+            splits.eval,
+            batch_size=training_args.per_device_eval_batch_size,
+            max_new_tokens=finetune_args.max_new_tokens,
+            metrics=finetune_args.eval_metrics or DEFAULT_METRICS,
+        )
+    if trainer.is_world_process_zero():
+        result.write(out)
+    return {f"eval_{k}": v for k, v in result.metrics.items()}

@@ -1,0 +1,357 @@
+"""`vlmtune dpo`: preference pairs on TRL's DPOTrainer, scored only on the answers, after a short SFT.
+
+The pairs are the shapes data with the right colour chosen and a wrong one rejected
+(`write_preference_dataset`); the tiny Qwen2-VL is trained by `vlmtune train` first, then by `vlmtune dpo`
+continuing its adapter, both through the command line as a user runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText, TrainerCallback
+
+from tests.helpers import train_args
+from vlmtune.cli import main
+from vlmtune.config import DataArguments, DpoArguments, FinetuneArguments, VlmTrainingArguments
+from vlmtune.data.collate import SEQUENCE_KEYS
+from vlmtune.data.encode import token_ids
+from vlmtune.data.preference import PreferenceCollator, build_preference_splits
+from vlmtune.data.synthetic import write_preference_dataset
+from vlmtune.models.loading import apply_finetuning, load_model, load_processing
+from vlmtune.models.tiny import RECIPES
+from vlmtune.train.preference import VlmDpoTrainer, dpo_config, pair_log_probs, preference_accuracy, run_dpo
+
+LN2 = math.log(2)
+RUN = ["--use_cpu", "--seed", "0", "--report_to", "none", "--save_strategy", "no", "--max_new_tokens", "4"]
+BATCH = [
+    "--per_device_train_batch_size",
+    "8",
+    "--learning_rate",
+    "1e-3",
+    "--logging_steps",
+    "5",
+    "--logging_first_step",
+]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_preference_dataset(tmp_path_factory.mktemp("pairs"), n_train=200, n_eval=40, seed=0)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, pairs, tmp_path_factory):
+    """A 30-step SFT on the chosen answers, then 30 DPO steps continuing its adapter (DPO + the SFT term on
+    the chosen answers, `--loss_type sigmoid sft`); both evaluated on the same held-out pairs."""
+    root, model = tmp_path_factory.mktemp("runs"), tiny_model_dir("qwen2_vl")
+    data = ["--dataset_name", str(pairs["train"]), "--eval_dataset_name", str(pairs["validation"])]
+    common = ["--model_name_or_path", model, *data, *RUN, *BATCH, "--max_steps", "30"]
+    main(
+        ["train", *common, "--response_column", "chosen", "--learning_rate", "3e-3", "--output_dir", str(root / "sft")]
+    )
+    dpo = ["--adapter_name_or_path", str(root / "sft"), "--loss_type", "sigmoid", "sft", "--learning_rate", "1e-3"]
+    main(["dpo", *common, *dpo, "--output_dir", str(root / "dpo")])
+    return {name: root / name for name in ("sft", "dpo")}
+
+
+def _results(folder) -> dict:
+    return json.loads((folder / "all_results.json").read_text())
+
+
+def test_dpo_after_sft_raises_held_out_accuracy(runs):
+    sft, dpo = _results(runs["sft"]), _results(runs["dpo"])
+    # The model prefers the right colour over the wrong one on more held-out pairs than before DPO ...
+    assert dpo["eval_preference_accuracy"] >= dpo["eval_preference_accuracy_before"] + 0.1
+    # ... and answers more held-out images right (generated, exact match against the chosen answer).
+    assert dpo["eval_exact_match"] >= sft["eval_exact_match"] + 0.1
+
+
+def test_reference_is_the_sft_adapter_and_metrics_are_logged(runs):
+    """Continuing an SFT adapter, the reference is that adapter as the run found it: at step 1 policy and
+    reference agree exactly (rewards 0; against the base model they would not)."""
+    log = json.loads((runs["dpo"] / "trainer_state.json").read_text())["log_history"]
+    first, trained = log[0], [e for e in log[1:] if "rewards/accuracies" in e]
+    assert first["step"] == 1 and first["rewards/chosen"] == first["rewards/rejected"] == 0.0
+    assert trained and all("rewards/margins" in e and "logps/rejected" in e for e in trained)
+    assert trained[-1]["rewards/margins"] > 0 and trained[-1]["rewards/accuracies"] > 0.5
+
+
+@pytest.mark.parametrize("reference", ["new LoRA disabled", "--ref_model", "SFT adapter copy", "full: a second copy"])
+def test_step_zero_loss_is_ln2(tiny_model_dir, pairs, tmp_path, request, reference):
+    model = tiny_model_dir("qwen2_vl")
+    adapter = str(request.getfixturevalue("runs")["sft"]) if reference == "SFT adapter copy" else None
+    args = train_args(
+        None if adapter else model,  # continuing an adapter, the base model is the one it records
+        str(pairs["train"]),
+        str(tmp_path),
+        adapter_name_or_path=adapter,
+        finetuning_type="full" if reference.startswith("full") else "lora",
+        max_steps=1,
+        max_train_samples=8,
+        per_device_train_batch_size=8,
+        val_split_ratio=0.0,
+        logging_steps=1,
+        report_to="none",
+    )
+    result = run_dpo(*args, DpoArguments(ref_model=model if reference == "--ref_model" else None))
+    first = result.trainer.state.log_history[0]
+    assert first["loss"] == pytest.approx(LN2, abs=1e-6)
+    assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0
+    assert not (tmp_path / "ref").exists()  # one adapter in the output, no reference copy
+
+
+def test_adapter_reloads_in_plain_peft_with_the_reported_preferences(runs, tiny_model_dir, pairs):
+    out = runs["dpo"]
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "ref").exists()
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir("qwen2_vl"))
+    plain = PeftModel.from_pretrained(base, str(out)).eval()
+    processor, spec = load_processing(tiny_model_dir("qwen2_vl"), str(out))
+    data = DataArguments(dataset_name=str(pairs["validation"]), val_split_ratio=0.0)
+    splits = build_preference_splits(data, spec.encoding, processor)
+    collator = PreferenceCollator(processor, splits.preparers)
+    accuracy = preference_accuracy(plain, collator, splits.train)
+    assert accuracy == pytest.approx(_results(out)["eval_preference_accuracy"])
+
+
+@pytest.fixture(scope="module")
+def one_pair(tiny_model_dir, tmp_path_factory):
+    """One pair with a system prompt: its processor, family spec, row, splits and collated [chosen, rejected]."""
+    folder = tmp_path_factory.mktemp("one_pair")
+    files = write_preference_dataset(folder, n_train=2, n_eval=1, seed=3)
+    processor, spec = load_processing(tiny_model_dir("qwen2_vl"))
+    data = DataArguments(dataset_name=str(files["train"]), val_split_ratio=0.0, system_prompt="Look closely.")
+    splits = build_preference_splits(data, spec.encoding, processor)
+    collator = PreferenceCollator(processor, splits.preparers)
+    return processor, spec, splits, collator([splits.train[0]])
+
+
+def test_only_the_answer_and_end_of_turn_are_scored_with_the_same_image_inputs(one_pair):
+    processor, spec, splits, batch = one_pair
+    row, ids, mask = splits.train[0], batch["input_ids"], batch["completion_mask"].bool()
+    assert processor.tokenizer.decode(ids[0][mask[0]]) == f"{row['chosen']}<|im_end|>"
+    assert processor.tokenizer.decode(ids[1][mask[1]]) == f"{row['rejected']}<|im_end|>"
+    image_id = processor.tokenizer.convert_tokens_to_ids(spec.encoding.image_token)
+    assert (ids == image_id).any() and not ((ids == image_id) & mask).any()
+    # Everything before the answer is the same tokens on both sides: system text, image, prompt.
+    start = int(mask[0].nonzero()[0])
+    assert start == int(mask[1].nonzero()[0]) and torch.equal(ids[0, :start], ids[1, :start])
+    assert "Look closely." in processor.tokenizer.decode(ids[0, :start])
+    # The processor's image inputs are there for both sequences, identical.
+    pixels, grids = batch["pixel_values"].chunk(2), batch["image_grid_thw"]
+    assert torch.equal(pixels[0], pixels[1]) and grids.shape[0] == 2 and torch.equal(grids[0], grids[1])
+
+
+def _log_probs_from_full_logits(model, batch) -> torch.Tensor:
+    """Per sequence: the log-probability of its completion-mask tokens from the full logits (independent of
+    models/loss.py and of TRL's fused head)."""
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    logits = model(**inputs).logits.float().log_softmax(-1)
+    picked = logits[:, :-1].gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    return (picked * batch["completion_mask"][:, 1:]).sum(-1)
+
+
+def test_trl_scores_exactly_the_answer_tokens(one_pair, tiny_model_dir, tmp_path):
+    """The chosen/rejected log-probabilities TRL's DPOTrainer computes (and logs) are the sums over the
+    answer tokens alone: equal to the full-logit sum over them, unlike the sum that also counts the prompt;
+    changing one answer token changes them."""
+    processor, spec, splits, batch = one_pair
+    loaded = load_model(tiny_model_dir("qwen2_vl"))
+    policy = apply_finetuning(loaded.model, loaded.spec, FinetuneArguments(lora_dropout=0.0))
+    config = dpo_config(VlmTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"), DpoArguments())
+    trainer = VlmDpoTrainer(
+        model=policy,
+        args=config,
+        train_dataset=splits.train,
+        data_collator=PreferenceCollator(processor, splits.preparers),
+        processing_class=processor,
+        new_adapter=True,
+    )
+    policy.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(policy, dict(batch))
+        trainer.log({})
+        full = _log_probs_from_full_logits(policy, batch)
+        ours = torch.cat(pair_log_probs(policy, batch))
+        with_prompt = _log_probs_from_full_logits(policy, dict(batch, completion_mask=batch["attention_mask"]))
+    logged = trainer.state.log_history[-1]
+    assert float(loss) == pytest.approx(LN2, abs=1e-6)  # a new LoRA: policy == reference
+    assert logged["eval_logps/chosen"] == pytest.approx(float(full[0]), rel=1e-5)
+    assert logged["eval_logps/rejected"] == pytest.approx(float(full[1]), rel=1e-5)
+    assert torch.allclose(ours, full, rtol=1e-5)
+    assert not torch.allclose(with_prompt, full, rtol=1e-2)
+    changed = dict(batch, input_ids=batch["input_ids"].clone())
+    answer_at = int(batch["completion_mask"][0].nonzero()[0])
+    changed["input_ids"][0, answer_at] = (batch["input_ids"][0, answer_at] + 1) % len(processor.tokenizer)
+    with torch.no_grad():
+        assert not torch.allclose(pair_log_probs(policy, changed)[0], ours[:1], rtol=1e-3)
+
+
+# --- the two data shapes, and bad rows ---------------------------------------------------------------
+
+
+def _conversational(table_row: dict) -> dict:
+    """A table pair in TRL's conversational form (images beside message lists)."""
+    return {
+        "images": [table_row["image_path"]],
+        "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": table_row["prompt"]}]}],
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": table_row["chosen"]}]}],
+        "rejected": [{"role": "assistant", "content": table_row["rejected"]}],
+    }
+
+
+def _write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_trl_conversational_pairs_encode_as_the_table_does(one_pair, tiny_model_dir):
+    processor, spec, splits, batch = one_pair
+    table = splits.train.to_list()
+    folder = Path(table[0]["__source__"]).parent
+    path = _write_jsonl(folder / "pairs.jsonl", [_conversational(row) for row in table])
+    data = DataArguments(dataset_name=path, val_split_ratio=0.0, system_prompt="Look closely.")
+    conversational = build_preference_splits(data, spec.encoding, processor)
+    assert conversational.preparers["chosen"].schema.kind == "messages"
+    again = PreferenceCollator(processor, conversational.preparers)([conversational.train[0]])
+    for key in ("input_ids", "completion_mask", "pixel_values", "image_grid_thw"):
+        assert torch.equal(again[key], batch[key]), key
+
+
+DPO = ["dpo", "--model_name_or_path", "{model}", "--output_dir", "{tmp}/out", "--use_cpu", "--max_steps", "1"]
+
+
+def _fails(argv: list[str], capsys, code: int = 1) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == code
+    return capsys.readouterr().err
+
+
+def _dpo(tiny_model_dir, tmp_path, *flags: str) -> list[str]:
+    values = {"model": tiny_model_dir("qwen2_vl"), "tmp": str(tmp_path)}
+    return [a.format(**values) for a in DPO] + list(flags)
+
+
+def test_a_bad_table_row_names_file_row_and_field(tiny_model_dir, one_pair, tmp_path, capsys):
+    image = one_pair[2].train[0]["image_path"]
+    folder = Path(one_pair[2].train[0]["__source__"]).parent
+    path = folder / "bad.csv"
+    path.write_text(f"image_path,question,chosen,rejected\n{image},What colour?,red,blue\n{image},What colour?,red,\n")
+    err = _fails(_dpo(tiny_model_dir, tmp_path, "--dataset_name", str(path), "--val_split_ratio", "0"), capsys)
+    assert f"{path}, row 1, field 'rejected': empty" in err and "Traceback" not in err
+
+
+def test_on_bad_sample_skip_drops_the_pair(one_pair):
+    processor, spec, splits, _ = one_pair
+    image, folder = splits.train[0]["image_path"], Path(splits.train[0]["__source__"]).parent
+    path = folder / "skip.csv"
+    path.write_text(f"image_path,question,chosen,rejected\n{image},What colour?,,blue\n{image},What colour?,red,blue\n")
+    data = DataArguments(dataset_name=str(path), val_split_ratio=0.0, on_bad_sample="skip")
+    kept = build_preference_splits(data, spec.encoding, processor)
+    assert [row["__index__"] for row in kept.train] == [1]
+    assert "field 'chosen': empty" in kept.summary() and "1 bad samples skipped" in kept.summary()
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"chosen": []}, "row 1, field 'chosen': must be a non-empty list of messages"),
+        ({"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"}]}, "field 'prompt'"),
+        ({"rejected": [{"role": "robot", "content": "x"}]}, "field 'rejected', message 0: role 'robot'"),
+    ],
+)
+def test_a_bad_conversational_row_names_row_and_field(tiny_model_dir, one_pair, tmp_path, capsys, change, says):
+    table = one_pair[2].train.to_list()[0]
+    folder = Path(table["__source__"]).parent
+    rows = [_conversational(table), {**_conversational(table), **change}]
+    path = _write_jsonl(folder / f"bad_{len(str(change))}.jsonl", rows)
+    err = _fails(_dpo(tiny_model_dir, tmp_path, "--dataset_name", path, "--val_split_ratio", "0"), capsys)
+    assert f"{path}, {says}" in err or (path in err and says in err)
+
+
+def test_a_missing_answer_column_is_named_with_the_flag(tiny_model_dir, pairs, tmp_path, capsys):
+    flags = ("--dataset_name", str(pairs["train"]), "--rejected_column", "worse")
+    err = _fails(_dpo(tiny_model_dir, tmp_path, *flags), capsys)
+    assert "no rejected column 'worse'" in err and "--rejected_column" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (("--loss_type", "sigmoidd"), "--loss_type must be one of sigmoid"),
+        (("--beta", "0"), "--beta must be greater than 0"),
+        (("--packing", "--max_seq_length", "128"), "vlmtune dpo: --packing is not supported yet"),
+    ],
+)
+def test_bad_dpo_options_are_usage_errors(tiny_model_dir, pairs, tmp_path, capsys, flags, says):
+    err = _fails(_dpo(tiny_model_dir, tmp_path, "--dataset_name", str(pairs["train"]), *flags), capsys, code=2)
+    assert says in err
+
+
+class _CountSteps(TrainerCallback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+def test_dpo_resumes_from_its_latest_checkpoint(tiny_model_dir, pairs, tmp_path):
+    model, data = tiny_model_dir("qwen2_vl"), str(pairs["train"])
+    args = dict(max_train_samples=8, per_device_train_batch_size=4, val_split_ratio=0.0, report_to="none")
+    args.update(save_strategy="steps", save_steps=1, max_steps=2, logging_steps=1)
+    run_dpo(*train_args(model, data, str(tmp_path), **args), DpoArguments())
+    assert (tmp_path / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "checkpoint-2" / "ref").exists()
+    counter = _CountSteps()
+    again = train_args(model, data, str(tmp_path), **dict(args, max_steps=3, resume_from_checkpoint="latest"))
+    result = run_dpo(*again, DpoArguments(), callbacks=[counter])
+    steps = [entry["step"] for entry in result.trainer.state.log_history if "loss" in entry]
+    assert counter.steps == 1 and steps == [1, 2, 3]  # one more step, on top of the checkpoint's two
+
+
+@pytest.mark.parametrize("family", list(RECIPES))
+def test_every_family_scores_only_the_answers_on_the_same_image_inputs(family, tiny_model_dir, pairs, tmp_path):
+    """For each family: the trained tokens are the answer and its end of turn, never an image token; every
+    per-image input the processor returns is the same for both sides; and TRL's DPOTrainer, fed these
+    batches, starts at ln 2 with the chosen log-probabilities vlmtune computes at the labelled positions."""
+    loaded = load_model(tiny_model_dir(family))
+    data = DataArguments(dataset_name=str(pairs["validation"]), val_split_ratio=0.0, max_train_samples=2)
+    splits = build_preference_splits(data, loaded.spec.encoding, loaded.processor)
+    collator = PreferenceCollator(loaded.processor, splits.preparers)
+    batch = collator(list(splits.train))
+    tokenizer, facts = loaded.processor.tokenizer, loaded.spec.encoding
+    ends = (*facts.turn_end, tokenizer.eos_token)
+    mask = batch["completion_mask"].bool()
+    for i, (row, side) in enumerate([(r, s) for s in ("chosen", "rejected") for r in splits.train]):
+        text = tokenizer.decode(batch["input_ids"][i][mask[i]]).strip()
+        assert any(text == f"{row[side]}{end}" for end in ends), (text, row[side])
+    assert not torch.isin(
+        batch["input_ids"][mask], torch.tensor(sorted(token_ids(loaded.processor, facts.image_tokens)))
+    ).any()
+    for key, value in batch.items():
+        if key not in (*SEQUENCE_KEYS, "input_ids", "completion_mask"):
+            assert torch.equal(*value.chunk(2)), key
+    policy = apply_finetuning(loaded.model, loaded.spec, FinetuneArguments(lora_dropout=0.0))
+    config = dpo_config(VlmTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"), DpoArguments())
+    trainer = VlmDpoTrainer(
+        model=policy,
+        args=config,
+        train_dataset=splits.train,
+        data_collator=collator,
+        processing_class=loaded.processor,
+        new_adapter=True,
+    )
+    policy.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(policy, dict(batch))
+        trainer.log({})
+        chosen, _ = pair_log_probs(policy, batch)
+    assert float(loss) == pytest.approx(LN2, abs=1e-6)
+    assert trainer.state.log_history[-1]["eval_logps/chosen"] == pytest.approx(float(chosen.mean()), rel=1e-5)
