@@ -134,7 +134,7 @@ def summarise(runs: dict[str, list[dict]], work: Workload, trained_per_sample: d
         samples = work.batch * work.steps / seconds
         rows[side] = dict(
             samples=samples,
-            trained=samples * trained_per_sample.get(side, 0.0),
+            trained=samples * trained_per_sample[side] if side in trained_per_sample else None,
             memory=median_of(side_runs, memory_key),
             growth=median_of(side_runs, memory_key) - median_of(side_runs, start_key),
             step=seconds / work.steps,
@@ -145,8 +145,9 @@ def summarise(runs: dict[str, list[dict]], work: Workload, trained_per_sample: d
 def print_table(rows: dict[str, dict], runs: dict[str, list[dict]]) -> None:
     print(f"\n{'':<10}{'s/step':>9}{'samples/s':>11}{'trained tok/s':>15}{'peak memory':>14}{'peak-start':>12}")
     for side, r in rows.items():
+        trained = "-" if r["trained"] is None else f"{r['trained']:.1f}"
         print(
-            f"{side:<10}{r['step']:>9.2f}{r['samples']:>11.2f}{r['trained']:>15.1f}"
+            f"{side:<10}{r['step']:>9.2f}{r['samples']:>11.2f}{trained:>15}"
             f"{r['memory'] / 2**20:>11.0f} MiB{r['growth'] / 2**20:>8.0f} MiB"
         )
     print("per run (s): " + ", ".join(f"{side} {[round(r['seconds'], 2) for r in runs[side]]}" for side in runs))

@@ -134,3 +134,30 @@ def write_data(folder: Path, n: int, image_size: int) -> Path:
             ]
             f.write(json.dumps({"messages": messages, "images": [f"images/{i}.png"]}) + "\n")
     return folder / "train.jsonl"
+
+
+def wrong_answer(answer: str, rng: random.Random) -> str:
+    """A plausible wrong answer of the same kind: another number, or the other of Yes/No."""
+    if answer in ("Yes", "No"):
+        return "No" if answer == "Yes" else "Yes"
+    return str(int(answer) + rng.choice((-3, -2, -1, 1, 2, 3)))
+
+
+def write_preference_data(folder: Path, n: int, image_size: int) -> Path:
+    """`n` chart-QA preference pairs in TRL's conversational form as JSONL: `images`, `prompt` (system, user
+    with image + question), `chosen` (the right answer) and `rejected` (a wrong one), as assistant turns."""
+    sft = write_data(folder, n, image_size)
+    rng = random.Random(1)
+    with open(sft) as rows, open(folder / "pairs.jsonl", "w") as f:
+        for line in rows:
+            row = json.loads(line)
+            *prompt, answer = row["messages"]
+            right = answer["content"][0]["text"]
+            pair = {
+                "images": row["images"],
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": [{"type": "text", "text": right}]}],
+                "rejected": [{"role": "assistant", "content": [{"type": "text", "text": wrong_answer(right, rng)}]}],
+            }
+            f.write(json.dumps(pair) + "\n")
+    return folder / "pairs.jsonl"
