@@ -246,15 +246,39 @@ def _with_text(content, text: str):
     return images + [{"type": "text", "text": text}]
 
 
+def _turn_in_place(processor, messages: list[dict], k: int, full: str) -> tuple[int, int, str] | None:
+    """Turn k's answer located in the whole conversation: rendered once more with a sentinel answer, the
+    text around the sentinel must be the text around the answer. Templates that render a turn differently
+    once later turns follow (Qwen3.5 drops earlier turns' think blocks) are read correctly this way, and
+    what the template writes before every answer (an empty ``<think>\n\n</think>\n\n``) stays input.
+    None where the answer changes the text before it (an answer holding its own reasoning block)."""
+    sentinel = {**messages[k], "content": _with_text(messages[k]["content"], SENTINEL)}
+    probe = _render(processor, [*messages[:k], sentinel, *messages[k + 1 :]])
+    at = probe.find(SENTINEL)
+    head, tail = probe[:at], probe[at + len(SENTINEL) :]
+    if at < 0 or not (full.startswith(head) and full.endswith(tail) and len(full) >= len(head) + len(tail)):
+        return None
+    before = _render(processor, messages[:k], add_generation_prompt=True)
+    start = len(before) if head.startswith(before) and not head[len(before) :].strip() else len(head)
+    return start, len(full) - len(tail), tail
+
+
 def _assistant_turns(processor, messages: list[dict], full: str) -> list[tuple[int, int, str]]:
-    """Per assistant turn: (start of its answer after the generation prompt, end of the answer, the
-    template's text after the answer)."""
+    """Per assistant turn: (start of its answer, end of the answer, the template's text after the answer).
+
+    The answer starts where the template's generation prompt ends (or, where the template writes more
+    before every answer, after that), found in the whole conversation by `_turn_in_place`; failing that,
+    by rendering the conversation up to the turn with and without it."""
     turns = []
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         if k == 0:
             raise TemplateError("a conversation cannot start with an assistant turn")
+        found = _turn_in_place(processor, messages, k, full)
+        if found is not None:
+            turns.append(found)
+            continue
         before = _render(processor, messages[:k], add_generation_prompt=True)
         through = _render(processor, messages[: k + 1])
         if not (through.startswith(before) and full.startswith(through)):

@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModelForImageTextToText, PretrainedConfig, ProcessorMixin
 
 from ...errors import UsageError
-from ..registry import get_family
+from ..derive import family_for
 from . import gemma, idefics, llama, llava, qwen
 from .common import HIDDEN, INIT_RANGE, TinyRecipe, generation_config, open_zero_paths, save
 
@@ -50,7 +50,7 @@ def build_tiny_model(family: str, output_dir: str | Path, seed: int = 0) -> Path
     torch.manual_seed(seed)
     config, processor = RECIPES[family].build()
     model = AutoModelForImageTextToText.from_config(config)
-    open_zero_paths(model, get_family(config.model_type))
+    open_zero_paths(model, family_for(config, processor, model=model))
     model.generation_config = generation_config(config, processor.tokenizer)
     return save(model, processor, output_dir)
 
