@@ -223,16 +223,16 @@ def prompt_text(processor, messages: list[dict]) -> str:
 def _answer_end(processor, messages: list[dict], k: int, before: str, through: str) -> tuple[int, str]:
     """Where turn k's answer ends in `through`, and the template's text after it (its turn closing).
 
-    The turn rendered with a sentinel answer shows the text the template puts before and after the
-    answer; a template that rewrites answers beyond recognition falls back to trailing whitespace.
+    The turn rendered with a sentinel answer shows the text the template puts after the answer (also
+    where the answer changed the text before it: an answer holding its own reasoning block); a template
+    that rewrites answers beyond recognition falls back to trailing whitespace.
     """
     sentinel = {**messages[k], "content": _with_text(messages[k]["content"], SENTINEL)}
     probe = _render(processor, messages[:k] + [sentinel])
-    segment, probe_segment = through[len(before) :], probe[len(before) :]
-    at = probe_segment.find(SENTINEL)
+    at = probe.find(SENTINEL, len(before))
     if probe.startswith(before) and at >= 0:
-        head, tail = probe_segment[:at], probe_segment[at + len(SENTINEL) :]
-        if segment.startswith(head) and segment.endswith(tail) and len(segment) >= len(head) + len(tail):
+        tail = probe[at + len(SENTINEL) :]
+        if through.endswith(tail) and len(through) - len(tail) >= len(before):
             return len(through) - len(tail), tail
     end = len(through.rstrip())
     return end, through[end:]
