@@ -216,8 +216,21 @@ def template_messages(processor, messages: list[dict], fold_system: bool = True)
 
 
 def prompt_text(processor, messages: list[dict]) -> str:
-    """The generation prompt for `messages` (what `generate` starts from), rendered as training renders."""
-    return _render(processor, template_messages(processor, messages), add_generation_prompt=True)
+    """The generation prompt for `messages` (what `generate` starts from), rendered as training renders.
+
+    Where the template writes more before every answer than its generation prompt holds (Qwen3.5's empty
+    think block after ``<think>\\n``), that text is part of the prompt: training took it as input, so
+    generation starts after it too and the model produces what it was trained to produce.
+    """
+    messages = template_messages(processor, messages)
+    prompt = _render(processor, messages, add_generation_prompt=True)
+    answer = _text_message("assistant", SENTINEL, "assistant" in string_roles(processor))
+    try:
+        probe = _apply(processor, [*messages, answer])
+    except Exception:  # noqa: BLE001 - a template that cannot end on an answer: its own prompt
+        return prompt
+    head = probe[: probe.find(SENTINEL)] if SENTINEL in probe else ""
+    return head if head.startswith(prompt) and head[len(prompt) :].strip() else prompt
 
 
 def _answer_end(processor, messages: list[dict], k: int, before: str, through: str) -> tuple[int, str]:
