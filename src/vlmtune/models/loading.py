@@ -1,8 +1,8 @@
 """Load a checkpoint, decide what trains, wrap it with PEFT.
 
-Which parameters are vision tower, projector or language model comes from the family's registry entry;
-LoRA's default targets are the language model's linear layers only, so the vision tower is never
-adapted by accident.
+Which parameters are vision tower, projector or language model comes from the family's spec (derived
+from the checkpoint, or its registry entry); LoRA's default targets are every linear layer of the
+language model (not the output layer, not MoE routers), so the vision tower is never adapted by accident.
 """
 
 from __future__ import annotations

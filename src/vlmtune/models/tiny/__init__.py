@@ -15,8 +15,10 @@ Adding a family: add one `TinyRecipe` to the `RECIPES` dict of its lineage's fil
 chat template the real checkpoints ship, and only the config values that differ from `common.TEXT`
 (shared text sizes; vocab size and bos/eos/pad ids come from the tokenizer). Behaviour that data cannot
 say goes in a short function beside the recipe, named by its `finish` field. A new lineage is a new file
-with a `RECIPES` dict, listed in `_LINEAGES` below. The family also needs its registry entry
-(`models/registry.py`) and a line in docs/models.md; the tests then build, train and reload it.
+with a `RECIPES` dict, listed in `_LINEAGES` below. Its facts are derived from the built checkpoint
+(`models/derive.py`); a registry entry (`models/registry.py`) only where derivation gets one wrong, and a
+line in docs/models.md; the tests then build, train and reload it. A real template too long to inline
+lives in `templates/` (Qwen3.5's).
 """
 
 from __future__ import annotations
