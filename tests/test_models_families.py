@@ -16,6 +16,7 @@ from vlmtune.data.collate import VlmCollator
 from vlmtune.data.prepare import Preparer
 from vlmtune.data.schema import Conversation, detect_schema
 from vlmtune.eval.generate import generate_answers
+from vlmtune.models import derive
 from vlmtune.models.loading import decoder_layer_classes, load_model, load_processing, part_of, strip_peft_prefix
 from vlmtune.models.registry import FAMILIES
 from vlmtune.models.tiny import BUILDERS
@@ -94,6 +95,7 @@ def test_an_unregistered_architecture_is_derived_and_explicit_targets_still_win(
 ):
     registered = FAMILIES["qwen2_vl"]
     monkeypatch.delitem(FAMILIES, "qwen2_vl")
+    monkeypatch.setattr(derive, "_described", set())  # printed once per process: not yet in this one
     with caplog.at_level(logging.WARNING):
         spec = load_processing(tiny_model_dir("qwen2_vl"))[1]
     assert spec.derived and "derived from the checkpoint" in caplog.text and "model.visual.merger" in caplog.text
