@@ -17,6 +17,7 @@ from vlmtune.data.conversation import Conversation
 from vlmtune.data.encode import IGNORE_INDEX, TemplateError, encode, prompt_text
 from vlmtune.data.preview import inspect_sample
 from vlmtune.data.splits import build_splits
+from vlmtune.models.derive import family_for
 from vlmtune.models.loading import load_processing
 from vlmtune.models.registry import FAMILIES, get_family
 from vlmtune.models.tiny import BUILDERS
@@ -37,10 +38,18 @@ REAL = {
     "mllama": ("mllama", "", "<|eot_id|>", False),
     "idefics3": ("idefics3", " ", "<end_of_utterance>", False),
     "smolvlm": ("smolvlm", " ", "<end_of_utterance>", False),
+    # Qwen3.5 trims answers; its empty think block before the last answers is input, not trained.
+    "qwen3_5": ("qwen3_5", "", "<|im_end|>", True),
 }
 IMAGE = "<image_soft_token>"
 # Answers users write: trailing spaces, inner and trailing newlines.
 ANSWERS = ("a red square  ", "two\nlines\n", "done")
+
+
+def facts_of(family: str):
+    """The tiny family's spec: its registry entry, or derived from its config and processor."""
+    config, processor = BUILDERS[family]()
+    return family_for(config, processor)
 
 
 def _text(role: str, text: str) -> dict:
@@ -93,7 +102,7 @@ def expected_trained(family: str) -> str:
 
 
 def _cases(family: str) -> list[tuple[bool, int]]:
-    spec = get_family(BUILDERS[family]()[0].model_type)
+    spec = facts_of(family)
     many = 3 if spec.multi_image else 1
     if family == "mllama":  # its template refuses a system message next to images
         return [(True, 0), (False, many)]
@@ -103,7 +112,7 @@ def _cases(family: str) -> list[tuple[bool, int]]:
 @pytest.mark.parametrize("family", sorted(REAL))
 def test_real_templates_train_each_answer_as_written_then_its_turn_end(family):
     processor = real_processor(family)
-    facts = get_family(BUILDERS[family]()[0].model_type).encoding
+    facts = facts_of(family).encoding
     eos_id = processor.tokenizer.eos_token_id
     for system, images in _cases(family):
         conv, pictures = conversation(family, system, images)
@@ -118,6 +127,22 @@ def test_real_templates_train_each_answer_as_written_then_its_turn_end(family):
             assert "Be brief." in text and "'type'" not in text, "the system text reaches the model as written"
         if REAL[family][0].startswith("llava"):  # EOS appended (LLaVA-1.5) or written by the template (1.6)
             assert encoded.input_ids.count(eos_id) == len(ANSWERS), "one EOS per answer, never doubled"
+
+
+def test_qwen3_5_trains_reasoning_only_where_the_answer_has_it_and_the_template_keeps_it():
+    """An answer with its own think block trains the reasoning (what the model must produce after the
+    generation prompt's ``<think>\\n``); an earlier turn's reasoning, which the template drops once a later
+    user turn follows, is not trained; the empty think block the template writes is never trained."""
+    processor = real_processor("qwen3_5")
+    facts = facts_of("qwen3_5").encoding
+    thought = "<think>\nit is red\n</think>\n\nred"
+    turns = [_text("user", "Colour?"), _text("assistant", thought)]
+    last = encode(processor, Conversation(turns), [], facts)
+    assert trained_text(processor, last) == "it is red\n</think>\n\nred<|im_end|>"
+    later = encode(processor, Conversation([*turns, _text("user", "And?"), _text("assistant", "blue")]), [], facts)
+    assert "it is red" not in later.rendered.text, "the template drops earlier reasoning"
+    assert trained_text(processor, later) == "red<|im_end|>blue<|im_end|>"
+    assert later.rendered.text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nblue<|im_end|>\n")
 
 
 def test_llava_answer_keeps_its_trailing_whitespace_before_the_appended_eos():

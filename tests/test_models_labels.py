@@ -29,6 +29,10 @@ MARKERS = {
     "smolvlm": ("Assistant:", "<end_of_utterance>"),
     # Prefix-LM: the answer (suffix) follows the prefix's closing newline and ends with EOS.
     "paligemma": ("\n", "<eos>"),
+    # Qwen3.5's real template: the turns after the last user message open with an empty think block the
+    # template writes whatever the answer: an input, never a target (skipped after the opener).
+    "qwen3_5": ("<|im_start|>assistant\n", "<|im_end|>", "<think>\n\n</think>\n\n"),
+    "qwen3_5_moe": ("<|im_start|>assistant\n", "<|im_end|>", "<think>\n\n</think>\n\n"),
 }
 
 MULTI_TURN = [
@@ -48,9 +52,14 @@ def expected_labels(tokenizer, ids: list[int], family: str, last_only: bool) -> 
     """Mark the tokens after each assistant opener up to and including the closing token."""
     opener = tokenizer(MARKERS[family][0], add_special_tokens=False)["input_ids"]
     closer = tokenizer.convert_tokens_to_ids(MARKERS[family][1])
-    labels, inside, turns = [IGNORE_INDEX] * len(ids), False, []
+    skip = tokenizer(MARKERS[family][2], add_special_tokens=False)["input_ids"] if len(MARKERS[family]) > 2 else []
+    labels, inside, turns, skipping = [IGNORE_INDEX] * len(ids), False, [], 0
     for i, tok in enumerate(ids):
-        if inside:
+        if skipping:
+            skipping -= 1
+        elif inside and not turns[-1] and skip and ids[i : i + len(skip)] == skip:
+            skipping = len(skip) - 1
+        elif inside:
             labels[i] = tok
             turns[-1].append(i)
             inside = tok != closer

@@ -28,7 +28,7 @@ from vlmtune.models.loading import with_chat_template
 from vlmtune.models.loss import labelled_forward, labelled_positions
 from vlmtune.models.packing import check_packing, multimodal_positions, packed_inputs, sample_spans
 from vlmtune.models.processors import load_processor
-from vlmtune.models.registry import FAMILIES, GENERIC, FamilySpec, get_family
+from vlmtune.models.registry import FAMILIES, UNCHECKED_PACKING, FamilySpec, get_family
 from vlmtune.train.trainer import VlmTrainer
 
 SUPPORTED = [name for name, spec in FAMILIES.items() if not spec.packing_refusal]
@@ -242,10 +242,13 @@ def test_the_trainer_packs_its_batches_the_family_way(case, tmp_path):
     assert abs(packed_loss - padded_loss) < 1e-5, (packed_loss, padded_loss)
 
 
-@pytest.mark.parametrize("spec", [FAMILIES[n] for n in REFUSED] + [GENERIC], ids=[*REFUSED, "generic"])
+UNREGISTERED = FamilySpec("unregistered", (), (), (), "<image>", packing_refusal=UNCHECKED_PACKING)
+
+
+@pytest.mark.parametrize("spec", [FAMILIES[n] for n in REFUSED] + [UNREGISTERED], ids=[*REFUSED, "unregistered"])
 def test_families_packing_cannot_keep_apart_are_refused_with_the_reason(spec):
     with pytest.raises(UsageError) as err:
-        check_packing(spec)
+        check_packing(spec.packing_refusal, model_type=spec.model_type)
     message = str(err.value)
     assert "--packing" in message and spec.model_type in message and spec.packing_refusal in message
     with pytest.raises(UsageError):

@@ -216,23 +216,36 @@ def template_messages(processor, messages: list[dict], fold_system: bool = True)
 
 
 def prompt_text(processor, messages: list[dict]) -> str:
-    """The generation prompt for `messages` (what `generate` starts from), rendered as training renders."""
-    return _render(processor, template_messages(processor, messages), add_generation_prompt=True)
+    """The generation prompt for `messages` (what `generate` starts from), rendered as training renders.
+
+    Where the template writes more before every answer than its generation prompt holds (Qwen3.5's empty
+    think block after ``<think>\\n``), that text is part of the prompt: training took it as input, so
+    generation starts after it too and the model produces what it was trained to produce.
+    """
+    messages = template_messages(processor, messages)
+    prompt = _render(processor, messages, add_generation_prompt=True)
+    answer = _text_message("assistant", SENTINEL, "assistant" in string_roles(processor))
+    try:
+        probe = _apply(processor, [*messages, answer])
+    except Exception:  # noqa: BLE001 - a template that cannot end on an answer: its own prompt
+        return prompt
+    head = probe[: probe.find(SENTINEL)] if SENTINEL in probe else ""
+    return head if head.startswith(prompt) and head[len(prompt) :].strip() else prompt
 
 
 def _answer_end(processor, messages: list[dict], k: int, before: str, through: str) -> tuple[int, str]:
     """Where turn k's answer ends in `through`, and the template's text after it (its turn closing).
 
-    The turn rendered with a sentinel answer shows the text the template puts before and after the
-    answer; a template that rewrites answers beyond recognition falls back to trailing whitespace.
+    The turn rendered with a sentinel answer shows the text the template puts after the answer (also
+    where the answer changed the text before it: an answer holding its own reasoning block); a template
+    that rewrites answers beyond recognition falls back to trailing whitespace.
     """
     sentinel = {**messages[k], "content": _with_text(messages[k]["content"], SENTINEL)}
     probe = _render(processor, messages[:k] + [sentinel])
-    segment, probe_segment = through[len(before) :], probe[len(before) :]
-    at = probe_segment.find(SENTINEL)
+    at = probe.find(SENTINEL, len(before))
     if probe.startswith(before) and at >= 0:
-        head, tail = probe_segment[:at], probe_segment[at + len(SENTINEL) :]
-        if segment.startswith(head) and segment.endswith(tail) and len(segment) >= len(head) + len(tail):
+        tail = probe[at + len(SENTINEL) :]
+        if through.endswith(tail) and len(through) - len(tail) >= len(before):
             return len(through) - len(tail), tail
     end = len(through.rstrip())
     return end, through[end:]
@@ -246,15 +259,39 @@ def _with_text(content, text: str):
     return images + [{"type": "text", "text": text}]
 
 
+def _turn_in_place(processor, messages: list[dict], k: int, full: str) -> tuple[int, int, str] | None:
+    """Turn k's answer located in the whole conversation: rendered once more with a sentinel answer, the
+    text around the sentinel must be the text around the answer. Templates that render a turn differently
+    once later turns follow (Qwen3.5 drops earlier turns' think blocks) are read correctly this way, and
+    what the template writes before every answer (an empty ``<think>\n\n</think>\n\n``) stays input.
+    None where the answer changes the text before it (an answer holding its own reasoning block)."""
+    sentinel = {**messages[k], "content": _with_text(messages[k]["content"], SENTINEL)}
+    probe = _render(processor, [*messages[:k], sentinel, *messages[k + 1 :]])
+    at = probe.find(SENTINEL)
+    head, tail = probe[:at], probe[at + len(SENTINEL) :]
+    if at < 0 or not (full.startswith(head) and full.endswith(tail) and len(full) >= len(head) + len(tail)):
+        return None
+    before = _render(processor, messages[:k], add_generation_prompt=True)
+    start = len(before) if head.startswith(before) and not head[len(before) :].strip() else len(head)
+    return start, len(full) - len(tail), tail
+
+
 def _assistant_turns(processor, messages: list[dict], full: str) -> list[tuple[int, int, str]]:
-    """Per assistant turn: (start of its answer after the generation prompt, end of the answer, the
-    template's text after the answer)."""
+    """Per assistant turn: (start of its answer, end of the answer, the template's text after the answer).
+
+    The answer starts where the template's generation prompt ends (or, where the template writes more
+    before every answer, after that), found in the whole conversation by `_turn_in_place`; failing that,
+    by rendering the conversation up to the turn with and without it."""
     turns = []
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         if k == 0:
             raise TemplateError("a conversation cannot start with an assistant turn")
+        found = _turn_in_place(processor, messages, k, full)
+        if found is not None:
+            turns.append(found)
+            continue
         before = _render(processor, messages[:k], add_generation_prompt=True)
         through = _render(processor, messages[: k + 1])
         if not (through.startswith(before) and full.startswith(through)):

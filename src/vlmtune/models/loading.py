@@ -1,13 +1,12 @@
 """Load a checkpoint, decide what trains, wrap it with PEFT.
 
-Which parameters are vision tower, projector or language model comes from the family's registry entry;
-LoRA's default targets are the language model's linear layers only, so the vision tower is never
-adapted by accident.
+Which parameters are vision tower, projector or language model comes from the family's spec (derived
+from the checkpoint, or its registry entry); LoRA's default targets are every linear layer of the
+language model (not the output layer, not MoE routers), so the vision tower is never adapted by accident.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import re
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel
 
 from ..errors import ModelError, UsageError
 from .checkpoint import (
@@ -27,8 +26,9 @@ from .checkpoint import (
     check_vision_language,
     model_errors,
 )
+from .derive import family_for
 from .processors import load_processor
-from .registry import GENERIC, FamilySpec, get_family
+from .registry import FAMILIES, FamilySpec
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ def strip_peft_prefix(name: str) -> str:
 def linear_modules(model: torch.nn.Module, spec: FamilySpec, part: str, leaves: set[str] | None = None) -> list[str]:
     """Names of the linear layers in `part` (optionally only those whose leaf name is in `leaves`).
 
-    Quantised linear layers (bitsandbytes) are `torch.nn.Linear` subclasses, so QLoRA finds them too.
+    Quantised linear layers (bitsandbytes) are `torch.nn.Linear` subclasses, so QLoRA finds them too, and
+    a linear wrapped inside another module (Gemma 4's) is found by its own name.
     """
     names = []
     for name, module in model.named_modules():
@@ -76,22 +77,59 @@ def linear_modules(model: torch.nn.Module, spec: FamilySpec, part: str, leaves: 
     return names
 
 
+def router_modules(model: torch.nn.Module) -> set[str]:
+    """MoE routers and gates: linear layers named ``router``, and those beside an ``experts`` module that
+    score each expert (one output per expert) or gate a shared expert (one output). Adapting them changes
+    which experts a token reaches, which LoRA on the language model should not do by default."""
+    found = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] == "router":
+            found.add(name)
+        experts = getattr(module, "experts", None)
+        if not isinstance(experts, torch.nn.Module):
+            continue
+        count = len(experts) if isinstance(experts, torch.nn.ModuleList) else getattr(experts, "num_experts", None)
+        for child, sub in module.named_children():
+            if isinstance(sub, torch.nn.Linear) and sub.out_features in {1, count}:
+                found.add(f"{name}.{child}" if name else child)
+    return found
+
+
+def language_linears(model: torch.nn.Module, spec: FamilySpec) -> list[str]:
+    """LoRA's default targets: every linear layer of the language model, found from the module tree
+    (attention, MLP, linear-attention, shared experts: whatever the blocks hold), except the output layer
+    and MoE routers."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = router_modules(model)
+    return [
+        name
+        for name in linear_modules(model, spec, "language_model")
+        if name not in skip and model.get_submodule(name) is not output
+    ]
+
+
 def _exact(names: list[str]) -> str:
     return rf"^(?:{'|'.join(re.escape(n) for n in names)})$"
 
 
-def language_lora_targets(model: torch.nn.Module, spec: FamilySpec, leaves: tuple[str, ...] | None = None) -> str:
-    """A PEFT regex matching the language model's decoder linear layers (not lm_head)."""
-    leaves = leaves or spec.lora_leaves
-    names = [n for n in linear_modules(model, spec, "language_model", set(leaves)) if n != "lm_head"]
+def names_regex(model: torch.nn.Module, names: list[str]) -> str:
+    """A PEFT regex matching exactly the modules `names`: layer indices generalised where that matches no
+    other module (one alternative per kind of layer, not per layer), else the names themselves."""
+    kinds = list(dict.fromkeys(re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n)) for n in names))
+    pattern = rf"^(?:{'|'.join(kinds)})$"
+    matched = {n for n, _ in model.named_modules() if re.fullmatch(pattern, n)}
+    return pattern if matched == set(names) else _exact(names)
+
+
+def language_lora_targets(model: torch.nn.Module, spec: FamilySpec) -> str:
+    """A PEFT regex matching every linear layer of the language model (see `language_linears`)."""
+    names = language_linears(model, spec)
     if not names:
         raise UsageError(
-            f"found no linear layers named {', '.join(leaves)} in the language model "
-            f"(keys {', '.join(spec.language_keys)}); pass --lora_target_modules"
+            f"found no linear layers in the language model (keys {', '.join(spec.language_keys)}); "
+            "pass --lora_target_modules"
         )
-    found = sorted({n.rsplit(".", 1)[-1] for n in names})
-    keys = "|".join(re.escape(k) for k in spec.language_keys if k != "lm_head")
-    return rf"^(?:{keys})\..*\.(?:{'|'.join(found)})$"
+    return names_regex(model, names)
 
 
 def is_regex(target: str) -> bool:
@@ -244,13 +282,15 @@ def load_model(
 def load_processing(
     model_name_or_path: str, processor_path: str | None = None, trust_remote_code: bool = False
 ) -> tuple[object, FamilySpec]:
-    """The checkpoint's processor (with a chat template) and family spec, without loading weights."""
+    """The checkpoint's processor (with a chat template) and family spec (its registry entry, or facts
+    derived from config, processor and a weightless model), without loading weights."""
     config = read_config(model_name_or_path, trust_remote_code)
-    spec = get_family(config.model_type)
     with model_errors(processor_path or model_name_or_path, "--adapter" if processor_path else "--model_name_or_path"):
         processor = load_processor(processor_path or model_name_or_path, trust_remote_code=trust_remote_code)
-    spec = with_processor_image_tokens(spec, processor)
-    return with_chat_template(processor, spec), with_checkpoint_turn_end(spec, processor, model_name_or_path)
+    registered = FAMILIES.get(config.model_type)
+    if registered is not None:
+        processor = with_chat_template(processor, registered)
+    return processor, family_for(config, processor, model_name_or_path)
 
 
 def read_config(model_name_or_path: str, trust_remote_code: bool = False):
@@ -261,35 +301,6 @@ def read_config(model_name_or_path: str, trust_remote_code: bool = False):
         config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     check_vision_language(config, model_name_or_path)
     return config
-
-
-def with_processor_image_tokens(spec: FamilySpec, processor) -> FamilySpec:
-    """For a family vlmtune does not know, the image tokens the processor itself names (its
-    ``image_token``, and Gemma-style ``boi_token``/``eoi_token``) instead of the generic guess."""
-    if spec is not GENERIC or not isinstance(getattr(processor, "image_token", None), str):
-        return spec
-    placeholder = getattr(processor, "boi_token", None)
-    extras = tuple(t for t in (placeholder, getattr(processor, "eoi_token", None)) if isinstance(t, str))
-    return dataclasses.replace(
-        spec,
-        image_token=processor.image_token,
-        image_placeholder=placeholder if isinstance(placeholder, str) else None,
-        image_extra_tokens=extras,
-    )
-
-
-def with_checkpoint_turn_end(spec: FamilySpec, processor, model_name_or_path: str) -> FamilySpec:
-    """`spec` whose `turn_end` also holds the tokens the checkpoint's generation config stops at: what
-    the checkpoint itself says ends a turn (Gemma 3's ``<end_of_turn>``, Llama's ``<|eot_id|>``)."""
-    try:
-        eos = GenerationConfig.from_pretrained(model_name_or_path).eos_token_id
-    except (OSError, ValueError):  # no generation_config.json: the registry's and the tokenizer's EOS
-        return spec
-    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    tokens = [processor.tokenizer.convert_ids_to_tokens(i) for i in ids]
-    known = (*spec.turn_end, processor.tokenizer.eos_token)  # the tokenizer's EOS always ends a turn
-    extra = tuple(t for t in tokens if t and t not in known)
-    return dataclasses.replace(spec, turn_end=spec.turn_end + extra) if extra else spec
 
 
 def with_chat_template(processor, spec: FamilySpec):

@@ -39,13 +39,12 @@ _PER_TOKEN = ("input_ids", "mm_token_type_ids")
 _TOKEN_KEYS = ("input_ids", "labels", "position_ids", *SEQUENCE_KEYS)
 
 
-def check_packing(spec: FamilySpec, flag: str = "--packing", model_type: str | None = None) -> None:
-    """Raise a usage error when packed samples of this family could not be kept apart (`model_type`: the
-    checkpoint's own, for an unregistered one that got the generic entry)."""
-    if spec.packing_refusal:
+def check_packing(refusal: str | None, flag: str = "--packing", model_type: str = "these") -> None:
+    """Raise a usage error when packed samples of this family could not be kept apart (`refusal`: the
+    family's `packing_refusal`, the reason)."""
+    if refusal:
         raise UsageError(
-            f"{flag}: {model_type or spec.model_type} models cannot be trained on packed samples: "
-            f"{spec.packing_refusal}. Train without {flag}."
+            f"{flag}: {model_type} models cannot be trained on packed samples: {refusal}. Train without {flag}."
         )
 
 
@@ -66,7 +65,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def packed_inputs(model: torch.nn.Module, spec: FamilySpec, batch: dict) -> dict:
     """`batch` (packed) as `model` must receive it: one row for FlashAttention, the family's positions and
     masks filled in (registry), ids, labels and images unchanged. Refused families raise their reason."""
-    check_packing(spec)
+    check_packing(spec.packing_refusal, model_type=spec.model_type)
     if is_flash_attention_requested(unwrap(model).config.get_text_config()):
         batch = one_row(batch)
     if spec.packing_positions == "mrope":

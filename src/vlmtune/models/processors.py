@@ -33,14 +33,25 @@ class _NoVideoProcessor:
         return False
 
 
+class _DropsVideoProcessor(ProcessorMixin):
+    """Sits between a processor class and `ProcessorMixin` in an image-only subclass's method order: a
+    processor whose `__init__` passes ``video_processor=`` on to `ProcessorMixin.__init__` (Gemma 4's
+    does, even when it is None) would be refused there, since it is no longer one of the attributes."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.pop("video_processor", None)
+        super().__init__(*args, **kwargs)
+
+
 @functools.cache
 def image_only(processor_cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """Return a subclass of `processor_cls` that has no video processor.
 
     `ProcessorMixin` builds, validates, saves and loads exactly the parts `get_attributes` names, so
     leaving "video_processor" out of that list does most of it. Where the processor's `__init__`
-    requires the video processor (SmolVLM's) it defaults to None, and where the processor reads video
-    settings outside videos (SmolVLM's chat template) a stand-in answers.
+    requires the video processor (SmolVLM's) it defaults to None; where it hands the argument on to
+    `ProcessorMixin` (Gemma 4's) it is dropped on the way; and where the processor reads video settings
+    outside videos (SmolVLM's chat template) a stand-in answers.
     """
     attributes = [a for a in processor_cls.get_attributes() if a != "video_processor"]
     namespace = {
@@ -52,7 +63,7 @@ def image_only(processor_cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     init = _video_optional_init(processor_cls.__init__)
     if init is not None:
         namespace["__init__"] = init
-    return type(processor_cls.__name__, (processor_cls,), namespace)
+    return type(processor_cls.__name__, (processor_cls, _DropsVideoProcessor), namespace)
 
 
 def _save_with_image_processor_config(save):

@@ -8,18 +8,19 @@ small field (a flag or a hook) and the code that honours it stays generic.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..data.encode import EncodingFacts
+from ..errors import ModelError
 from .hooks import PALIGEMMA_TEMPLATE, image_block_packed_masks, prefix_packed_mask
 
-logger = logging.getLogger(__name__)
-
-# Leaf names of the linear layers of every decoder block we know; LoRA's default targets are the
-# language model's linear layers whose leaf name is one of these.
-TEXT_LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Why a family no entry states packing facts for is not packed.
+UNCHECKED_PACKING = (
+    "vlmtune has not checked how this architecture's positions and attention treat packed samples "
+    "(Qwen-style 3-D positions and bidirectional image or prefix blocks need their own handling); "
+    "register the family with its packing facts to pack it"
+)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,6 @@ class FamilySpec:
     vision_layer: str | None = None
     multi_image: bool = True
     example_checkpoints: tuple[str, ...] = ()
-    lora_leaves: tuple[str, ...] = TEXT_LINEAR_LEAVES
     # Used when a checkpoint ships no chat template (PaliGemma's).
     default_chat_template: str | None = None
     # Not a chat model: the prompt is the processor's text and the answer its `suffix=` (PaliGemma).
@@ -65,6 +65,7 @@ class FamilySpec:
     packing_refusal: str | None = None
     packing_masks: Callable | None = None
     notes: str = ""
+    derived: bool = False  # built by `models/derive.py` from the checkpoint, not a registry entry
 
     @property
     def encoding(self) -> EncodingFacts:
@@ -287,25 +288,13 @@ register(
     )
 )
 
-GENERIC = FamilySpec(
-    model_type="generic",
-    vision_keys=("model.vision_tower", "model.visual", "model.vision_model", "vision_model", "vision_tower"),
-    projector_keys=("model.multi_modal_projector", "model.connector", "model.visual.merger", "multi_modal_projector"),
-    language_keys=("model.language_model", "model.text_model", "language_model", "lm_head"),
-    image_token="<image>",
-    packing_refusal="vlmtune has not checked how this architecture's positions and attention treat packed "
-    "samples (Qwen-style 3-D positions and bidirectional image or prefix blocks need their own handling); "
-    "register the family with its packing facts to pack it",
-)
-
 
 def get_family(model_type: str) -> FamilySpec:
-    """Return the spec for `model_type`, or a generic processor-first fallback with a warning."""
-    if model_type in FAMILIES:
-        return FAMILIES[model_type]
-    logger.warning(
-        "Model type %r is not in vlmtune's registry; using generic processor-first handling. "
-        "Pass --lora_target_modules if the default LoRA targets miss your language model.",
-        model_type,
-    )
-    return GENERIC
+    """The registry entry for `model_type`. Unregistered families get their facts derived from the
+    checkpoint (`models.derive.family_for`, which needs its config and processor)."""
+    if model_type not in FAMILIES:
+        raise ModelError(
+            f"{model_type!r} has no registry entry; its facts are derived when the checkpoint loads "
+            "(vlmtune.models.derive.family_for(config, processor))"
+        )
+    return FAMILIES[model_type]

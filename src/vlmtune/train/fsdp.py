@@ -26,5 +26,5 @@ def default_fsdp_wrap(training_args, model, spec: FamilySpec) -> list[str] | Non
     training_args.fsdp_config["transformer_layer_cls_to_wrap"] = classes
     if plugin:
         plugin["transformer_cls_names_to_wrap"] = ",".join(classes)
-    logger.info("FSDP wraps %s (from the %s registry entry).", ", ".join(classes), spec.model_type)
+    logger.info("FSDP wraps %s (the %s blocks).", ", ".join(classes), spec.model_type)
     return classes

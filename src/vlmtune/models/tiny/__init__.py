@@ -15,8 +15,10 @@ Adding a family: add one `TinyRecipe` to the `RECIPES` dict of its lineage's fil
 chat template the real checkpoints ship, and only the config values that differ from `common.TEXT`
 (shared text sizes; vocab size and bos/eos/pad ids come from the tokenizer). Behaviour that data cannot
 say goes in a short function beside the recipe, named by its `finish` field. A new lineage is a new file
-with a `RECIPES` dict, listed in `_LINEAGES` below. The family also needs its registry entry
-(`models/registry.py`) and a line in docs/models.md; the tests then build, train and reload it.
+with a `RECIPES` dict, listed in `_LINEAGES` below. Its facts are derived from the built checkpoint
+(`models/derive.py`); a registry entry (`models/registry.py`) only where derivation gets one wrong, and a
+line in docs/models.md; the tests then build, train and reload it. A real template too long to inline
+lives in `templates/` (Qwen3.5's).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from transformers import AutoModelForImageTextToText, PretrainedConfig, ProcessorMixin
 
 from ...errors import UsageError
-from ..registry import get_family
+from ..derive import family_for
 from . import gemma, idefics, llama, llava, qwen
 from .common import HIDDEN, INIT_RANGE, TinyRecipe, generation_config, open_zero_paths, save
 
@@ -50,7 +52,7 @@ def build_tiny_model(family: str, output_dir: str | Path, seed: int = 0) -> Path
     torch.manual_seed(seed)
     config, processor = RECIPES[family].build()
     model = AutoModelForImageTextToText.from_config(config)
-    open_zero_paths(model, get_family(config.model_type))
+    open_zero_paths(model, family_for(config, processor, model=model))
     model.generation_config = generation_config(config, processor.tokenizer)
     return save(model, processor, output_dir)
 

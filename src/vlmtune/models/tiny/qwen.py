@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from transformers import (
     Qwen2_5_VLConfig,
@@ -10,6 +11,8 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLImageProcessorPil,
     Qwen2VLProcessor,
+    Qwen3_5Config,
+    Qwen3_5MoeConfig,
     Qwen3VLConfig,
     Qwen3VLProcessor,
 )
@@ -75,6 +78,23 @@ QWEN2_VL = TinyRecipe(
     ),
 )
 
+# Qwen3.5's own template (thinking, earlier turns' reasoning dropped); its source: tests/fixtures/chat_templates.
+QWEN3_5_TEMPLATE = (Path(__file__).parent / "templates" / "qwen3_5.jinja").read_text()
+
+# Qwen3.5's hybrid language model: one full-attention layer, one Gated DeltaNet (linear-attention) layer
+# (the real ones start with three linear-attention layers; in a random 2-layer model one in front all but
+# drowns the image's signal, and LoRA then barely learns the colour); rotary embedding on a quarter of each
+# head (16 / 4 = 4 dims: mrope sections sum to 2).
+QWEN3_5_TEXT = dict(
+    head_dim=HEAD_DIM,
+    layer_types=["full_attention", "linear_attention"],
+    linear_key_head_dim=HEAD_DIM,
+    linear_value_head_dim=HEAD_DIM,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    rope_parameters={**MROPE, "mrope_section": [1, 1, 0], "mrope_interleaved": True, "partial_rotary_factor": 0.25},
+)
+
 _QWEN_VISION = dict(
     depth=2,
     hidden_size=32,
@@ -108,3 +128,19 @@ RECIPES = {
         vision_config=dict(_QWEN_VISION, patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0]),
     ),
 }
+RECIPES["qwen3_5"] = replace(
+    RECIPES["qwen3_vl"],
+    config_cls=Qwen3_5Config,
+    chat_template=QWEN3_5_TEMPLATE,
+    extra_tokens=(*QWEN2_VL.extra_tokens, "<think>", "</think>"),
+    text_config=QWEN3_5_TEXT,
+    vision_config=dict(_QWEN_VISION, patch_size=16, num_position_embeddings=64),
+)
+# Qwen3.5-MoE: the same with a sparse MLP (routed experts as fused 3-D parameters, a router, a gated shared expert).
+RECIPES["qwen3_5_moe"] = replace(
+    RECIPES["qwen3_5"],
+    config_cls=Qwen3_5MoeConfig,
+    text_config=dict(
+        QWEN3_5_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+    ),
+)
