@@ -128,7 +128,7 @@ def _unknown_type(folder: Path) -> list[str]:
 
 
 def _text_model(folder: Path) -> list[str]:
-    return [str(folder), "is not a vision-language model", "'llama'", "docs/models.md"]
+    return [str(folder), "is not a vision-language model", "'llama'", "vlmtune models"]
 
 
 BASE_FAULTS = {

@@ -3,9 +3,12 @@
 Every source (each config file, then the command line) arrives translated (`aliases.translate_given`),
 each option with what the user wrote for it. Decisions:
 
-- Within one source, one setting given twice (under two names, `lr` and `learning_rate`, or one name
-  twice on the command line) with values that differ once converted is a `UsageError` quoting both, where
-  each came from and the fix: vlmtune does not guess which was meant. Equal values are fine.
+- Within one source, one setting given twice under two names (`lr` and `learning_rate`, `--eval_accuracy
+  true` and `--no_eval_accuracy`) with values that differ once converted is a `UsageError` quoting both,
+  where each came from and the fix: vlmtune does not guess which was meant. Equal values are fine. The
+  very same flag repeated on the command line is an override, as argparse and shell scripts that append
+  `$COMMON --learning_rate X` mean it: the later wins, with an INFO line. (A key written twice in one
+  config file is refused by `files.py`, with its lines.)
 - Across sources the later one wins, whatever name it uses: the command line overrides the config file
   (documented in README.md and docs/troubleshooting.md), a later `--config` file an earlier one; an INFO
   line says what was replaced.
@@ -88,12 +91,19 @@ def _value(reader: Reader, setting: Setting) -> object:
 
 
 def _one_per_setting(source: str, given: list[Given], reader: Reader) -> dict[str, Setting]:
-    """Each setting once: a second value for it must equal the first (a derived value replaces it)."""
+    """Each setting once: a second value under another name must equal the first (a derived value, or the
+    same flag repeated, replaces it)."""
     kept: dict[str, Setting] = {}
     for g in given:
         field = reader.dest(g.name)
         setting, first = Setting(g, source), kept.get(field)
-        kept[field] = setting if first is None or g.derived else _agreeing(first, setting, reader)
+        if first is None or g.derived:
+            kept[field] = setting
+        elif first.given.written == g.written and _value(reader, first) != _value(reader, setting):
+            logger.info("%s replaces %s", setting.describe(), first.describe())  # one flag, repeated: an override
+            kept[field] = setting
+        else:
+            kept[field] = _agreeing(first, setting, reader)
     return kept
 
 
