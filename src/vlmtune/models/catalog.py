@@ -4,11 +4,12 @@
 `vlmtune models --format markdown`, a test keeps the two equal), so a user can look up a checkpoint's
 `model_type` before renting a GPU. Each architecture is one of:
 
-- **checked**: a registry entry and a tiny offline model; labels, LoRA coverage, learning and
-  save/reload are tested on it with its real chat template;
-- **generic**: trains through the generic path, whose facts (image token, end of turn, LoRA targets)
-  are read from the checkpoint when it loads; not yet tested by vlmtune on a tiny model;
-- **untested here**: as generic, but its image processor exists only for torchvision in the installed
+- **checked**: a tiny offline model (and a registry entry where derivation needs overriding); labels,
+  LoRA coverage, learning and save/reload are tested on it with its real chat template;
+- **derived**: its facts (parts, image token, end of turn, LoRA targets) are derived from the checkpoint
+  when it loads (`models/derive.py`) and verified there, or the run is refused naming the missing fact;
+  not yet tested by vlmtune on a tiny model;
+- **untested here**: as derived, but its image processor exists only for torchvision in the installed
   transformers, which cannot run beside this project's test machine's torch, so nothing here has built it;
 - **refused**: vlmtune cannot train it correctly, with the reason.
 
@@ -30,7 +31,8 @@ from transformers.utils import logging
 from .registry import FAMILIES
 from .tiny import RECIPES
 
-STATUSES = ("checked", "generic", "untested here", "refused")
+TINY_TYPES = frozenset(recipe.config_cls.model_type for recipe in RECIPES.values())
+STATUSES = ("checked", "derived", "untested here", "refused")
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,9 @@ def _encoder_decoder(model_type: str) -> bool:
 
 
 def _verdict(model_type: str, processor_class: str | None, backends: dict[str, str]) -> tuple[str, str]:
-    if model_type in FAMILIES and any(recipe.config_cls.model_type == model_type for recipe in RECIPES.values()):
-        return "checked", "labels, LoRA coverage, learning and save/reload tested on a tiny model"
+    if model_type in TINY_TYPES:
+        registered = "registered" if model_type in FAMILIES else "derived"
+        return "checked", f"{registered}; labels, LoRA coverage, learning and save/reload tested on a tiny model"
     if _encoder_decoder(model_type):
         return "refused", (
             "an encoder-decoder: vlmtune trains decoder-only language models (answer labels at the "
@@ -84,9 +87,9 @@ def _verdict(model_type: str, processor_class: str | None, backends: dict[str, s
     if "pil" not in backends:
         return "untested here", (
             f"its image processor ({backends['torchvision']}) needs torchvision in transformers "
-            f"{transformers.__version__}; the generic path is kept but untested"
+            f"{transformers.__version__}; derivation is kept but untested"
         )
-    return "generic", "trains through the generic path; facts read from the checkpoint at load time"
+    return "derived", "facts derived and verified when the checkpoint loads (packing refused); no tiny model yet"
 
 
 @cache
