@@ -291,14 +291,19 @@ def load_for_inference(model_name_or_path: str | None, adapter: str | None = Non
         check_adapter_path(adapter)
     if adapter and not model_name_or_path:
         model_name_or_path = adapter_base_path(adapter)
-    processor_files = ("processor_config.json", "tokenizer_config.json")
-    has_processor = adapter and any((Path(adapter) / f).exists() for f in processor_files)
-    loaded = load_model(model_name_or_path, processor_path=adapter if has_processor else None, **kwargs)
+    loaded = load_model(model_name_or_path, processor_path=processor_source(adapter), **kwargs)
     if adapter:
         with model_errors(adapter, "--adapter"):
             loaded.model = PeftModel.from_pretrained(loaded.model, adapter)
     loaded.model.eval()
     return loaded
+
+
+def processor_source(adapter: str | None) -> str | None:
+    """The adapter folder when it holds the processor it was trained with (vlmtune saves it there), else None
+    (the base model's processor)."""
+    names = ("processor_config.json", "tokenizer_config.json")
+    return adapter if adapter and any((Path(adapter) / name).exists() for name in names) else None
 
 
 def adapter_base_path(adapter: str) -> str:
