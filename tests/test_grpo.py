@@ -1,0 +1,183 @@
+"""`vlmtune grpo`: TRL's GRPOTrainer on the SFT rows, rewarded by vlmtune's metrics or the user's function.
+
+The tiny Qwen2-VL is trained by `vlmtune train` first, then by `vlmtune grpo` continuing its adapter with
+the exact-match reward, both through the command line as a user runs them, on the bundled shapes data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText
+
+from vlmtune.cli import main
+from vlmtune.config import DataArguments
+from vlmtune.data.prompts import prompt_rows
+from vlmtune.data.splits import build_splits
+from vlmtune.data.synthetic import write_shapes_dataset
+from vlmtune.eval.evaluate import evaluate_generation
+from vlmtune.eval.rewards import build_rewards
+from vlmtune.models.generation import end_of_turn_ids
+from vlmtune.models.loading import load_processing
+
+RUN = ["--use_cpu", "--seed", "0", "--report_to", "none", "--save_strategy", "no", "--max_new_tokens", "4"]
+# 16 completions per step: 2 prompts x 8 generations; completions of at most 4 tokens (a colour word + <|im_end|>).
+GRPO = ["--per_device_train_batch_size", "16", "--num_generations", "8", "--max_completion_length", "4"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return write_shapes_dataset(tmp_path_factory.mktemp("grpo_shapes"), n_train=200, n_eval=40, seed=0)
+
+
+def _data(shapes) -> list[str]:
+    return ["--dataset_name", str(shapes["train"]), "--eval_dataset_name", str(shapes["validation"])]
+
+
+def _rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, shapes, tmp_path_factory):
+    """A short SFT, then GRPO continuing its adapter with the exact-match reward; both evaluated on the same
+    held-out rows (greedy answers, exact match)."""
+    root, model = tmp_path_factory.mktemp("grpo_runs"), tiny_model_dir("qwen2_vl")
+    common = ["--model_name_or_path", model, *_data(shapes), *RUN]
+    sft = ["--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--max_steps", "20"]
+    main(["train", *common, *sft, "--output_dir", str(root / "sft")])
+    grpo = [*GRPO, "--learning_rate", "1e-3", "--max_steps", "10", "--logging_steps", "2"]
+    main(["grpo", *common, *grpo, "--adapter_name_or_path", str(root / "sft"), "--output_dir", str(root / "grpo")])
+    return {name: root / name for name in ("sft", "grpo")}
+
+
+def _results(folder) -> dict:
+    return json.loads((folder / "all_results.json").read_text())
+
+
+def test_grpo_after_sft_raises_held_out_exact_match(runs):
+    sft, grpo = _results(runs["sft"]), _results(runs["grpo"])
+    assert grpo["eval_exact_match_before"] == pytest.approx(sft["eval_exact_match"])  # the SFT model, as saved
+    assert grpo["eval_exact_match"] >= grpo["eval_exact_match_before"] + 0.1
+
+
+def test_rewards_are_logged_per_step(runs):
+    log = json.loads((runs["grpo"] / "trainer_state.json").read_text())["log_history"]
+    steps = [e for e in log if "reward" in e]
+    assert [e["step"] for e in steps] == [2, 4, 6, 8, 10]
+    assert all("rewards/exact_match/mean" in e and "completions/mean_length" in e for e in steps)
+    assert steps[-1]["reward"] > steps[0]["reward"]
+
+
+def test_adapter_reloads_in_plain_peft_and_answers_as_reported(runs, tiny_model_dir, shapes):
+    out = runs["grpo"]
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "ref").exists()  # one adapter
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir("qwen2_vl"))
+    plain = PeftModel.from_pretrained(base, str(out)).eval()
+    processor, spec = load_processing(tiny_model_dir("qwen2_vl"), str(out))
+    splits = build_splits(DataArguments(dataset_name=str(shapes["validation"]), val_split_ratio=0.0), spec.encoding)
+    result = evaluate_generation(plain, processor, splits.preparer, splits.train, max_new_tokens=4)
+    assert result.metrics["exact_match"] == pytest.approx(_results(out)["eval_exact_match"])
+
+
+USER_REWARD = '''
+import json
+
+def score(completions, answers, prompts, **kwargs):
+    with open(__file__ + ".calls.jsonl", "a") as f:
+        f.write(json.dumps({"completions": completions, "answers": answers, "prompts": prompts,
+                            "rows": kwargs["row"], "ids": kwargs["completion_ids"],
+                            "images": [len(images) for images in kwargs["images"]]}) + "\\n")
+    return [float(c == a) for c, a in zip(completions, answers)]
+'''
+
+
+def test_user_reward_gets_row_aligned_completions_and_answers(tiny_model_dir, shapes, tmp_path):
+    reward = tmp_path / "my_rewards.py"
+    reward.write_text(USER_REWARD)
+    model = tiny_model_dir("qwen2_vl")
+    args = ["--model_name_or_path", model, *_data(shapes), *RUN, *GRPO, "--max_steps", "2"]
+    main(["grpo", *args, "--reward", f"{reward}:score", "exact_match", "--output_dir", str(tmp_path / "out")])
+    calls = [json.loads(line) for line in (tmp_path / "my_rewards.py.calls.jsonl").read_text().splitlines()]
+    rows = _rows(shapes["train"])
+    processor, _ = load_processing(model)
+    assert len(calls) == 2 and all(len(call["completions"]) == 16 for call in calls)
+    for call in calls:
+        assert [rows[i]["response"] for i in call["rows"]] == call["answers"]
+        assert [rows[i]["prompt"] for i in call["rows"]] == call["prompts"]
+        assert call["images"] == [1] * 16  # every completion's row brought its image
+        decoded = [processor.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in call["ids"]]
+        assert decoded == call["completions"] and not any("<|im_end|>" in c for c in call["completions"])
+        assert len(set(call["rows"])) == 2  # 8 completions of each of 2 prompts
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    assert any("rewards/score/mean" in e and "rewards/exact_match/mean" in e for e in state)
+
+
+RAISING_REWARD = '''
+def score(completions, answers, prompts, **kwargs):
+    if "blue" in answers:
+        raise ValueError("no blue please")
+    return [0.0] * len(completions)
+'''
+
+
+def test_raising_reward_names_the_function_and_row(tiny_model_dir, tmp_path, capsys):
+    shapes = write_shapes_dataset(tmp_path / "data", n_train=16, n_eval=0, seed=1)
+    reward = tmp_path / "bad.py"
+    reward.write_text(RAISING_REWARD)
+    args = ["--model_name_or_path", tiny_model_dir("qwen2_vl"), "--dataset_name", str(shapes["train"]), *RUN, *GRPO]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["grpo", *args, "--max_steps", "8", "--reward", f"{reward}:score", "--output_dir", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--reward {reward}:score raised ValueError: no blue please for {shapes['train']}, row " in err
+    row = int(err.split(", row ")[1].split(" ")[0])
+    assert _rows(shapes["train"])[row]["response"] == "blue"
+    assert "Traceback" not in err
+
+
+def test_exact_match_reward_scores_a_right_completion_1_and_a_wrong_one_0():
+    (reward,) = build_rewards(["exact_match"], end_of_turn_ids=[])
+    completions = [[{"role": "assistant", "content": " Red."}], [{"role": "assistant", "content": "blue"}]]
+    assert reward(prompts=["q", "q"], completions=completions, references=[["red"], ["red"]]) == [1.0, 0.0]
+
+
+def test_format_reward_is_1_only_for_a_completion_that_ends_its_turn(tiny_model_dir):
+    processor, spec = load_processing(tiny_model_dir("qwen2_vl"))
+    stop = end_of_turn_ids(processor, spec.encoding)
+    assert processor.tokenizer.convert_tokens_to_ids("<|im_end|>") in stop
+    (reward,) = build_rewards(["format"], stop)
+    red = processor.tokenizer.encode("red")
+    assert reward(prompts=[], completions=["red", "red"], completion_ids=[[*red, stop[0]], red]) == [1.0, 0.0]
+
+
+def test_prompt_holds_system_text_and_image_and_ends_with_the_generation_prompt(tiny_model_dir, shapes):
+    processor, spec = load_processing(tiny_model_dir("qwen2_vl"))
+    data = DataArguments(dataset_name=str(shapes["validation"]), val_split_ratio=0.0, system_prompt="Look closely.")
+    splits = build_splits(data, spec.encoding, processor=processor)
+    row = prompt_rows(splits.train, splits.preparer, processor)[0]
+    assert row["answer"] == _rows(shapes["validation"])[0]["response"] and len(row["images"]) == 1
+    text = processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    assert "Look closely." in text and "<|vision_start|>" in text and text.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--num_generations", "3"], "must be divisible by num_generations (3)"),
+        (["--reward", "exact_match", "f1", "--reward_weights", "1"], "1 weight(s) for 2 --reward reward(s)"),
+        (["--reward", "exact_mach"], "--reward exact_mach: not a reward; choose from exact_match"),
+        (["--reward", "missing.py:score"], "--reward missing.py:score: no such file missing.py"),
+        (["--loss_type", "sigmoid"], "--loss_type must be one of grpo, dr_grpo, dapo"),
+    ],
+)
+def test_option_mistakes_are_messages(tiny_model_dir, shapes, tmp_path, capsys, flags, message):
+    args = ["--model_name_or_path", tiny_model_dir("qwen2_vl"), *_data(shapes), *RUN, *GRPO]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["grpo", *args, *flags, "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
