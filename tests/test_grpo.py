@@ -10,18 +10,20 @@ import csv
 import json
 
 import pytest
+import torch
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 
 from vlmtune.cli import main
-from vlmtune.config import DataArguments
+from vlmtune.config import DataArguments, FinetuneArguments, GrpoArguments, ModelArguments, VlmTrainingArguments
 from vlmtune.data.prompts import prompt_rows
 from vlmtune.data.splits import build_splits
-from vlmtune.data.synthetic import write_shapes_dataset
+from vlmtune.data.synthetic import QUESTIONS, write_shapes_dataset
 from vlmtune.eval.evaluate import evaluate_generation
 from vlmtune.eval.rewards import build_rewards
 from vlmtune.models.generation import end_of_turn_ids
-from vlmtune.models.loading import load_processing
+from vlmtune.models.loading import apply_finetuning, load_model, load_processing
+from vlmtune.train.grpo import grpo_config, grpo_trainer
 
 RUN = ["--use_cpu", "--seed", "0", "--report_to", "none", "--save_strategy", "no", "--max_new_tokens", "4"]
 # 16 completions per step: 2 prompts x 8 generations; completions of at most 4 tokens (a colour word + <|im_end|>).
@@ -84,7 +86,7 @@ def test_adapter_reloads_in_plain_peft_and_answers_as_reported(runs, tiny_model_
     assert result.metrics["exact_match"] == pytest.approx(_results(out)["eval_exact_match"])
 
 
-USER_REWARD = '''
+USER_REWARD = """
 import json
 
 def score(completions, answers, prompts, **kwargs):
@@ -93,7 +95,7 @@ def score(completions, answers, prompts, **kwargs):
                             "rows": kwargs["row"], "ids": kwargs["completion_ids"],
                             "images": [len(images) for images in kwargs["images"]]}) + "\\n")
     return [float(c == a) for c, a in zip(completions, answers)]
-'''
+"""
 
 
 def test_user_reward_gets_row_aligned_completions_and_answers(tiny_model_dir, shapes, tmp_path):
@@ -117,12 +119,12 @@ def test_user_reward_gets_row_aligned_completions_and_answers(tiny_model_dir, sh
     assert any("rewards/score/mean" in e and "rewards/exact_match/mean" in e for e in state)
 
 
-RAISING_REWARD = '''
+RAISING_REWARD = """
 def score(completions, answers, prompts, **kwargs):
     if "blue" in answers:
         raise ValueError("no blue please")
     return [0.0] * len(completions)
-'''
+"""
 
 
 def test_raising_reward_names_the_function_and_row(tiny_model_dir, tmp_path, capsys):
@@ -181,3 +183,27 @@ def test_option_mistakes_are_messages(tiny_model_dir, shapes, tmp_path, capsys, 
         main(["grpo", *args, *flags, "--output_dir", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_image_token_marks_line_up_with_left_padded_prompts_of_different_lengths(tiny_model_dir, tmp_path):
+    """TRL left-pads the prompts; the processor's per-token image marks (Qwen's mm_token_type_ids, which its
+    3-D positions are computed from) must be padded the same way, or a shorter prompt's image is misplaced."""
+    files = write_shapes_dataset(tmp_path, n_train=8, n_eval=0, seed=0, questions=("colour", "shape"))
+    loaded = load_model(tiny_model_dir("qwen2_vl"))
+    model = apply_finetuning(loaded.model, loaded.spec, FinetuneArguments())
+    data = DataArguments(dataset_name=str(files["train"]), val_split_ratio=0.0)
+    splits = build_splits(data, loaded.spec.encoding, processor=loaded.processor)
+    training = VlmTrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
+    config = grpo_config(training, GrpoArguments(num_generations=2, max_completion_length=3))
+    rewards = build_rewards(["exact_match"], [])
+    trainer = grpo_trainer(model, rewards, config, splits, loaded.processor, ModelArguments(), [])
+    questions = [row["prompt"] for row in _rows(files["train"])]
+    colour, shape = questions.index(QUESTIONS["colour"]), questions.index(QUESTIONS["shape"])
+    rows = trainer.train_dataset
+    batch = trainer._generate_and_score_completions([rows[colour], rows[colour], rows[shape], rows[shape]])
+    ids, lengths = batch["prompt_ids"], batch["prompt_mask"].sum(1)
+    assert lengths[0] != lengths[2]  # one prompt is left-padded
+    image_id = loaded.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    marks = batch["mm_token_type_ids"][:, : ids.shape[1]]
+    assert (ids == image_id).any() and torch.equal(marks == 1, ids == image_id)
+    assert loaded.processor.tokenizer.padding_side == "right"  # the processor saved with the adapter is unchanged

@@ -17,6 +17,7 @@ copy of the model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -150,15 +151,8 @@ def _run(model_args, data_args, finetune_args, training_args, grpo_args, callbac
     if splits.eval is None and training_args.eval_strategy != "no":
         raise UsageError("--eval_strategy needs evaluation rows: add --eval_dataset_name or --val_split_ratio")
     stop_on_signal = StopOnSignal(signals)
-    trainer = VlmGrpoTrainer(
-        model=model,
-        reward_funcs=rewards,
-        args=config,
-        train_dataset=prompt_rows(splits.train, splits.preparer, loaded.processor),
-        eval_dataset=prompt_rows(splits.eval, splits.preparer, loaded.processor) if config.do_eval else None,
-        processing_class=loaded.processor,
-        callbacks=[stop_on_signal, *(callbacks or [])],
-        new_adapter=not model_args.adapter_name_or_path,
+    trainer = grpo_trainer(
+        model, rewards, config, splits, loaded.processor, model_args, [stop_on_signal, *(callbacks or [])]
     )
     before = _answer_eval_rows(trainer, loaded, splits, finetune_args, training_args)
     with stop_on_signal.installed():
@@ -173,6 +167,31 @@ def _run(model_args, data_args, finetune_args, training_args, grpo_args, callbac
         metrics.update({f"eval_{k}": v for k, v in after.metrics.items()})
     trainer.save_metrics("all", metrics)
     return GrpoResult(output_dir=out, metrics=metrics, trainer=trainer)
+
+
+def grpo_trainer(model, rewards, config, splits: Splits, processor, model_args, callbacks) -> VlmGrpoTrainer:
+    """TRL's trainer on the GRPO rows, with a processor that pads on the left as TRL pads prompts: TRL
+    left-pads the prompt ids itself but takes the processor's per-token outputs (Qwen's `mm_token_type_ids`,
+    Gemma's `token_type_ids`) as padded, so a right-padding processor would mark the wrong positions as image
+    tokens in every prompt shorter than its batch's longest (and Qwen's 3-D positions with them)."""
+    rollout = left_padded(processor)
+    return VlmGrpoTrainer(
+        model=model,
+        reward_funcs=rewards,
+        args=config,
+        train_dataset=prompt_rows(splits.train, splits.preparer, rollout),
+        eval_dataset=prompt_rows(splits.eval, splits.preparer, rollout) if config.do_eval else None,
+        processing_class=rollout,
+        callbacks=callbacks,
+        new_adapter=not model_args.adapter_name_or_path,
+    )
+
+
+def left_padded(processor):
+    """A copy of `processor` whose tokenizer pads on the left (the saved processor keeps its own side)."""
+    rollout = copy.deepcopy(processor)
+    rollout.tokenizer.padding_side = "left"
+    return rollout
 
 
 def _answer_eval_rows(trainer, loaded, splits: Splits, finetune_args, training_args):
