@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..config import did_you_mean
 from ..data.conversation import text_of
 from ..errors import UsageError
 from .metrics import anls, exact_match, relaxed_accuracy, token_f1
@@ -170,6 +171,9 @@ def build_rewards(names: Sequence[str], end_of_turn_ids: Sequence[int]) -> list[
         elif ":" in name:
             rewards.append(UserReward(load_user_function(name), name))
         else:
-            known = ", ".join((*ANSWER_REWARDS, FORMAT))
-            raise UsageError(f"--reward {name}: not a reward; choose from {known}, or give FILE.py:FUNCTION")
+            known = [*ANSWER_REWARDS, FORMAT]
+            hint = did_you_mean(name, known)
+            raise UsageError(
+                f"--reward {name}: not a reward; choose from {', '.join(known)}, or give FILE.py:FUNCTION{hint}"
+            )
     return rewards
