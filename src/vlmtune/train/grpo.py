@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +39,6 @@ from .guard import NonFiniteGuard, StopOnSignal, parse_signals
 from .preference import _save, load_policy
 from .reference import ReferenceAdapter
 from .run import check_output_dir
-
-logger = logging.getLogger(__name__)
 
 # What vlmtune grpo does not do yet, with the reason (each is a flag `vlmtune train` takes).
 _NOT_YET = {
