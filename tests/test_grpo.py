@@ -13,6 +13,7 @@ import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText
+from trl.trainer.grpo_trainer import shuffle_sequence_dict, split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
 from vlmtune.cli import main
 from vlmtune.config import DataArguments, FinetuneArguments, GrpoArguments, ModelArguments, VlmTrainingArguments
@@ -208,3 +209,41 @@ def test_image_token_marks_line_up_with_left_padded_prompts_of_different_lengths
     marks = batch["mm_token_type_ids"][:, : ids.shape[1]]
     assert (ids == image_id).any() and torch.equal(marks == 1, ids == image_id)
     assert loaded.processor.tokenizer.padding_side == "right"  # the processor saved with the adapter is unchanged
+    # What TRL trains on: each completion's log-probabilities, batched (padded, shuffled as TRL shuffles) equal
+    # those of its sequence alone, unpadded, with only its own image.
+    with torch.no_grad():
+        shuffled = unsplit_pixel_values_by_grid(shuffle_sequence_dict(split_pixel_values_by_grid(batch)))
+        batched = _completion_log_probs(trainer, shuffled)
+        for i in range(4):
+            alone = _completion_log_probs(trainer, _alone(batch, i))
+            j = next(j for j in range(4) if torch.equal(shuffled["completion_ids"][j], batch["completion_ids"][i]))
+            assert torch.allclose(batched[j], alone[0], atol=1e-5)
+
+
+def _completion_log_probs(trainer, batch) -> torch.Tensor:
+    """TRL's per-token log-probabilities of a batch's completions (its own training forward)."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "num_images", "mm_token_type_ids")}
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(
+        trainer.model, ids, mask, batch["completion_ids"].size(1), batch_size=len(ids), **images
+    )
+    return logps
+
+
+def _alone(batch, i: int) -> dict:
+    """Row `i` of a TRL batch as a batch of its own: its prompt without padding, its image's pixels only."""
+    keep = batch["prompt_mask"][i].bool()
+    patches = batch["image_grid_thw"].prod(-1)
+    start = int(patches[:i].sum())
+    marks = batch["mm_token_type_ids"][i]
+    return {
+        "prompt_ids": batch["prompt_ids"][i][keep][None],
+        "prompt_mask": batch["prompt_mask"][i][keep][None],
+        "completion_ids": batch["completion_ids"][i : i + 1],
+        "completion_mask": batch["completion_mask"][i : i + 1],
+        "pixel_values": batch["pixel_values"][start : start + int(patches[i])],
+        "image_grid_thw": batch["image_grid_thw"][i : i + 1],
+        "num_images": [1],
+        "mm_token_type_ids": torch.cat([marks[: len(keep)][keep], marks[len(keep) :]])[None],
+    }
