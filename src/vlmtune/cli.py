@@ -32,6 +32,7 @@ Fine-tune vision-language models on your own image+text data.
 commands:
   train        fine-tune a model (LoRA by default) on a dataset; `vlmtune train --help`
   dpo          align a model (after train) with preference pairs: image, prompt, chosen, rejected; `vlmtune dpo --help`
+  grpo         reinforce a model (after train) with rewards on its sampled answers; `vlmtune grpo --help`
   eval         generate answers for a dataset and score them: metrics.json, predictions.jsonl, report.html
   predict      answer a prompt about one or more images (or a JSONL of requests) with a model and optional adapter
   merge        merge a LoRA adapter into its base model and save a standalone checkpoint
@@ -111,6 +112,22 @@ def cmd_dpo(argv: list[str]) -> None:
         make_parser(classes, prog="vlmtune dpo").print_help()
         return
     result = run_dpo(*parse_args(argv, classes, prog="vlmtune dpo"))
+    if not result.trainer.is_world_process_zero():
+        return
+    print(f"Saved to {result.output_dir}")
+    for key in sorted(result.metrics):
+        print(f"  {key}: {result.metrics[key]}")
+
+
+def cmd_grpo(argv: list[str]) -> None:
+    from .config import TRAINING_ARGUMENTS, GrpoArguments, make_parser
+    from .train.grpo import run_grpo
+
+    classes = (*TRAINING_ARGUMENTS, GrpoArguments)
+    if any(a in ("-h", "--help") for a in argv):
+        make_parser(classes, prog="vlmtune grpo").print_help()
+        return
+    result = run_grpo(*parse_args(argv, classes, prog="vlmtune grpo"))
     if not result.trainer.is_world_process_zero():
         return
     print(f"Saved to {result.output_dir}")
@@ -247,6 +264,7 @@ def cmd_push(argv: list[str]) -> None:
 COMMANDS = {
     "train": cmd_train,
     "dpo": cmd_dpo,
+    "grpo": cmd_grpo,
     "eval": cmd_eval,
     "predict": cmd_predict,
     "merge": cmd_merge,

@@ -297,6 +297,50 @@ class DpoArguments:
     label_smoothing: float = arg(0.0, "Share of pairs assumed mislabelled (robust and exo_pair losses; cDPO).")
 
 
+# TRL's GRPOTrainer loss variants (trl 1.16, `GRPOConfig.loss_type`); GSPO is `--importance_sampling_level sequence`.
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+# vlmtune's built-in rewards (eval/rewards.py): the answer metrics, and the end-of-turn format reward.
+GRPO_REWARDS = ("exact_match", "relaxed_accuracy", "anls", "f1", "format")
+
+
+@dataclass
+class GrpoArguments:
+    """`vlmtune grpo`'s own options (the model, data, LoRA/full and Trainer ones are `vlmtune train`'s)."""
+
+    _argument_group_name = "reinforcement learning (GRPO)"
+
+    reward: list[str] = arg(
+        None,
+        f"Reward(s) for each completion against the row's reference answer: {', '.join(GRPO_REWARDS)}, or your "
+        "function as FILE.py:NAME (docs/preference.md, 'GRPO'). Several are summed with --reward_weights.",
+        default_factory=lambda: ["exact_match"],
+    )
+    reward_weights: list[float] | None = arg(None, "Weights of the --reward rewards, one per reward (default 1 each).")
+    num_generations: int = arg(
+        8,
+        "Completions sampled per prompt (the group whose rewards are compared). --per_device_train_batch_size "
+        "counts completions, and times --gradient_accumulation_steps and the number of processes must be a "
+        "multiple of this.",
+    )
+    max_completion_length: int = arg(64, "Longest completion in tokens (a completion cut here never ends its turn).")
+    temperature: float = arg(1.0, "Sampling temperature of the completions.")
+    top_p: float = arg(1.0, "Nucleus sampling mass of the completions.")
+    beta: float = arg(
+        0.0,
+        "KL coefficient against the reference model (TRL's default 0: no reference computed). Above 0, the "
+        "reference is the policy with a new LoRA disabled, or a frozen copy of --adapter_name_or_path (the SFT model).",
+    )
+    loss_type: str = arg("dapo", f"TRL's GRPO loss: {', '.join(GRPO_LOSS_TYPES)}.")
+    importance_sampling_level: str = arg(
+        "token", "token (GRPO) or sequence (GSPO: one importance ratio per completion)."
+    )
+    scale_rewards: str = arg(
+        "group", "Divide advantages by the reward spread of the group, the batch, or none (Dr. GRPO's advice)."
+    )
+    num_iterations: int = arg(1, "Optimisation passes over each batch of completions (GRPO's mu).")
+    epsilon: float = arg(0.2, "Clipping range of the importance ratio.")
+
+
 # Every training command's arguments: the model, data and images, LoRA/full fine-tuning, and the Trainer's
 # (output, schedule, precision). `vlmtune train` takes exactly these; a preference trainer (dpo, grpo) adds
 # its own dataclass: `parse_args(argv, (*TRAINING_ARGUMENTS, DpoArguments))`.

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from ..errors import UsageError
-from .arguments import DPO_LOSS_TYPES
+from .arguments import DPO_LOSS_TYPES, GRPO_LOSS_TYPES, GrpoArguments
 from .suggest import did_you_mean
 
 
@@ -100,6 +100,30 @@ CHECKS: dict[str, Check] = {
     "inspect_split": one_of("train", "eval", "test"),
     "color": one_of("auto", "always", "never"),
 }
+
+
+# A command's own values for an option another command also has (`vlmtune dpo`'s --beta must be above 0,
+# GRPO's may be 0; their --loss_type choices differ): these win over `CHECKS` for that class's fields.
+COMMAND_CHECKS: dict[type, dict[str, Check]] = {
+    GrpoArguments: {
+        "beta": at_least(0),
+        "loss_type": one_of(*GRPO_LOSS_TYPES),
+        "num_generations": at_least(2),
+        "max_completion_length": at_least(1),
+        "num_iterations": at_least(1),
+        "epsilon": above(0),
+        "importance_sampling_level": one_of("token", "sequence"),
+        "scale_rewards": one_of("group", "batch", "none"),
+    },
+}
+
+
+def checks_for(classes) -> dict[str, Check]:
+    """The checks of the options of `classes` (argument dataclasses): `CHECKS` with their own ones on top."""
+    table = dict(CHECKS)
+    for cls in classes:
+        table.update(COMMAND_CHECKS.get(cls, {}))
+    return table
 
 
 # Options whose value is a mapping (keyword arguments passed on as **kwargs).
@@ -197,8 +221,9 @@ def check_values(objects, where: Callable[[str], str]) -> None:
     values = {}
     for obj in objects:
         values.update({f.name: getattr(obj, f.name) for f in fields(obj) if f.init})
+    table = checks_for(type(obj) for obj in objects)
     for name, value in values.items():
-        check = CHECKS.get(name)
+        check = table.get(name)
         for item in value if isinstance(value, list) else [value]:
             if check is not None and item is not None and not check.allows(item):
                 hint = did_you_mean(str(item), list(check.choices)) if check.choices else ""

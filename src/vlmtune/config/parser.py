@@ -19,7 +19,7 @@ from .. import compat
 from ..errors import UsageError
 from . import aliases
 from .arguments import TRAINING_ARGUMENTS
-from .checks import CHECKS, check_values
+from .checks import check_values, checks_for
 from .files import file_to_argv, read_config_file, take_config_files
 from .launch import prepare_launch_environment, resolve_launch_shortcuts
 from .merge import COMMAND_LINE, Setting, merge
@@ -38,9 +38,10 @@ class VlmArgumentParser(HfArgumentParser):
         super().__init__(classes, allow_abbrev=False, exit_on_error=False, **kwargs)
         self.extra_names = dict(extra_names or {})
         self.settled: dict[str, Setting] = {}  # field name -> its value and where it came from
+        checks = checks_for(classes if isinstance(classes, (list, tuple)) else (classes,))
         for action in self._actions:
-            if action.dest in CHECKS and action.help and action.option_strings:
-                action.help += f" [{CHECKS[action.dest].describe()}]"
+            if action.dest in checks and action.help and action.option_strings:
+                action.help += f" [{checks[action.dest].describe()}]"
 
     def option_names(self) -> list[str]:
         """Every option name without dashes (`learning_rate`, `no_eval_accuracy`, ...)."""

@@ -2,6 +2,8 @@
 
 - `training_curves.png`: training loss and learning rate per step (and eval loss, when evaluated).
 - `eval_metrics.png`: every other `eval_*` metric per evaluation (accuracy, ANLS, ...), when evaluated.
+- `reward_curves.png`: the rewards TRL's trainers log per step (`vlmtune grpo`'s `reward` and
+  `rewards/<name>/mean`, `vlmtune dpo`'s `rewards/chosen`, `rewards/margins`...), when there are any.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ logger = logging.getLogger(__name__)
 
 TRAINING_PLOT = "training_curves.png"
 EVAL_PLOT = "eval_metrics.png"
+REWARD_PLOT = "reward_curves.png"
 # Logged by every evaluation but not about the model's quality.
 _NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "generation_samples", "model_preparation_time")
 
@@ -26,6 +29,12 @@ def eval_metric_names(log_history: list[dict]) -> list[str]:
     """The quality metrics among the `eval_*` keys in `log_history` (eval_loss first)."""
     keys = {k for e in log_history for k in e if k.startswith("eval_") and not k.endswith(_NOT_METRICS)}
     return sorted(keys, key=lambda k: (k != "eval_loss", k))
+
+
+def reward_names(log_history: list[dict]) -> list[str]:
+    """The training reward series in `log_history`: `reward` and `rewards/...` keys, spreads left out."""
+    keys = {k for e in log_history for k in e if k == "reward" or k.startswith("rewards/")}
+    return sorted(k for k in keys if not k.endswith("/std"))
 
 
 def write_training_plots(log_history: list[dict], output_dir: str | Path) -> list[Path]:
@@ -77,4 +86,18 @@ def write_training_plots(log_history: list[dict], output_dir: str | Path) -> lis
         fig.savefig(out / EVAL_PLOT, dpi=100)
         plt.close(fig)
         written.append(out / EVAL_PLOT)
+    rewards = reward_names(log_history)
+    if rewards:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for name in rewards:
+            ax.plot(*_series(log_history, name), "o-" if name == "reward" else "-", label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("reward")
+        ax.set_title("Rewards")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / REWARD_PLOT, dpi=100)
+        plt.close(fig)
+        written.append(out / REWARD_PLOT)
     return written

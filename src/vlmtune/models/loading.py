@@ -314,9 +314,7 @@ def load_for_inference(model_name_or_path: str | None, adapter: str | None = Non
     """Base model plus an optional adapter; the adapter folder's processor (and base path) win."""
     if adapter:
         model_name_or_path = check_adapter_fits(adapter, model_name_or_path, kwargs.get("trust_remote_code", False))
-    processor_files = ("processor_config.json", "tokenizer_config.json")
-    has_processor = adapter and any((Path(adapter) / f).exists() for f in processor_files)
-    loaded = load_model(model_name_or_path, processor_path=adapter if has_processor else None, **kwargs)
+    loaded = load_model(model_name_or_path, processor_path=processor_source(adapter), **kwargs)
     if adapter:
         with model_errors(adapter, "--adapter"):
             loaded.model = PeftModel.from_pretrained(loaded.model, adapter)
@@ -334,6 +332,13 @@ def check_adapter_fits(
     config = read_config(model_name_or_path, trust_remote_code)
     check_adapter_base(adapter, model_name_or_path, config.model_type, flag)
     return model_name_or_path
+
+
+def processor_source(adapter: str | None) -> str | None:
+    """The adapter folder when it holds the processor it was trained with (vlmtune saves it there), else None
+    (the base model's processor)."""
+    names = ("processor_config.json", "tokenizer_config.json")
+    return adapter if adapter and any((Path(adapter) / name).exists() for name in names) else None
 
 
 def adapter_base_path(adapter: str) -> str:
