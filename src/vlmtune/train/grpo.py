@@ -36,7 +36,7 @@ from ..models.loading import load_processing, processor_source, trainable_table
 from ..outputs import exclusive_output_dir
 from .checkpoints import CompleteCheckpoints, remove_deletion_leftovers, resolve_resume
 from .guard import NonFiniteGuard, StopOnSignal, parse_signals
-from .preference import _save, load_policy
+from .preference import load_policy, save_outputs
 from .reference import ReferenceAdapter
 from .run import check_output_dir
 
@@ -155,7 +155,7 @@ def _run(model_args, data_args, finetune_args, training_args, grpo_args, callbac
     with stop_on_signal.installed():
         metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
     stop_on_signal.raise_if_stopped_early(trainer)
-    _save(trainer, loaded, out, (model_args, data_args, finetune_args, training_args, grpo_args), main_process)
+    save_outputs(trainer, loaded, out, (model_args, data_args, finetune_args, training_args, grpo_args), main_process)
     after = _answer_eval_rows(trainer, loaded, splits, finetune_args, training_args)
     if after is not None:
         if main_process:

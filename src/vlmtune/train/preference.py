@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +42,11 @@ from .checkpoints import CompleteCheckpoints, no_space_errors, remove_deletion_l
 from .distributed import announce, detect_topology, shards_parameters
 from .fsdp import default_fsdp_wrap
 from .guard import NonFiniteGuard, StopOnSignal, check_finite_weights, parse_signals
+from .reference import ReferenceAdapter
 from .run import CONFIG_FILE, _dtype, check_output_dir, quantization_kwargs, remove_written_since
 from .vision_step import run_vision_every_step
 
 logger = logging.getLogger(__name__)
-
-REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of the adapter it continues
 
 # What vlmtune dpo does not do yet, with the reason (each is a flag `vlmtune train` takes).
 _NOT_YET = {
@@ -72,21 +70,9 @@ class DpoResult:
     trainer: DPOTrainer
 
 
-class VlmDpoTrainer(NonFiniteGuard, CompleteCheckpoints, DPOTrainer):
-    """TRL's `DPOTrainer` fed vlmtune's batches; it stops on non-finite steps and marks each checkpoint
-    complete, as `vlmtune train` does."""
-
-    def __init__(self, *args, new_adapter: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        if new_adapter and REFERENCE_ADAPTER in getattr(self.model, "peft_config", {}):
-            # TRL copies any adapter it is given as the reference; a new LoRA starts as the base model
-            # (its B matrices are zero), so disabling it gives the same reference without the copy.
-            self.model.delete_adapter(REFERENCE_ADAPTER)
-
-    def _save(self, output_dir=None, state_dict=None):
-        """Only the trained adapter is saved: the reference copy is the adapter the run started from."""
-        super()._save(output_dir, state_dict)
-        shutil.rmtree(Path(output_dir or self.args.output_dir) / REFERENCE_ADAPTER, ignore_errors=True)
+class VlmDpoTrainer(ReferenceAdapter, NonFiniteGuard, CompleteCheckpoints, DPOTrainer):
+    """TRL's `DPOTrainer` fed vlmtune's batches; one reference adapter at most (`ReferenceAdapter`), and it
+    stops on non-finite steps and marks each checkpoint complete, as `vlmtune train` does."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Rows stay raw: `PreferenceCollator` encodes each pair per batch (TRL would tokenize the text
@@ -216,7 +202,7 @@ def _run(model_args, data_args, finetune_args, training_args, dpo_args, callback
     with stop_on_signal.installed():
         metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
     stop_on_signal.raise_if_stopped_early(trainer)
-    _save(trainer, loaded, out, (model_args, data_args, finetune_args, training_args, dpo_args), main_process)
+    save_outputs(trainer, loaded, out, (model_args, data_args, finetune_args, training_args, dpo_args), main_process)
     if splits.eval is not None:
         metrics.update(trainer.evaluate())
         metrics.update(
@@ -250,7 +236,7 @@ def preference_accuracy(model, collator: PreferenceCollator, rows, batch_size: i
     return sum(wins) / len(wins)
 
 
-def _save(trainer, loaded, out: Path, arguments: tuple, main_process: bool) -> None:
+def save_outputs(trainer, loaded, out: Path, arguments: tuple, main_process: bool) -> None:
     """The adapter (or model), processor, config, plots and trainer state, as `vlmtune train` saves them."""
     check_finite_weights(trainer.model, f"the result in {out}")
     started = time.time()
