@@ -35,7 +35,14 @@ from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..eval.plots import write_training_plots
 from ..models.checkpoint import check_adapter_path, model_errors
 from ..models.generation import full_parameters_for_generation
-from ..models.loading import adapter_base_path, apply_finetuning, load_model, load_processing, trainable_table
+from ..models.loading import (
+    adapter_base_path,
+    apply_finetuning,
+    load_model,
+    load_processing,
+    processor_source,
+    trainable_table,
+)
 from ..models.loss import labelled_nll_per_row
 from ..outputs import exclusive_output_dir
 from .checkpoints import CompleteCheckpoints, no_space_errors, remove_deletion_leftovers, resolve_resume
@@ -110,7 +117,7 @@ def load_policy(model_args, finetune_args, training_args):
         dtype=_dtype(training_args),
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
-        processor_path=_processor_path(model_args),
+        processor_path=processor_source(model_args.adapter_name_or_path),
         **quantization_kwargs(finetune_args),
     )
     compat.check_model_type(model_args.model_type, loaded.model.config)
@@ -120,13 +127,6 @@ def load_policy(model_args, finetune_args, training_args):
     else:
         model = apply_finetuning(loaded.model, loaded.spec, finetune_args)
     return loaded, model
-
-
-def _processor_path(model_args) -> str | None:
-    """The adapter folder when it holds the processor it was trained with (vlmtune saves it there)."""
-    adapter = model_args.adapter_name_or_path
-    names = ("processor_config.json", "tokenizer_config.json")
-    return adapter if adapter and any((Path(adapter) / name).exists() for name in names) else None
 
 
 def load_reference(dpo_args, training_args):
@@ -169,7 +169,7 @@ def _run(model_args, data_args, finetune_args, training_args, dpo_args, callback
         remove_deletion_leftovers(out)
     # Every pair is checked before the weights load: a bad row costs seconds, not a model load.
     processor, spec = load_processing(
-        model_args.model_name_or_path, _processor_path(model_args), model_args.trust_remote_code
+        model_args.model_name_or_path, processor_source(model_args.adapter_name_or_path), model_args.trust_remote_code
     )
     splits = build_preference_splits(
         data_args, spec.encoding, processor, dpo_args.chosen_column, dpo_args.rejected_column, training_args.seed
