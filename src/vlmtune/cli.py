@@ -37,7 +37,7 @@ commands:
   predict      answer a prompt about one or more images (or a JSONL of requests) with a model and optional adapter
   merge        merge a LoRA adapter into its base model and save a standalone checkpoint
   push         upload a trained or merged folder to the Hugging Face hub (e.g. after an upload failed)
-  models       every architecture transformers knows and what vlmtune makes of it (checked, generic, refused)
+  models       every architecture transformers knows and what vlmtune makes of it (checked, derived, refused)
   tiny-model   write a tiny random model of a real architecture (offline, for trying things out)
   demo         fine-tune a tiny Qwen2-VL on bundled synthetic data, offline, in about a minute
   data inspect show the first samples as the model sees them (trained text marked) and check all of them
@@ -60,7 +60,7 @@ class TinyModelArguments:
 class ModelsArguments:
     """`vlmtune models`' flags."""
 
-    status: str | None = arg(None, "Only architectures with this status: checked, generic, untested here, refused.")
+    status: str | None = arg(None, "Only architectures with this status: checked, derived, untested here, refused.")
     model_type: str | None = arg(None, "Only this `model_type` (as in a checkpoint's config.json).")
     format: str = arg("text", "text (a table for the terminal) or markdown (as docs/models.md carries it).")
 
