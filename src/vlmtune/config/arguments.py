@@ -14,6 +14,7 @@ from typing import Literal
 from transformers import TrainingArguments
 
 from .. import compat
+from .family import read_family_file
 
 
 def arg(default, help: str, **kwargs):  # noqa: A002 - argparse's own word
@@ -21,6 +22,12 @@ def arg(default, help: str, **kwargs):  # noqa: A002 - argparse's own word
     if "default_factory" in kwargs:
         return field(metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
+
+
+FAMILY_FILE_HELP = (
+    "YAML/JSON file of the facts vlmtune cannot derive for an unregistered architecture (image_token, "
+    "turn_end, chat_template, module prefixes...): what it states replaces derivation (docs/models.md)."
+)
 
 
 @dataclass
@@ -40,6 +47,11 @@ class ModelArguments:
     model_type: str | None = arg(
         None, "Architecture the checkpoint must be (llava, qwen2_vl...): checked, never needed (read from config.json)."
     )
+    family_file: str | None = arg(None, FAMILY_FILE_HELP)
+
+    def family(self) -> dict | None:
+        """The facts of --family_file, checked (None without one)."""
+        return read_family_file(self.family_file)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,15 +254,17 @@ def load_model(
     load_in_8bit: bool = False,
     quantize_vision_tower: bool = False,
     processor_path: str | None = None,
+    family: Mapping | None = None,
     **kwargs,
 ) -> Loaded:
     """Load model, processor and family spec; the processor comes from the same folder unless
     `processor_path` names another (an adapter's folder, which holds the processor it was trained with).
+    `family`: the facts of a `--family_file` (`config.family.read_family_file`), replacing derived ones.
 
     With `load_in_4bit` / `load_in_8bit` the language model is quantised with bitsandbytes (QLoRA);
     the vision tower stays in full precision unless `quantize_vision_tower`.
     """
-    processor, spec = load_processing(model_name_or_path, processor_path, trust_remote_code)
+    processor, spec = load_processing(model_name_or_path, processor_path, trust_remote_code, family)
     compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
     storage = kwargs.pop("bnb_4bit_quant_storage", None)
     quant = quantization_config(spec, load_in_4bit, load_in_8bit, compute_dtype, quantize_vision_tower, storage)
@@ -280,17 +283,23 @@ def load_model(
 
 
 def load_processing(
-    model_name_or_path: str, processor_path: str | None = None, trust_remote_code: bool = False
+    model_name_or_path: str,
+    processor_path: str | None = None,
+    trust_remote_code: bool = False,
+    family: Mapping | None = None,
 ) -> tuple[object, FamilySpec]:
     """The checkpoint's processor (with a chat template) and family spec (its registry entry, or facts
-    derived from config, processor and a weightless model), without loading weights."""
+    derived from config, processor and a weightless model; `family`, a family file's facts, replacing
+    those it states and its `chat_template` the processor's), without loading weights."""
     config = read_config(model_name_or_path, trust_remote_code)
     with model_errors(processor_path or model_name_or_path, "--adapter" if processor_path else "--model_name_or_path"):
         processor = load_processor(processor_path or model_name_or_path, trust_remote_code=trust_remote_code)
     registered = FAMILIES.get(config.model_type)
     if registered is not None:
         processor = with_chat_template(processor, registered)
-    return processor, family_for(config, processor, model_name_or_path)
+    if family and "chat_template" in family:
+        processor.chat_template = family["chat_template"]
+    return processor, family_for(config, processor, model_name_or_path, given=family)
 
 
 def read_config(model_name_or_path: str, trust_remote_code: bool = False):

@@ -177,6 +177,7 @@ def _run(model_args, data_args, finetune_args, training_args, callbacks, out, to
         dtype=_dtype(training_args),
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
+        family=model_args.family(),
         **quantization_kwargs(finetune_args),
         **sharded_quantization_kwargs(finetune_args, training_args, _dtype(training_args)),
     )
