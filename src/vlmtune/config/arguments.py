@@ -172,6 +172,11 @@ class VlmTrainingArguments(TrainingArguments):
     """transformers' TrainingArguments with defaults that suit VLM fine-tuning."""
 
     output_dir: str = arg(None, "Where the adapter/model, processor, config and logs are written.")
+    router_aux_loss_coef: float | None = arg(
+        None,
+        "Mixture-of-experts models: weight of the router's load-balancing loss added to the training loss "
+        "(default: the architecture's own, e.g. 0.001 for Qwen3.5-MoE; 0 turns it off), as TRL's trainers do.",
+    )
     overwrite_output_dir: bool = arg(False, "Replace a trained model already in --output_dir.")
     remove_unused_columns: bool = arg(False, "Keep raw columns: the collator needs them.")
     learning_rate: float = arg(1e-4, "Peak learning rate.")
