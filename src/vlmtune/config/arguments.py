@@ -149,6 +149,11 @@ class FinetuneArguments:
     eval_metrics_samples: int = arg(64, "Eval rows that --eval_metrics generates answers for at each evaluation.")
     use_rslora: bool = arg(False, "Rank-stabilised LoRA: scale the adapter by alpha / sqrt(r) instead of alpha / r.")
     train_vision_lora: bool = arg(False, "Also add LoRA to the vision tower's linear layers (its weights stay frozen).")
+    lora_target_experts: bool = arg(
+        False,
+        "Mixture-of-experts models: also add LoRA to the routed experts' fused weights (PEFT target_parameters; "
+        "off by default: the experts hold most of the weights and LoRA on them costs memory; docs/models.md).",
+    )
     vision_lr: float | None = arg(
         None, "Learning rate of the vision tower's trainable parameters (default: --learning_rate)."
     )

@@ -175,6 +175,36 @@ def resolve_targets(
     return f"(?:{language})|{_exact(vision_names)}"
 
 
+def expert_parameters(model: torch.nn.Module, spec: FamilySpec) -> list[str]:
+    """The routed experts' fused weights of the language model: parameters of 3 or more dimensions
+    (experts x out x in) held by a module that is not a convolution (Qwen3.5's linear attention has a 3-D
+    conv1d weight), which `target_modules` cannot reach and PEFT's `target_parameters` adapts (one LoRA
+    per parameter, shared across its experts)."""
+    return [
+        f"{owner}.{leaf}" if owner else leaf
+        for owner, module in model.named_modules()
+        if not isinstance(module, torch.nn.modules.conv._ConvNd)
+        for leaf, param in module.named_parameters(recurse=False)
+        if param.dim() >= 3 and part_of(f"{owner}.{leaf}", spec) == "language_model"
+    ]
+
+
+def expert_lora_targets(model: torch.nn.Module, spec: FamilySpec, kind: str) -> list[str]:
+    """`--lora_target_experts`: the experts' fused parameters for PEFT's `target_parameters`, or a
+    `UsageError` where the model has none or the adapter kind cannot adapt them."""
+    names = expert_parameters(model, spec)
+    if not names:
+        raise UsageError(
+            f"--lora_target_experts: {spec.model_type} has no routed experts stored as fused 3-D parameters; "
+            "drop the flag (its linear experts, if any, are adapted by default)"
+        )
+    if kind == "dora":
+        raise UsageError(
+            "--lora_target_experts: PEFT adapts fused expert parameters with LoRA only; use --finetuning_type lora"
+        )
+    return names
+
+
 def decoder_layer_classes(model: torch.nn.Module, spec: FamilySpec) -> list[str]:
     """Class names of the language model's decoder blocks (what FSDP wraps), read off the model.
 
@@ -415,6 +445,7 @@ def apply_finetuning(
         use_rslora=getattr(args, "use_rslora", False),
         use_dora=kind == "dora",
         target_modules=resolve_targets(model, spec, args.lora_target_modules, vision=train_vision_lora),
+        target_parameters=expert_lora_targets(model, spec, kind) if args.lora_target_experts else None,
         modules_to_save=modules_to_save or None,
         task_type="CAUSAL_LM",
     )
