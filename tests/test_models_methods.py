@@ -335,3 +335,29 @@ def test_fsdp_wraps_the_family_layers_unless_told(tiny_model_dir, tmp_path, fami
     assert default_fsdp_wrap(chosen, loaded.model, loaded.spec) is None
     assert chosen.fsdp_config["transformer_layer_cls_to_wrap"] == ["X"]
     assert default_fsdp_wrap(VlmTrainingArguments(output_dir=str(tmp_path)), loaded.model, loaded.spec) is None
+
+
+def expert_lora(model) -> dict[str, torch.Tensor]:
+    """LoRA B matrices PEFT put on fused expert parameters (`target_parameters`), by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n and "lora_B" in n}
+
+
+def test_lora_target_experts_adapts_the_fused_expert_weights_and_trains(tiny_model_dir, shapes_data, tmp_path):
+    model_dir = tiny_model_dir("qwen3_5_moe")
+    loaded = load_model(model_dir)
+    default = apply_finetuning(loaded.model, loaded.spec, FinetuneArguments())
+    assert not expert_lora(default), "experts are not adapted by default"
+    result = short_run(model_dir, shapes_data, tmp_path / "out", lora_target_experts=True, learning_rate=1e-2)
+    model = result.trainer.model
+    adapted = [strip_peft_prefix(n).split(".lora_B")[0] for n in expert_lora(model)]
+    # gate_up_proj and down_proj of each layer's experts: one LoRA each (PEFT nests the second).
+    assert sorted(adapted) == [f"model.language_model.layers.{i}.mlp.experts" for i in (0, 0, 1, 1)]
+    assert all(b.abs().sum() > 0 for b in expert_lora(model).values()), "B starts at zero: trained"
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert len(saved["target_parameters"]) == 4
+
+
+def test_lora_target_experts_on_a_dense_model_is_refused(tiny_model_dir):
+    loaded = load_model(tiny_model_dir("qwen3_5"))
+    with pytest.raises(UsageError, match="--lora_target_experts: qwen3_5 has no routed experts"):
+        apply_finetuning(loaded.model, loaded.spec, FinetuneArguments(lora_target_experts=True))

@@ -20,7 +20,9 @@ from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.data.images import ImageOptions
 from vlmtune.data.prepare import Preparer
 from vlmtune.data.schema import detect_schema
-from vlmtune.models.loss import labelled_forward, labelled_nll_per_row
+from vlmtune.errors import UsageError
+from vlmtune.models.loading import load_model
+from vlmtune.models.loss import labelled_forward, labelled_nll_per_row, use_router_aux_loss
 from vlmtune.models.processors import load_processor
 from vlmtune.models.registry import get_family
 
@@ -122,3 +124,42 @@ def test_training_keeps_a_frozen_vision_tower_out_of_autograd(tiny_model_dir, sh
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
     with torch.no_grad():  # the Trainer's loss is the plain forward's
         assert abs(loss.item() - model(**batch).loss.item()) < 1e-5
+
+
+def moe_batch(loaded, shapes_data, n: int = 3) -> dict:
+    """`n` shapes rows collated for `loaded` (its derived family's encoding)."""
+    with open(shapes_data["train"]) as f:
+        rows = [dict(row, __index__=i) for i, row in zip(range(n), csv.DictReader(f))]
+    preparer = Preparer(detect_schema(list(rows[0])), loaded.spec.encoding)
+    preparer.images = ImageOptions(base_dirs=(shapes_data["train"].parent,))
+    return dict(VlmCollator(loaded.processor, preparer)(rows))
+
+
+def test_moe_labelled_loss_keeps_the_router_load_balancing_loss(tiny_model_dir, shapes_data):
+    loaded = load_model(tiny_model_dir("qwen3_5_moe"))
+    model, batch = loaded.model, moe_batch(loaded, shapes_data)
+    assert use_router_aux_loss(model, None) == model.config.text_config.router_aux_loss_coef > 0
+    with torch.no_grad():
+        own = model(**batch)  # transformers adds coef * aux_loss to the loss when given labels
+        loss, outputs, _ = labelled_forward(model, batch)
+    assert float(loss) == pytest.approx(float(own.loss), abs=1e-5)
+    lm_only = own.loss - model.config.text_config.router_aux_loss_coef * own.aux_loss
+    assert float(own.aux_loss) > 0 and abs(float(loss - lm_only)) > 1e-4
+
+
+def test_moe_training_loss_logged_includes_coef_times_router_loss(tiny_model_dir, shapes_data, tmp_path):
+    first = {}
+    for coef in (0.0, 1.0, 2.0):
+        result = short_run(tiny_model_dir("qwen3_5_moe"), shapes_data, tmp_path / str(coef), max_steps=1,
+                           logging_steps=1, router_aux_loss_coef=coef)  # fmt: skip
+        first[coef] = result.trainer.state.log_history[0]["loss"]
+    aux = first[1.0] - first[0.0]  # step 1 runs before any update: the same LM loss and router loss
+    assert aux > 0.1
+    assert first[2.0] - first[0.0] == pytest.approx(2 * aux, abs=1e-3)
+
+
+def test_router_aux_loss_coef_on_a_dense_model_is_refused(tiny_model_dir):
+    model = load_model(tiny_model_dir("qwen3_5")).model
+    with pytest.raises(UsageError, match="--router_aux_loss_coef 0.1: qwen3_5_text is not a mixture-of-experts"):
+        use_router_aux_loss(model, 0.1)
+    assert use_router_aux_loss(model, None) == 0.0

@@ -21,6 +21,8 @@ for _client in ("httpx", "httpx2"):  # huggingface_hub's HTTP client logs every 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 from .config import arg, parse_args  # noqa: E402
+from .config.arguments import FAMILY_FILE_HELP  # noqa: E402
+from .config.family import read_family_file  # noqa: E402
 from .errors import DataError, UsageError, VlmtuneError  # noqa: E402
 from .models.tiny import RECIPES as TINY_FAMILIES  # noqa: E402
 from .outputs import check_output_file, check_output_folder  # noqa: E402
@@ -69,6 +71,7 @@ class ModelsArguments:
 class PredictArguments:
     model_name_or_path: str | None = arg(None, "Base model (read from the adapter if omitted).")
     adapter: str | None = arg(None, "A vlmtune/PEFT adapter folder.")
+    family_file: str | None = arg(None, FAMILY_FILE_HELP)
     image: list[str] = arg(None, "Image path(s) or URL(s), in prompt order.", default_factory=list)
     prompt: str = arg(None, "The question or instruction.")
     system_prompt: str | None = arg(None, "Optional system message.")
@@ -184,7 +187,7 @@ def cmd_predict(argv: list[str]) -> None:
         raise DataError(f"--requests {args.requests}: no such file (a JSONL file of {{image, prompt}} lines)")
     if args.output_file:
         check_output_file(args.output_file, "--output_file")
-    loaded = load_for_inference(args.model_name_or_path, args.adapter)
+    loaded = load_for_inference(args.model_name_or_path, args.adapter, family=read_family_file(args.family_file))
     sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
     if args.requests:
         answer_requests(
@@ -231,7 +234,9 @@ def cmd_data(argv: list[str]) -> None:
     model_args, data_args, _, _, inspect_args = parse_args(argv[1:], classes, prog="vlmtune data inspect")
     if not model_args.model_name_or_path:
         raise UsageError("vlmtune data inspect: --model_name_or_path is required (its processor and chat template)")
-    processor, spec = load_processing(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    processor, spec = load_processing(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, family=model_args.family()
+    )
     inspect_data(processor, spec.encoding, data_args, inspect_args)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from .config import arg
+from .config.arguments import FAMILY_FILE_HELP
+from .config.family import read_family_file
 from .errors import OutputError, UsageError
 from .hub import check_push, push_folder
 from .models.loading import load_for_inference
@@ -39,6 +41,7 @@ class MergeArguments:
     hub_private_repo: bool = arg(False, "Create the hub repository as private.")
     hub_token: str | None = arg(None, "Hub token (default: the one `hf auth login` saved).")
     trust_remote_code: bool = arg(False, "Allow model code from the hub checkpoint.")
+    family_file: str | None = arg(None, FAMILY_FILE_HELP)
 
 
 def check_merge_output(output_dir: Path, overwrite: bool) -> None:
@@ -65,7 +68,11 @@ def merge_adapter(args: MergeArguments) -> Path:
         repo_id = check_push(args.hub_model_id or out.resolve().name, args.hub_token, "--push_to_hub")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     loaded = load_for_inference(
-        args.model_name_or_path, args.adapter, dtype=dtype, trust_remote_code=args.trust_remote_code
+        args.model_name_or_path,
+        args.adapter,
+        dtype=dtype,
+        trust_remote_code=args.trust_remote_code,
+        family=read_family_file(args.family_file),
     )
     model = loaded.model.merge_and_unload()
     if out.exists():  # stale shards of an earlier model must not mix with the new ones

@@ -14,6 +14,7 @@ from typing import Literal
 from transformers import TrainingArguments
 
 from .. import compat
+from .family import read_family_file
 
 
 def arg(default, help: str, **kwargs):  # noqa: A002 - argparse's own word
@@ -21,6 +22,12 @@ def arg(default, help: str, **kwargs):  # noqa: A002 - argparse's own word
     if "default_factory" in kwargs:
         return field(metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
+
+
+FAMILY_FILE_HELP = (
+    "YAML/JSON file of the facts vlmtune cannot derive for an unregistered architecture (image_token, "
+    "turn_end, chat_template, module prefixes...): what it states replaces derivation (docs/models.md)."
+)
 
 
 @dataclass
@@ -40,6 +47,11 @@ class ModelArguments:
     model_type: str | None = arg(
         None, "Architecture the checkpoint must be (llava, qwen2_vl...): checked, never needed (read from config.json)."
     )
+    family_file: str | None = arg(None, FAMILY_FILE_HELP)
+
+    def family(self) -> dict | None:
+        """The facts of --family_file, checked (None without one)."""
+        return read_family_file(self.family_file)
 
 
 @dataclass
@@ -137,6 +149,11 @@ class FinetuneArguments:
     eval_metrics_samples: int = arg(64, "Eval rows that --eval_metrics generates answers for at each evaluation.")
     use_rslora: bool = arg(False, "Rank-stabilised LoRA: scale the adapter by alpha / sqrt(r) instead of alpha / r.")
     train_vision_lora: bool = arg(False, "Also add LoRA to the vision tower's linear layers (its weights stay frozen).")
+    lora_target_experts: bool = arg(
+        False,
+        "Mixture-of-experts models: also add LoRA to the routed experts' fused weights (PEFT target_parameters; "
+        "off by default: the experts hold most of the weights and LoRA on them costs memory; docs/models.md).",
+    )
     vision_lr: float | None = arg(
         None, "Learning rate of the vision tower's trainable parameters (default: --learning_rate)."
     )
@@ -160,6 +177,11 @@ class VlmTrainingArguments(TrainingArguments):
     """transformers' TrainingArguments with defaults that suit VLM fine-tuning."""
 
     output_dir: str = arg(None, "Where the adapter/model, processor, config and logs are written.")
+    router_aux_loss_coef: float | None = arg(
+        None,
+        "Mixture-of-experts models: weight of the router's load-balancing loss added to the training loss "
+        "(default: the architecture's own, e.g. 0.001 for Qwen3.5-MoE; 0 turns it off), as TRL's trainers do.",
+    )
     overwrite_output_dir: bool = arg(False, "Replace a trained model already in --output_dir.")
     remove_unused_columns: bool = arg(False, "Keep raw columns: the collator needs them.")
     learning_rate: float = arg(1e-4, "Peak learning rate.")

@@ -120,6 +120,7 @@ def run_eval(model_args: ModelArguments, data_args: DataArguments, args: EvalArg
         dtype=dtype,
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
+        family=model_args.family(),
     )
     model = loaded.model.to(device)
     splits = build_splits(eval_data_args(data_args), loaded.spec.encoding, seed=args.seed, need_train=False)

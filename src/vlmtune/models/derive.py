@@ -28,6 +28,7 @@ import dataclasses
 import inspect
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -41,15 +42,41 @@ from .registry import FAMILIES, UNCHECKED_PACKING, FamilySpec
 
 logger = logging.getLogger(__name__)
 
-HOW_TO_SUPPLY = "register the family with `vlmtune.models.registry.register(FamilySpec(...))` stating it"
+# The facts a user can state in a `--family_file` (the `FamilySpec` field each key sets, or the processor's
+# chat template), with the type its value must have. What the file gives replaces the derived fact.
+FAMILY_FILE_KEYS: dict[str, type] = {
+    "vision_keys": tuple,
+    "projector_keys": tuple,
+    "language_keys": tuple,
+    "image_token": str,
+    "image_placeholder": str,
+    "image_extra_tokens": tuple,
+    "turn_end": tuple,
+    "decoder_layers": tuple,
+    "vision_layer": str,
+    "multi_image": bool,
+    "chat_template": str,
+}
+# The family-file key that supplies each fact derivation can refuse.
+FACT_KEYS = {
+    "language model": "language_keys",
+    "vision tower": "vision_keys",
+    "image token": "image_token",
+    "image placeholder": "image_placeholder",
+    "end of turn": "turn_end",
+}
 
 
 class DerivationError(ModelError):
-    """A fact vlmtune cannot derive from this checkpoint and will not guess."""
+    """A fact vlmtune cannot derive from this checkpoint and will not guess; the message says how to supply it."""
 
-    def __init__(self, model_type: str, fact: str, why: str):
-        self.fact, self.why = fact, why
-        super().__init__(f"{model_type}: cannot derive the {fact}: {why}; {HOW_TO_SUPPLY}")
+    def __init__(self, model_type: str, fact: str, why: str, key: str | None = None):
+        self.fact, self.why, self.key = fact, why, key or FACT_KEYS.get(fact, fact.replace(" ", "_"))
+        super().__init__(
+            f"{model_type}: cannot derive the {fact}: {why}; supply it as `{self.key}:` in a "
+            f"--family_file family.yaml (docs/models.md), or in Python with "
+            f"vlmtune.models.register(FamilySpec(model_type={model_type!r}, ...))"
+        )
 
 
 @dataclass(frozen=True)
@@ -166,16 +193,17 @@ def _rendered(processor, messages: list[dict], **kwargs) -> str:
     return processor.apply_chat_template(template_messages(processor, messages), tokenize=False, **kwargs)
 
 
-def image_tokens(processor, config: PretrainedConfig) -> ImageTokens:
-    """The image token the processor expands, the template's placeholder, and the markers around images,
-    checked against the processor's output for one 64x64 image."""
+def image_tokens(processor, config: PretrainedConfig, given: str | None = None) -> ImageTokens:
+    """The image token the processor expands (`given`: a family file's, verified the same way), the
+    template's placeholder, and the markers around images, checked against the processor's output for one
+    64x64 image."""
     model_type = config.model_type
     tokenizer = processor.tokenizer
     named = getattr(processor, "image_token", None)
     config_id = getattr(config, "image_token_id", getattr(config, "image_token_index", None))
     # The model's own standard: config.image_token_id is the token its features replace; the processor's
     # `image_token` is that one or the placeholder it expands (Gemma 3's <start_of_image>).
-    token = tokenizer.convert_ids_to_tokens(config_id) if isinstance(config_id, int) else named
+    token = given or (tokenizer.convert_ids_to_tokens(config_id) if isinstance(config_id, int) else named)
     if not isinstance(token, str):
         raise DerivationError(model_type, "image token", "neither config.image_token_id nor processor.image_token")
     token_id = tokenizer.convert_tokens_to_ids(token)
@@ -206,7 +234,7 @@ def template_turn_end(processor, model_type: str) -> str | None:
     """The text the chat template writes right after an answer, up to the next line (``<|im_end|>``);
     None where it writes nothing there (the tokenizer's EOS is then appended to answers)."""
     if not getattr(processor, "chat_template", None):
-        raise DerivationError(model_type, "end of turn", "the checkpoint ships no chat template")
+        raise DerivationError(model_type, "end of turn", "the checkpoint ships no chat template", "chat_template")
     messages = [
         {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
         {"role": "assistant", "content": [{"type": "text", "text": SENTINEL}]},
@@ -269,27 +297,52 @@ def packing_refusal(config: PretrainedConfig) -> str:
 # --- the spec --------------------------------------------------------------------------------------
 
 
-def derive_spec(config: PretrainedConfig, processor, source: str | None = None, model=None) -> FamilySpec:
-    """A `FamilySpec` built from derived facts only (raises `DerivationError` where one cannot be derived)."""
+def _derived_parts(config: PretrainedConfig, model, given: Mapping) -> dict:
+    """The module facts: derived, with what `given` (a family file) states replacing them; where derivation
+    cannot locate the parts, the file must name the vision tower and language model prefixes."""
+    try:
+        parts = module_parts(model if model is not None else meta_model(config), config)
+        derived = dict(
+            vision_keys=parts.vision,
+            projector_keys=parts.projector,
+            language_keys=parts.language,
+            decoder_layers=parts.decoder_layers,
+            vision_layer=parts.vision_layers[0] if parts.vision_layers else None,
+        )
+    except DerivationError:
+        if not {"vision_keys", "language_keys"} <= set(given):
+            raise
+        derived = dict(projector_keys=(), decoder_layers=(), vision_layer=None)
+    return derived | {k: given[k] for k in _PART_KEYS if k in given}
+
+
+_PART_KEYS = ("vision_keys", "projector_keys", "language_keys", "decoder_layers", "vision_layer")
+
+
+def derive_spec(
+    config: PretrainedConfig, processor, source: str | None = None, model=None, given: Mapping | None = None
+) -> FamilySpec:
+    """A `FamilySpec` built from derived facts, `given` (a family file's facts) replacing those it states;
+    raises `DerivationError` where a fact can be neither derived nor taken from `given`. Given facts are
+    still verified where the checkpoint can check them (an image token the processor never emits)."""
+    given = dict(given or {})
     model_type = config.model_type
-    parts = module_parts(model if model is not None else meta_model(config), config)
-    marker = template_turn_end(processor, model_type)
-    images = image_tokens(processor, config)
+    parts = _derived_parts(config, model, given)
+    marker = None if "turn_end" in given else template_turn_end(processor, model_type)
+    declared = given.get("turn_end", (marker,) if marker else ())
+    images = image_tokens(processor, config, given.get("image_token"))
     spec = FamilySpec(
         model_type=model_type,
-        vision_keys=parts.vision,
-        projector_keys=parts.projector,
-        language_keys=parts.language,
+        **parts,
         image_token=images.token,
-        image_placeholder=images.placeholder,
-        image_extra_tokens=images.extras,
-        turn_end=turn_end(processor, model_type, (marker,) if marker else (), source),
-        decoder_layers=parts.decoder_layers,
-        vision_layer=parts.vision_layers[0] if parts.vision_layers else None,
+        image_placeholder=given.get("image_placeholder", images.placeholder),
+        image_extra_tokens=given.get("image_extra_tokens", images.extras),
+        turn_end=turn_end(processor, model_type, declared, source),
+        multi_image=given.get("multi_image", True),
         packing_refusal=packing_refusal(config),
         derived=True,
     )
-    description = describe(spec)
+    description = describe(spec, set(given))
     if description not in _described:  # once per process and family
         _described.add(description)
         logger.warning(description)
@@ -299,11 +352,12 @@ def derive_spec(config: PretrainedConfig, processor, source: str | None = None, 
 _described: set[str] = set()
 
 
-def describe(spec: FamilySpec) -> str:
+def describe(spec: FamilySpec, given: set[str] = frozenset()) -> str:
     """The derived facts, one per line, so a user can check them (printed once per derived family)."""
+    stated = f" (from the family file: {', '.join(sorted(given))})" if given else ""
     return "\n".join(
         [
-            f"{spec.model_type} is not in vlmtune's registry; these facts were derived from the checkpoint:",
+            f"{spec.model_type} is not in vlmtune's registry; these facts were derived from the checkpoint{stated}:",
             f"  vision tower: {', '.join(spec.vision_keys)}",
             f"  projector: {', '.join(spec.projector_keys) or '(none)'}",
             f"  language model: {', '.join(spec.language_keys)}",
@@ -317,11 +371,16 @@ def describe(spec: FamilySpec) -> str:
     )
 
 
-def family_for(config: PretrainedConfig, processor, source: str | None = None, model=None) -> FamilySpec:
-    """The family's spec: its registry entry (the override) or derived facts; either way with the
-    checkpoint's own generation-config stop tokens added to what ends a turn."""
+def family_for(
+    config: PretrainedConfig, processor, source: str | None = None, model=None, given: Mapping | None = None
+) -> FamilySpec:
+    """The family's spec: its registry entry (the override) or derived facts, `given` (a family file's
+    facts) replacing what either says; either way with the checkpoint's own generation-config stop tokens
+    added to what ends a turn."""
     spec = FAMILIES.get(config.model_type)
     if spec is None:
-        return derive_spec(config, processor, source, model)
+        return derive_spec(config, processor, source, model, given)
+    fields = {k: v for k, v in (given or {}).items() if k != "chat_template"}
+    spec = dataclasses.replace(spec, **fields) if fields else spec
     ends = turn_end(processor, spec.model_type, spec.turn_end, source)
     return dataclasses.replace(spec, turn_end=ends) if ends != spec.turn_end else spec

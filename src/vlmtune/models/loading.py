@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,6 +175,36 @@ def resolve_targets(
     return f"(?:{language})|{_exact(vision_names)}"
 
 
+def expert_parameters(model: torch.nn.Module, spec: FamilySpec) -> list[str]:
+    """The routed experts' fused weights of the language model: parameters of 3 or more dimensions
+    (experts x out x in) held by a module that is not a convolution (Qwen3.5's linear attention has a 3-D
+    conv1d weight), which `target_modules` cannot reach and PEFT's `target_parameters` adapts (one LoRA
+    per parameter, shared across its experts)."""
+    return [
+        f"{owner}.{leaf}" if owner else leaf
+        for owner, module in model.named_modules()
+        if not isinstance(module, torch.nn.modules.conv._ConvNd)
+        for leaf, param in module.named_parameters(recurse=False)
+        if param.dim() >= 3 and part_of(f"{owner}.{leaf}", spec) == "language_model"
+    ]
+
+
+def expert_lora_targets(model: torch.nn.Module, spec: FamilySpec, kind: str) -> list[str]:
+    """`--lora_target_experts`: the experts' fused parameters for PEFT's `target_parameters`, or a
+    `UsageError` where the model has none or the adapter kind cannot adapt them."""
+    names = expert_parameters(model, spec)
+    if not names:
+        raise UsageError(
+            f"--lora_target_experts: {spec.model_type} has no routed experts stored as fused 3-D parameters; "
+            "drop the flag (its linear experts, if any, are adapted by default)"
+        )
+    if kind == "dora":
+        raise UsageError(
+            "--lora_target_experts: PEFT adapts fused expert parameters with LoRA only; use --finetuning_type lora"
+        )
+    return names
+
+
 def decoder_layer_classes(model: torch.nn.Module, spec: FamilySpec) -> list[str]:
     """Class names of the language model's decoder blocks (what FSDP wraps), read off the model.
 
@@ -253,15 +284,17 @@ def load_model(
     load_in_8bit: bool = False,
     quantize_vision_tower: bool = False,
     processor_path: str | None = None,
+    family: Mapping | None = None,
     **kwargs,
 ) -> Loaded:
     """Load model, processor and family spec; the processor comes from the same folder unless
     `processor_path` names another (an adapter's folder, which holds the processor it was trained with).
+    `family`: the facts of a `--family_file` (`config.family.read_family_file`), replacing derived ones.
 
     With `load_in_4bit` / `load_in_8bit` the language model is quantised with bitsandbytes (QLoRA);
     the vision tower stays in full precision unless `quantize_vision_tower`.
     """
-    processor, spec = load_processing(model_name_or_path, processor_path, trust_remote_code)
+    processor, spec = load_processing(model_name_or_path, processor_path, trust_remote_code, family)
     compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
     storage = kwargs.pop("bnb_4bit_quant_storage", None)
     quant = quantization_config(spec, load_in_4bit, load_in_8bit, compute_dtype, quantize_vision_tower, storage)
@@ -280,17 +313,23 @@ def load_model(
 
 
 def load_processing(
-    model_name_or_path: str, processor_path: str | None = None, trust_remote_code: bool = False
+    model_name_or_path: str,
+    processor_path: str | None = None,
+    trust_remote_code: bool = False,
+    family: Mapping | None = None,
 ) -> tuple[object, FamilySpec]:
     """The checkpoint's processor (with a chat template) and family spec (its registry entry, or facts
-    derived from config, processor and a weightless model), without loading weights."""
+    derived from config, processor and a weightless model; `family`, a family file's facts, replacing
+    those it states and its `chat_template` the processor's), without loading weights."""
     config = read_config(model_name_or_path, trust_remote_code)
     with model_errors(processor_path or model_name_or_path, "--adapter" if processor_path else "--model_name_or_path"):
         processor = load_processor(processor_path or model_name_or_path, trust_remote_code=trust_remote_code)
     registered = FAMILIES.get(config.model_type)
     if registered is not None:
         processor = with_chat_template(processor, registered)
-    return processor, family_for(config, processor, model_name_or_path)
+    if family and "chat_template" in family:
+        processor.chat_template = family["chat_template"]
+    return processor, family_for(config, processor, model_name_or_path, given=family)
 
 
 def read_config(model_name_or_path: str, trust_remote_code: bool = False):
@@ -406,6 +445,7 @@ def apply_finetuning(
         use_rslora=getattr(args, "use_rslora", False),
         use_dora=kind == "dora",
         target_modules=resolve_targets(model, spec, args.lora_target_modules, vision=train_vision_lora),
+        target_parameters=expert_lora_targets(model, spec, kind) if args.lora_target_experts else None,
         modules_to_save=modules_to_save or None,
         task_type="CAUSAL_LM",
     )

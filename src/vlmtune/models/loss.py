@@ -6,7 +6,9 @@ functions ask the model for logits at the labelled positions only (transformers'
 boolean mask), so the full `batch x length x vocabulary` logits are never built; the model's own forward
 runs, so PEFT, DDP/FSDP wrapping, LoRA or `modules_to_save` on the output layer and logit soft-capping all
 behave as in the plain forward. The loss is the one transformers' causal-LM loss computes (same shift,
-same reduction, same `num_items_in_batch` scaling). Training (`train/trainer.py`), evaluation
+same reduction, same `num_items_in_batch` scaling), plus, for a mixture-of-experts model whose config asks
+for router logits, the router's load-balancing loss the model's forward returns (`aux_loss`) times the
+config's `router_aux_loss_coef`, as transformers adds it when given labels. Training (`train/trainer.py`), evaluation
 (`eval/evaluate.py`) and any later trainer that scores answers all call them here.
 """
 
@@ -17,6 +19,7 @@ import inspect
 import torch
 
 from ..data.encode import IGNORE_INDEX
+from ..errors import UsageError
 from .packing import unwrap
 
 
@@ -47,6 +50,31 @@ def labelled_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batc
     return loss / num_items_in_batch
 
 
+def use_router_aux_loss(model: torch.nn.Module, coef: float | None) -> float:
+    """Have a mixture-of-experts model return its router load-balancing loss (`output_router_logits`) with
+    `coef` (None: the architecture's own `router_aux_loss_coef`; 0: off), as TRL's trainers do; return the
+    coefficient (0 for a dense model). Without it, training may route most tokens to a few experts."""
+    text = unwrap(model).config.get_text_config()
+    if not hasattr(text, "output_router_logits"):
+        if coef:
+            raise UsageError(
+                f"--router_aux_loss_coef {coef}: {text.model_type} is not a mixture-of-experts model (it has no "
+                "router); drop the flag"
+            )
+        return 0.0
+    coef = getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef
+    text.router_aux_loss_coef, text.output_router_logits = coef, coef != 0
+    return coef
+
+
+def with_router_aux_loss(model, loss: torch.Tensor, outputs) -> torch.Tensor:
+    """`loss` plus the router's load-balancing loss where the model returned one (`use_router_aux_loss`)."""
+    aux = getattr(outputs, "aux_loss", None)
+    if aux is None:
+        return loss
+    return loss + unwrap(model).config.get_text_config().router_aux_loss_coef * aux.to(loss.device)
+
+
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the model's forward takes `logits_to_keep` (every family in the registry does)."""
     return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
@@ -55,7 +83,8 @@ def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
 def labelled_forward(model, inputs: dict, num_items_in_batch=None) -> tuple[torch.Tensor, object, int]:
     """Run `model` on `inputs` (with `labels`) scoring only the labelled positions.
 
-    Returns the loss, the model's outputs (their `logits` are `(n, vocab)`, one row per scored token)
+    Returns the loss (with a mixture-of-experts model's router loss, `with_router_aux_loss`), the model's
+    outputs (their `logits` are `(n, vocab)`, one row per scored token)
     and `n`.
     """
     labels = inputs["labels"]
@@ -63,7 +92,8 @@ def labelled_forward(model, inputs: dict, num_items_in_batch=None) -> tuple[torc
     rest = {k: v for k, v in inputs.items() if k != "labels"}
     outputs = model(**rest, logits_to_keep=keep, use_cache=False)
     targets = labelled_targets(labels, keep).to(outputs.logits.device)
-    return labelled_loss(outputs.logits, targets, num_items_in_batch), outputs, int(targets.numel())
+    loss = with_router_aux_loss(model, labelled_loss(outputs.logits, targets, num_items_in_batch), outputs)
+    return loss, outputs, int(targets.numel())
 
 
 def labelled_nll_per_row(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -132,7 +132,10 @@ def _run(model_args, data_args, finetune_args, training_args, grpo_args, callbac
         remove_deletion_leftovers(out)
     # Rewards and rows are checked before the weights load: a typo costs seconds, not a model load.
     processor, spec = load_processing(
-        model_args.model_name_or_path, processor_source(model_args.adapter_name_or_path), model_args.trust_remote_code
+        model_args.model_name_or_path,
+        processor_source(model_args.adapter_name_or_path),
+        model_args.trust_remote_code,
+        model_args.family(),
     )
     stop_ids = end_of_turn_ids(processor, spec.encoding)
     rewards = build_rewards(grpo_args.reward, stop_ids)

@@ -118,6 +118,7 @@ def load_policy(model_args, finetune_args, training_args):
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
         processor_path=processor_source(model_args.adapter_name_or_path),
+        family=model_args.family(),
         **quantization_kwargs(finetune_args),
     )
     compat.check_model_type(model_args.model_type, loaded.model.config)
@@ -169,7 +170,10 @@ def _run(model_args, data_args, finetune_args, training_args, dpo_args, callback
         remove_deletion_leftovers(out)
     # Every pair is checked before the weights load: a bad row costs seconds, not a model load.
     processor, spec = load_processing(
-        model_args.model_name_or_path, processor_source(model_args.adapter_name_or_path), model_args.trust_remote_code
+        model_args.model_name_or_path,
+        processor_source(model_args.adapter_name_or_path),
+        model_args.trust_remote_code,
+        model_args.family(),
     )
     splits = build_preference_splits(
         data_args, spec.encoding, processor, dpo_args.chosen_column, dpo_args.rejected_column, training_args.seed

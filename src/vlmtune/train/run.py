@@ -25,6 +25,7 @@ from ..hub import check_push, hub_errors, upload_errors
 from ..models.derive import packing_refusal
 from ..models.generation import full_parameters_for_generation
 from ..models.loading import apply_finetuning, check_adapter_fits, load_model, read_config, trainable_table
+from ..models.loss import use_router_aux_loss
 from ..models.packing import check_packing
 from ..models.registry import FAMILIES
 from ..outputs import LOCK_FILE, check_output_folder, exclusive_output_dir
@@ -177,10 +178,14 @@ def _run(model_args, data_args, finetune_args, training_args, callbacks, out, to
         dtype=_dtype(training_args),
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
+        family=model_args.family(),
         **quantization_kwargs(finetune_args),
         **sharded_quantization_kwargs(finetune_args, training_args, _dtype(training_args)),
     )
     compat.check_model_type(model_args.model_type, loaded.model.config)
+    router_coef = use_router_aux_loss(loaded.model, training_args.router_aux_loss_coef)
+    if router_coef and main_process:
+        print(f"Mixture of experts: the router's load-balancing loss is added with weight {router_coef}.")
     # Every row is rendered through the training encoding path before training (images read by header
     # only; the full processor runs only to measure rows against --max_seq_length).
     splits: Splits = build_splits(data_args, loaded.spec.encoding, seed=training_args.seed, processor=loaded.processor)
