@@ -7,9 +7,8 @@ from __future__ import annotations
 
 def run(args, timer, out_dir: str) -> None:
     """`vlmtune dpo` for `args.warmup + args.steps` steps, timed by `timer`."""
-    from vlmtune.train.preference import run_dpo
-
     from vlmtune.config import TRAINING_ARGUMENTS, DpoArguments, parse_args
+    from vlmtune.train.preference import run_dpo
 
     argv = [
         "--model_name_or_path",
