@@ -425,11 +425,21 @@ def _mixed_rows(folder: Path, n: int, answer_columns: dict) -> list[dict]:
     return rows
 
 
-def _job(command: str, flags: list[str]) -> subprocess.CompletedProcess:
-    """`vlmtune COMMAND` as a torchrun job of 2 processes that must finish in time (a hang fails the test)."""
-    done = subprocess.run([*TORCHRUN_2, command, *flags], capture_output=True, text=True, env=_env(), timeout=300)
-    assert done.returncode == 0, done.stderr.split("torch.distributed.elastic")[0][-3000:]
-    return done
+def _job(command: str, flags: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
+    """`vlmtune COMMAND` as a torchrun job of 2 processes that must finish in time: a hang fails the test,
+    and the whole job (launcher and ranks) is killed."""
+    launcher = subprocess.Popen(
+        [*TORCHRUN_2, command, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        out, err = launcher.communicate()
+        pytest.fail(f"vlmtune {command} on 2 processes hung (killed after {timeout} s): {err[-2000:]}")
+    assert launcher.returncode == 0, err.split("torch.distributed.elastic")[0][-3000:]
+    return subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err)
 
 
 def _one_adapter_written(done: subprocess.CompletedProcess, out: Path, steps: int) -> None:
@@ -462,3 +472,29 @@ def test_dpo_on_two_processes_with_a_text_only_batch_on_one_rank_finishes_in_ste
     _one_adapter_written(done, out, 4)
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and any("rewards/accuracies" in entry for entry in state["log_history"])
+
+
+def test_grpo_on_two_processes_with_a_text_only_prompt_on_one_rank_finishes_in_step(tiny_model_dir, tmp_path):
+    # Two prompts, one with an image: each step's 2 x 2 completions are both prompts, one per rank.
+    rows = []
+    for row in _mixed_rows(tmp_path, 2, {"answer": lambda c: c}):
+        reply = {"role": "assistant", "content": row.pop("answer")}
+        rows.append({"images": row["images"], "messages": [*row["prompt"], reply]})
+    data = write_rows(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "grpo"
+    flags = _train_flags(
+        tiny_model_dir("qwen2_vl"),
+        {"train": data},
+        out,
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=4,
+        max_steps=3,
+        val_split_ratio=0,
+        eval_accuracy="false",
+        reward="exact_match",
+    )
+    done = _job("grpo", flags)
+    _one_adapter_written(done, out, 3)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
