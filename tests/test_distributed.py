@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.data_files import png, write_rows
 from tests.helpers import train_args
 from vlmtune.cli import main
 from vlmtune.config import parse_args
@@ -402,3 +403,98 @@ def test_sigterm_to_the_launcher_alone_checkpoints_every_rank(tiny_model_dir, sh
     code, err = _preempted_run(tiny_model_dir("qwen2_vl"), shapes_data, out, lambda p: p.send_signal(signal.SIGTERM))
     assert code != 0
     _stopped_together(out, err, "SIGTERM")
+
+
+# --- dpo and grpo: a text-only batch on one rank, images on the other --------------------------------
+
+
+def _mixed_rows(folder: Path, n: int, answer_columns: dict) -> list[dict]:
+    """`n` conversational rows: even rows ask about a coloured image, odd ones are text-only (no image).
+    Read in order, the even rows are rank 0's batches and the odd ones rank 1's."""
+    colours = ["red", "green", "blue"]
+    rows = []
+    for i in range(n):
+        colour = colours[i % 3]
+        if i % 2 == 0:
+            png(folder / f"img{i}.png", colour)
+            content = [{"type": "image"}, {"type": "text", "text": "What colour?"}]
+            rows.append({"images": [str(folder / f"img{i}.png")], "prompt": [{"role": "user", "content": content}]})
+        else:
+            rows.append({"images": [], "prompt": [{"role": "user", "content": f"Say {colour}."}]})
+        rows[-1].update({name: make(colour) for name, make in answer_columns.items()})
+    return rows
+
+
+def _job(command: str, flags: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
+    """`vlmtune COMMAND` as a torchrun job of 2 processes that must finish in time: a hang fails the test,
+    and the whole job (launcher and ranks) is killed."""
+    launcher = subprocess.Popen(
+        [*TORCHRUN_2, command, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        out, err = launcher.communicate()
+        pytest.fail(f"vlmtune {command} on 2 processes hung (killed after {timeout} s): {err[-2000:]}")
+    assert launcher.returncode == 0, err.split("torch.distributed.elastic")[0][-3000:]
+    return subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err)
+
+
+def _one_adapter_written(done: subprocess.CompletedProcess, out: Path, steps: int) -> None:
+    """The ranks stayed in step through batches with and without images, and one process wrote the result."""
+    assert f"ranks in step: {steps} steps checked across 2 processes" in done.stdout
+    mixed = int(re.search(r"image and text-only batches in one step: (\d+) steps", done.stdout).group(1))
+    assert mixed == steps, done.stdout[-2000:]  # every step: images on one rank, none on the other
+    assert done.stdout.count("Topology: 2 processes = 1 node(s) x 2, backend gloo, cpu") == 1
+    assert done.stdout.count("Saved to") == 1
+    weights = load_file(out / "adapter_model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_dpo_on_two_processes_with_a_text_only_batch_on_one_rank_finishes_in_step(tiny_model_dir, tmp_path):
+    wrong = {"red": "blue", "green": "red", "blue": "green"}
+    rows = _mixed_rows(tmp_path, 8, {"chosen": lambda c: c, "rejected": lambda c: wrong[c]})
+    data = write_rows(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "dpo"
+    flags = _train_flags(
+        tiny_model_dir("qwen2_vl"),
+        {"train": data},
+        out,
+        per_device_train_batch_size=1,
+        max_steps=4,
+        val_split_ratio=0,
+        train_sampling_strategy="sequential",  # rank 0 reads the even rows (images), rank 1 the odd ones
+        eval_accuracy="false",
+    )
+    done = _job("dpo", flags)
+    _one_adapter_written(done, out, 4)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and any("rewards/accuracies" in entry for entry in state["log_history"])
+
+
+def test_grpo_on_two_processes_with_a_text_only_prompt_on_one_rank_finishes_in_step(tiny_model_dir, tmp_path):
+    # Two prompts, one with an image: each step's 2 x 2 completions are both prompts, one per rank.
+    rows = []
+    for row in _mixed_rows(tmp_path, 2, {"answer": lambda c: c}):
+        reply = {"role": "assistant", "content": row.pop("answer")}
+        rows.append({"images": row["images"], "messages": [*row["prompt"], reply]})
+    data = write_rows(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "grpo"
+    flags = _train_flags(
+        tiny_model_dir("qwen2_vl"),
+        {"train": data},
+        out,
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=4,
+        max_steps=3,
+        val_split_ratio=0,
+        eval_accuracy="false",
+        reward="exact_match",
+    )
+    done = _job("grpo", flags)
+    _one_adapter_written(done, out, 3)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3

@@ -16,6 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, TrainerCallback
 
+from tests.data_files import png, png_bytes, write_rows
 from tests.helpers import train_args
 from vlmtune.cli import main
 from vlmtune.config import DataArguments, DpoArguments, FinetuneArguments, VlmTrainingArguments
@@ -23,6 +24,7 @@ from vlmtune.data.collate import SEQUENCE_KEYS
 from vlmtune.data.encode import token_ids
 from vlmtune.data.preference import PreferenceCollator, build_preference_splits
 from vlmtune.data.synthetic import write_preference_dataset
+from vlmtune.errors import DataError
 from vlmtune.models.loading import apply_finetuning, load_model, load_processing
 from vlmtune.models.tiny import RECIPES
 from vlmtune.train.preference import VlmDpoTrainer, dpo_config, pair_log_probs, preference_accuracy, run_dpo
@@ -360,3 +362,38 @@ def test_every_family_scores_only_the_answers_on_the_same_image_inputs(family, t
         expected += trainer.router_aux_loss_coef * logged["eval_aux_loss"]
     assert float(loss) == pytest.approx(expected, abs=1e-6)
     assert logged["eval_logps/chosen"] == pytest.approx(float(chosen.mean()), rel=1e-5)
+
+
+def _pairs_file(tmp_path, name: str, rows: list[dict]) -> DataArguments:
+    return DataArguments(dataset_name=str(write_rows(tmp_path / name, rows)), val_split_ratio=0.0)
+
+
+def test_rlaif_v_rows_read_the_embedded_image_without_flags(tiny_model_dir, tmp_path):
+    """RLAIF-V's own columns: the picture in `image` (datasets' {bytes, path} struct), beside an `image_path`
+    that points into its authors' tree; the picture is read, and the rest stays row metadata."""
+    image = {"bytes": png_bytes("red"), "path": None}
+    rlaif = {"ds_name": "RLAIF-V", "image": image, "question": "What colour?", "chosen": "red", "rejected": "blue"}
+    rlaif |= {"origin_dataset": "shapes", "origin_split": "train", "idx": "0", "image_path": "RLAIF-V/images/0.jpg"}
+    processor, spec = load_processing(tiny_model_dir("qwen2_vl"))
+    splits = build_preference_splits(_pairs_file(tmp_path, "rlaif.parquet", [rlaif]), spec.encoding, processor)
+    assert "image column: image" in splits.describe()
+    conversation = splits.preparers["chosen"].conversation(splits.train[0], 0)
+    assert conversation.meta["ds_name"] == "RLAIF-V" and conversation.meta["image_path"] == "RLAIF-V/images/0.jpg"
+    batch = PreferenceCollator(processor, splits.preparers)([splits.train[0]])
+    assert batch["pixel_values"].shape[0] > 0 and batch["image_grid_thw"].shape[0] == 2  # the image, both sides
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_image_typed_in_a_text_prompt_is_where_the_image_goes(family, tiny_model_dir, tmp_path):
+    """LLaVA-RLHF's pairs: `prompt` is text with `<image>` typed in it; it marks the image, as in ShareGPT rows
+    (for LLaVA `<image>` is the image token itself: left in the text it would break the count)."""
+    png(tmp_path / "a.png")
+    rows = [{"image": "a.png", "prompt": "<image>\nWhat colour?", "chosen": "red", "rejected": "blue"}]
+    processor, spec = load_processing(tiny_model_dir(family))
+    splits = build_preference_splits(_pairs_file(tmp_path, "rlhf.jsonl", rows), spec.encoding, processor)
+    for side in ("chosen", "rejected"):
+        user = splits.preparers[side].conversation(splits.train[0], 0).messages[0]
+        assert user["content"] == [{"type": "image"}, {"type": "text", "text": "What colour?"}]
+    rows[0]["prompt"] = "<image> and <image>: what colour?"
+    with pytest.raises(DataError, match=r"rlhf2.jsonl, row 0, field 'prompt': 2 image placeholder\(s\) but 1 image"):
+        build_preference_splits(_pairs_file(tmp_path, "rlhf2.jsonl", rows), spec.encoding, processor)

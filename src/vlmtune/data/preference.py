@@ -14,9 +14,11 @@ prompt text and images, and every error names the file, the row and the field (`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from PIL import Image
 from transformers import BatchFeature
 
 from ..errors import DataError
@@ -25,7 +27,7 @@ from .conversation import Conversation
 from .encode import IGNORE_INDEX, Encoded, EncodingFacts, encode
 from .images import ImageOptions
 from .prepare import LENGTH, Preparer
-from .schema import IMAGE_COLUMNS, PROMPT_COLUMNS, ROLES, Schema, _message, _pick
+from .schema import IMAGE_COLUMNS, IMAGE_LITERAL, PROMPT_COLUMNS, ROLES, Schema, _message, _pick
 from .sources import INDEX, Rows, column_names, load_sources
 from .splits import _hold_out, _image_root, _limit
 from .validate import Checker, CheckReport, check_rows
@@ -71,7 +73,17 @@ class SideSchema(Schema):
                 )
             answer = _messages(row.get(self.messages_column), where, self.messages_column, answer=True)
             row = {**row, self.messages_column: prompt + answer}
+        elif IMAGE_LITERAL in str(row.get(self.prompt_column) or ""):
+            return self._with_image_literals(row, index)
         return super().to_conversation(row, index)
+
+    def _with_image_literals(self, row: dict, index: int) -> Conversation:
+        """A text prompt with ``<image>`` typed in it (LLaVA-RLHF's pairs) read as ShareGPT rows are: each
+        ``<image>`` is where one of the row's images goes, and the counts must agree."""
+        turns = [{"role": "user", "content": row[self.prompt_column]}]
+        turns.append({"role": "assistant", "content": row.get(self.response_column)})
+        as_messages = dataclasses.replace(self, kind="messages", messages_column=self.prompt_column)
+        return Schema.to_conversation(as_messages, {**row, self.prompt_column: turns}, index)
 
     def used_columns(self) -> set[str]:
         return super().used_columns() | {self.prompt_column} | set(self.pair_columns)
@@ -163,17 +175,29 @@ class PreferenceSplits:
         return "\n".join(report.summary() for report in self.reports.values())
 
 
+def embedded_image_column(first_row: dict) -> str | None:
+    """The first image column whose value is the picture itself (bytes, datasets' ``{bytes, path}`` struct, a
+    PIL image): RLAIF-V rows carry both ``image`` (the picture) and ``image_path`` (a path in its authors'
+    tree, absent here), and the picture is the one to read."""
+    for name in IMAGE_COLUMNS:
+        value = first_row.get(name)
+        if isinstance(value, (bytes, Image.Image)) or (isinstance(value, dict) and value.get("bytes")):
+            return name
+    return None
+
+
 def _sides(data_args, rows: Rows, facts: EncodingFacts, chosen: str | None, rejected: str | None):
+    first = next(iter(rows))
     sides = detect_preference_schema(
         column_names(rows),
         data_args.dataset_name,
-        image_column=data_args.image_column or data_args.dataset_image_field,
+        image_column=data_args.image_column or data_args.dataset_image_field or embedded_image_column(first),
         prompt_column=data_args.prompt_column,
         chosen_column=chosen,
         rejected_column=rejected,
         system_prompt=data_args.system_prompt,
     )
-    if is_conversational(next(iter(rows)), sides["chosen"].prompt_column):
+    if is_conversational(first, sides["chosen"].prompt_column):
         as_conversational(sides)
     for schema in sides.values():
         schema.single_image = not facts.multi_image

@@ -35,10 +35,13 @@ from ..models.generation import end_of_turn_ids, full_parameters_for_generation,
 from ..models.loading import load_processing, processor_source, trainable_table
 from ..outputs import exclusive_output_dir
 from .checkpoints import CompleteCheckpoints, remove_deletion_leftovers, resolve_resume
+from .distributed import announce, detect_topology, shards_parameters
+from .fsdp import default_fsdp_wrap
 from .guard import NonFiniteGuard, StopOnSignal, parse_signals
 from .preference import load_policy, save_outputs
 from .reference import ReferenceAdapter
 from .run import check_output_dir
+from .vision_step import run_vision_every_step
 
 # What vlmtune grpo does not do yet, with the reason (each is a flag `vlmtune train` takes).
 _NOT_YET = {
@@ -86,6 +89,9 @@ def grpo_config(training_args, grpo_args) -> GrpoConfig:
     values = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args) if f.init}
     values.update({name: getattr(grpo_args, name) for name in _PASSED})
     values["gradient_checkpointing"] = training_args.gradient_checkpointing  # TRL's default is on; train's is off
+    # TRL (1.16) gathers the images for its completion logs only on ranks whose batch has images: a text-only
+    # batch on one rank then leaves the others waiting in that gather forever (tests/test_distributed.py).
+    values["log_multimodal"] = False
     try:
         config = GrpoConfig(**values)
     except ValueError as err:  # TRL's rules on batch sizes and generations, said in its words
@@ -120,7 +126,9 @@ def run_grpo(model_args, data_args, finetune_args, training_args, grpo_args, cal
         raise UsageError("vlmtune grpo: --model_name_or_path is required (the base model)")
     out = check_output_dir(training_args)
     signals = parse_signals(training_args.save_on_signal)
-    holding = exclusive_output_dir(out) if training_args.process_index == 0 else contextlib.nullcontext()
+    topology = detect_topology(training_args)  # refuses a launch that did not become one job
+    announce(topology)
+    holding = exclusive_output_dir(out) if topology.rank == 0 else contextlib.nullcontext()
     with holding:
         return _run(model_args, data_args, finetune_args, training_args, grpo_args, callbacks, out, signals)
 
@@ -144,6 +152,9 @@ def _run(model_args, data_args, finetune_args, training_args, grpo_args, callbac
     set_seed(training_args.seed)
     loaded, model = load_policy(model_args, finetune_args, training_args)
     stop_at_end_of_turn(model, stop_ids)
+    default_fsdp_wrap(training_args, loaded.model, loaded.spec)
+    if shards_parameters(training_args):  # ZeRO-3/FSDP: a text-only prompt must still run the vision tower
+        run_vision_every_step(model, loaded.processor)
     if main_process:
         print(splits.schema.describe())
         print(splits.summary())
