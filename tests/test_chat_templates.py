@@ -40,6 +40,8 @@ REAL = {
     "smolvlm": ("smolvlm", " ", "<end_of_utterance>", False),
     # Qwen3.5 trims answers; its empty think block before the last answers is input, not trained.
     "qwen3_5": ("qwen3_5", "", "<|im_end|>", True),
+    # Gemma 4 trims answers (its strip_thinking macro) and closes them with <turn|>.
+    "gemma4": ("gemma4", "", "<turn|>", True),
 }
 IMAGE = "<image_soft_token>"
 # Answers users write: trailing spaces, inner and trailing newlines.

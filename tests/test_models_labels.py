@@ -33,6 +33,8 @@ MARKERS = {
     # template writes whatever the answer: an input, never a target (skipped after the opener).
     "qwen3_5": ("<|im_start|>assistant\n", "<|im_end|>", "<think>\n\n</think>\n\n"),
     "qwen3_5_moe": ("<|im_start|>assistant\n", "<|im_end|>", "<think>\n\n</think>\n\n"),
+    # Gemma 4's real template: the answer follows the turn opener directly, closed by <turn|>.
+    "gemma4": ("<|turn>model\n", "<turn|>"),
 }
 
 MULTI_TURN = [
