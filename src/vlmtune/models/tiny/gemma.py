@@ -148,7 +148,8 @@ RECIPES = {
         text_config=dict(
             head_dim=HEAD_DIM,
             global_head_dim=HEAD_DIM,
-            sliding_window=64,
+            # Wide enough for an image's 70 tokens and the question: the sliding layer sees the image too.
+            sliding_window=256,
             layer_types=["sliding_attention", "full_attention"],
             hidden_size_per_layer_input=16,
         ),
