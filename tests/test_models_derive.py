@@ -12,8 +12,8 @@ from transformers import Gemma4ImageProcessorPil, Gemma4Processor
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 
 from tests.test_packing import refused
-from vlmtune.models.derive import DerivationError, derive_spec, family_for, meta_model
 from vlmtune.config import FinetuneArguments
+from vlmtune.models.derive import DerivationError, derive_spec, family_for, meta_model
 from vlmtune.models.loading import (
     apply_finetuning,
     language_lora_targets,

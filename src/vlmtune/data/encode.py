@@ -276,8 +276,17 @@ def _turn_in_place(processor, messages: list[dict], k: int, full: str) -> tuple[
         return None
     before = _render(processor, messages[:k], add_generation_prompt=True)
     start = len(before) if head.startswith(before) and not head[len(before) :].strip() else len(head)
-    lead = before[len(head) :] if before.startswith(head) else ""
-    return start, len(full) - len(tail), tail, lead
+    return start, len(full) - len(tail), tail, _prompt_lead(processor, messages[:k], sentinel, before, head)
+
+
+def _prompt_lead(processor, history: list[dict], sentinel: dict, before: str, head: str) -> str:
+    """What the generation prompt `before` writes beyond `head` (the text before the answer in place) that
+    the template leaves out even where the turn is the last one (Gemma 4's empty thought channel); not
+    what the template itself writes there and drops once later turns follow (Qwen3.5's think blocks)."""
+    if not before.startswith(head) or len(before) == len(head):
+        return ""
+    last = _render(processor, [*history, sentinel])
+    return "" if last[: last.find(SENTINEL)].startswith(before) else before[len(head) :]
 
 
 def _assistant_turns(processor, messages: list[dict], full: str) -> list[tuple[int, int, str, str]]:

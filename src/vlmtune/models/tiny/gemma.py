@@ -20,7 +20,7 @@ from transformers import (
 )
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 
-from .common import HEAD_DIM, HIDDEN, VISION, TinyRecipe
+from .common import HEAD_DIM, HIDDEN, INIT_RANGE, VISION, TinyRecipe
 
 # Gemma 3: "<start_of_turn>user ... <end_of_turn>" with the assistant called "model"; the system text
 # opens the first user turn; each image is its begin-of-image marker (the processor expands it).
@@ -154,7 +154,8 @@ RECIPES = {
             hidden_size_per_layer_input=16,
         ),
         vision_config=dict(VISION, head_dim=16, num_key_value_heads=2, use_clipped_linears=True),
-        config_kwargs=dict(audio_config=None),
+        # Gemma 4 initialises every part (its projector too) from the composite config's range.
+        config_kwargs=dict(audio_config=None, initializer_range=INIT_RANGE),
         ids=dict(
             boi_token_id="<|image>",
             eoi_token_id="<image|>",
