@@ -7,7 +7,6 @@ import pytest
 from tests.helpers import train_args
 from vlmtune.train.run import run_training
 
-
 # Four different routes from image to answer: a projector into the prompt (LLaVA with SigLIP), pooled
 # soft tokens with bidirectional image attention (Gemma 3), cross-attention (Mllama), and a prefix-LM
 # trained through its own encoding hook (PaliGemma); and a derived family on its real thinking template,
