@@ -40,6 +40,8 @@ REAL = {
     "smolvlm": ("smolvlm", " ", "<end_of_utterance>", False),
     # Qwen3.5 trims answers; its empty think block before the last answers is input, not trained.
     "qwen3_5": ("qwen3_5", "", "<|im_end|>", True),
+    # Gemma 4 trims answers (its strip_thinking macro) and closes them with <turn|>.
+    "gemma4": ("gemma4", "", "<turn|>", True),
 }
 IMAGE = "<image_soft_token>"
 # Answers users write: trailing spaces, inner and trailing newlines.
@@ -143,6 +145,23 @@ def test_qwen3_5_trains_reasoning_only_where_the_answer_has_it_and_the_template_
     assert "it is red" not in later.rendered.text, "the template drops earlier reasoning"
     assert trained_text(processor, later) == "red<|im_end|>blue<|im_end|>"
     assert later.rendered.text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nblue<|im_end|>\n")
+
+
+def test_gemma4_trains_each_answer_after_the_empty_thought_channel_its_generation_prompt_ends_with():
+    """Gemma 4's generation prompt (thinking off) ends with an empty ``<|channel>thought\n<channel|>`` that its
+    rendered history leaves out: each answer is trained after it (input, never a target), as the model
+    answers at inference. Reasoning in an answer is stripped by the template, so it is neither seen nor
+    trained."""
+    processor = real_processor("gemma4")
+    facts = facts_of("gemma4").encoding
+    empty = "<|channel>thought\n<channel|>"
+    turns = [_text("user", "Colour?"), _text("assistant", "<|channel>thought\nit is red<channel|>red")]
+    turns += [_text("user", "And?"), _text("assistant", "blue")]
+    encoded = encode(processor, Conversation(turns), [], facts)
+    assert trained_text(processor, encoded) == "red<turn|>blue<turn|>"
+    assert "it is red" not in encoded.rendered.text
+    assert encoded.rendered.text.count(f"<|turn>model\n{empty}") == 2
+    assert prompt_text(processor, turns[:1]).endswith(f"<|turn>model\n{empty}")
 
 
 def test_llava_answer_keeps_its_trailing_whitespace_before_the_appended_eos():

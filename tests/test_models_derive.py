@@ -12,8 +12,16 @@ from transformers import Gemma4ImageProcessorPil, Gemma4Processor
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 
 from tests.test_packing import refused
+from vlmtune.config import FinetuneArguments
 from vlmtune.models.derive import DerivationError, derive_spec, family_for, meta_model
-from vlmtune.models.loading import language_lora_targets, linear_modules, part_of
+from vlmtune.models.loading import (
+    apply_finetuning,
+    language_lora_targets,
+    linear_modules,
+    load_model,
+    part_of,
+    strip_peft_prefix,
+)
 from vlmtune.models.processors import image_only, load_processor
 from vlmtune.models.registry import FAMILIES
 from vlmtune.models.tiny import RECIPES
@@ -125,3 +133,32 @@ def test_gemma4_processor_loads_and_processes_an_image_without_its_video_process
     assert isinstance(loaded, Gemma4Processor)
     ids = loaded(text=["<|image|> look"], images=[[Image.new("RGB", (64, 64), "red")]])["input_ids"][0]
     assert ids.count(tokenizer.convert_tokens_to_ids("<|image|>")) > 0
+
+
+def test_gemma4_vision_lora_reaches_the_linears_inside_its_clipping_wrappers(tiny_model_dir):
+    """Gemma 4's vision projections are `Gemma4ClippableLinear` modules holding the `nn.Linear` as
+    ``.linear``: --train_vision_lora must adapt those inner linears (PEFT cannot wrap the wrapper), and the
+    default must leave the whole tower alone."""
+    loaded = load_model(tiny_model_dir("gemma4"))
+    wrapped = {n for n, m in loaded.model.named_modules() if type(m).__name__ == "Gemma4ClippableLinear"}
+    assert wrapped, "the tiny model has the real checkpoints' wrapped vision linears"
+    model = apply_finetuning(loaded.model, loaded.spec, FinetuneArguments(train_vision_lora=True))
+    adapted = {strip_peft_prefix(n.split(".lora_A.")[0]) for n, _ in model.named_parameters() if ".lora_A." in n}
+    assert {f"{name}.linear" for name in wrapped} <= adapted
+    plain = apply_finetuning(load_model(tiny_model_dir("gemma4")).model, loaded.spec, FinetuneArguments())
+    assert not any(".vision_tower." in n for n, _ in plain.named_parameters() if ".lora_A." in n)
+
+
+def test_gemma4_fsdp_wraps_only_the_blocks_the_model_has(tiny_model_dir, tmp_path):
+    """Gemma 4 lists its audio block among those to keep whole even without an audio tower; FSDP told to
+    wrap a class the model lacks fails, so vlmtune wraps the decoder and vision blocks it finds."""
+    from vlmtune.config import VlmTrainingArguments
+    from vlmtune.train.fsdp import default_fsdp_wrap
+
+    loaded = load_model(tiny_model_dir("gemma4"))
+    present = {type(m).__name__ for m in loaded.model.modules()}
+    assert "Gemma4AudioLayer" in loaded.model._no_split_modules and "Gemma4AudioLayer" not in present
+    args = VlmTrainingArguments(output_dir=str(tmp_path), fsdp=True, use_cpu=True)
+    classes = default_fsdp_wrap(args, loaded.model, loaded.spec)
+    assert set(classes) == {"Gemma4TextDecoderLayer", "Gemma4VisionEncoderLayer"}
+    assert set(classes) <= present

@@ -33,6 +33,9 @@ MARKERS = {
     # template writes whatever the answer: an input, never a target (skipped after the opener).
     "qwen3_5": ("<|im_start|>assistant\n", "<|im_end|>", "<think>\n\n</think>\n\n"),
     "qwen3_5_moe": ("<|im_start|>assistant\n", "<|im_end|>", "<think>\n\n</think>\n\n"),
+    # Gemma 4's real template: its generation prompt (thinking off) ends in an empty thought channel that its
+    # rendered history leaves out; training inserts it before each answer, as input, never a target.
+    "gemma4": ("<|turn>model\n", "<turn|>", "<|channel>thought\n<channel|>"),
 }
 
 MULTI_TURN = [

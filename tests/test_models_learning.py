@@ -5,14 +5,20 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import train_args
+from vlmtune.models.tiny import LEARNING_GAPS
 from vlmtune.train.run import run_training
+
+# Gemma 4's tiny model reaches only 35-37% (labels and contexts checked; the cause is not yet found):
+# recorded as a known failure, strict so that a fix shows (and `vlmtune models` says it).
+GEMMA4 = pytest.param("gemma4", marks=pytest.mark.xfail(strict=True, reason=LEARNING_GAPS["gemma4"]))
 
 
 # Four different routes from image to answer: a projector into the prompt (LLaVA with SigLIP), pooled
 # soft tokens with bidirectional image attention (Gemma 3), cross-attention (Mllama), and a prefix-LM
 # trained through its own encoding hook (PaliGemma); and a derived family on its real thinking template,
-# with a hybrid linear-attention language model (Qwen3.5). Qwen2-VL's run is in test_train.py.
-@pytest.mark.parametrize("family", ["llava_siglip", "gemma3", "mllama", "paligemma", "qwen3_5"])
+# with a hybrid linear-attention language model (Qwen3.5); Gemma 4 on its real template (thinking channel,
+# per-layer input embeddings, pooled vision tower). Qwen2-VL's run is in test_train.py.
+@pytest.mark.parametrize("family", ["llava_siglip", "gemma3", "mllama", "paligemma", "qwen3_5", GEMMA4])
 def test_lora_learns_the_colour_from_the_image(family, tiny_model_dir, shapes_data, tmp_path):
     args = train_args(
         tiny_model_dir(family),

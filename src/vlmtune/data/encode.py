@@ -259,11 +259,14 @@ def _with_text(content, text: str):
     return images + [{"type": "text", "text": text}]
 
 
-def _turn_in_place(processor, messages: list[dict], k: int, full: str) -> tuple[int, int, str] | None:
+def _turn_in_place(processor, messages: list[dict], k: int, full: str) -> tuple[int, int, str, str] | None:
     """Turn k's answer located in the whole conversation: rendered once more with a sentinel answer, the
     text around the sentinel must be the text around the answer. Templates that render a turn differently
     once later turns follow (Qwen3.5 drops earlier turns' think blocks) are read correctly this way, and
     what the template writes before every answer (an empty ``<think>\n\n</think>\n\n``) stays input.
+    The fourth value is what the generation prompt writes beyond the rendered turn's opening (Gemma 4's
+    empty ``<|channel>thought\n<channel|>``, which its rendered history leaves out): inserted before the
+    answer as input, so each answer is trained after the very text the model answers after at inference.
     None where the answer changes the text before it (an answer holding its own reasoning block)."""
     sentinel = {**messages[k], "content": _with_text(messages[k]["content"], SENTINEL)}
     probe = _render(processor, [*messages[:k], sentinel, *messages[k + 1 :]])
@@ -273,11 +276,22 @@ def _turn_in_place(processor, messages: list[dict], k: int, full: str) -> tuple[
         return None
     before = _render(processor, messages[:k], add_generation_prompt=True)
     start = len(before) if head.startswith(before) and not head[len(before) :].strip() else len(head)
-    return start, len(full) - len(tail), tail
+    return start, len(full) - len(tail), tail, _prompt_lead(processor, messages[:k], sentinel, before, head)
 
 
-def _assistant_turns(processor, messages: list[dict], full: str) -> list[tuple[int, int, str]]:
-    """Per assistant turn: (start of its answer, end of the answer, the template's text after the answer).
+def _prompt_lead(processor, history: list[dict], sentinel: dict, before: str, head: str) -> str:
+    """What the generation prompt `before` writes beyond `head` (the text before the answer in place) that
+    the template leaves out even where the turn is the last one (Gemma 4's empty thought channel); not
+    what the template itself writes there and drops once later turns follow (Qwen3.5's think blocks)."""
+    if not before.startswith(head) or len(before) == len(head):
+        return ""
+    last = _render(processor, [*history, sentinel])
+    return "" if last[: last.find(SENTINEL)].startswith(before) else before[len(head) :]
+
+
+def _assistant_turns(processor, messages: list[dict], full: str) -> list[tuple[int, int, str, str]]:
+    """Per assistant turn: (start of its answer, end of the answer, the template's text after the answer,
+    the generation prompt's text to insert before the answer: see `_turn_in_place`).
 
     The answer starts where the template's generation prompt ends (or, where the template writes more
     before every answer, after that), found in the whole conversation by `_turn_in_place`; failing that,
@@ -300,7 +314,7 @@ def _assistant_turns(processor, messages: list[dict], full: str) -> list[tuple[i
                 "cannot locate the assistant's answer (see docs/data.md, 'How labels are found')"
             )
         end, tail = _answer_end(processor, messages, k, before, through)
-        turns.append((len(before), end, tail))
+        turns.append((len(before), end, tail, ""))
     return turns
 
 
@@ -311,11 +325,12 @@ def render(processor, messages: list[dict], facts: EncodingFacts, train_on_promp
     eos = processor.tokenizer.eos_token or ""
     markers = (*facts.turn_end, eos)
     pieces, spans, cursor, shift = [], [], 0, 0
-    for start, end, tail in _assistant_turns(processor, messages, full):
+    for start, end, tail, lead in _assistant_turns(processor, messages, full):
         marker = next((m for m in markers if m and tail.startswith(m)), None)
         added = "" if marker else eos
         close = len(marker) if marker else 0
-        pieces += [full[cursor:end], added]
+        pieces += [full[cursor:start], lead, full[start:end], added]
+        shift += len(lead)
         spans.append((start + shift, end + shift + len(added) + close))
         shift, cursor = shift + len(added), end
     text = "".join(pieces) + full[cursor:]

@@ -29,7 +29,7 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import logging
 
 from .registry import FAMILIES
-from .tiny import RECIPES
+from .tiny import LEARNING_GAPS, RECIPES
 
 TINY_TYPES = frozenset(recipe.config_cls.model_type for recipe in RECIPES.values())
 STATUSES = ("checked", "derived", "untested here", "refused")
@@ -71,6 +71,9 @@ def _encoder_decoder(model_type: str) -> bool:
 def _verdict(model_type: str, processor_class: str | None, backends: dict[str, str]) -> tuple[str, str]:
     if model_type in TINY_TYPES:
         registered = "registered" if model_type in FAMILIES else "derived"
+        gap = LEARNING_GAPS.get(model_type)
+        if gap:
+            return "checked", f"{registered}; labels, LoRA coverage and save/reload tested on a tiny model; {gap}"
         return "checked", f"{registered}; labels, LoRA coverage, learning and save/reload tested on a tiny model"
     if _encoder_decoder(model_type):
         return "refused", (

@@ -39,6 +39,14 @@ _LINEAGES = (qwen, llava, gemma, llama, idefics)
 RECIPES: dict[str, TinyRecipe] = {name: recipe for lineage in _LINEAGES for name, recipe in lineage.RECIPES.items()}
 assert len(RECIPES) == sum(len(lineage.RECIPES) for lineage in _LINEAGES), "a family name is used twice"
 
+# Families whose tiny model builds, encodes and reloads exactly but does not yet learn the shapes task well
+# (tests/test_models_learning.py holds each as a strict expected failure, so a fix shows; `vlmtune models`
+# says it): family -> what is seen.
+LEARNING_GAPS: dict[str, str] = {
+    "gemma4": "the tiny Gemma 4 learns the shapes task only to ~36% held-out accuracy (labels and contexts "
+    "checked; cause not found yet)",
+}
+
 # family -> a function returning its tiny (config, processor).
 BUILDERS: dict[str, Callable[[], tuple[PretrainedConfig, ProcessorMixin]]] = {
     name: recipe.build for name, recipe in RECIPES.items()
@@ -57,4 +65,4 @@ def build_tiny_model(family: str, output_dir: str | Path, seed: int = 0) -> Path
     return save(model, processor, output_dir)
 
 
-__all__ = ["BUILDERS", "HIDDEN", "INIT_RANGE", "RECIPES", "TinyRecipe", "build_tiny_model"]
+__all__ = ["BUILDERS", "HIDDEN", "INIT_RANGE", "LEARNING_GAPS", "RECIPES", "TinyRecipe", "build_tiny_model"]

@@ -62,6 +62,8 @@ class TinyRecipe:
     processor_cls: type[ProcessorMixin]  # built without its video processor where it has one
     image_processor_cls: type
     image_processor_kwargs: Mapping = field(default_factory=dict)
+    # An audio feature extractor, for processors that require one even for images (Gemma 4's).
+    feature_extractor_cls: type | None = None
     special_tokens: Mapping[str, str] = field(default_factory=dict)  # bos_token, eos_token, pad_token, unk_token
     extra_tokens: tuple[str, ...] = ()  # further tokens that must never split (image, turn markers)
     named_tokens: Mapping[str, str] = field(default_factory=dict)  # read by the processor as tokenizer attributes
@@ -89,9 +91,16 @@ class TinyRecipe:
         cls = self.processor_cls
         if "video_processor" in cls.get_attributes():
             cls = image_only(cls)
-        image_processor = self.image_processor_cls(**copy.deepcopy(dict(self.image_processor_kwargs)))
+        parts = {
+            "image_processor": self.image_processor_cls(**copy.deepcopy(dict(self.image_processor_kwargs))),
+            "tokenizer": self.tokenizer(),
+        }
+        if self.feature_extractor_cls is not None:
+            parts["feature_extractor"] = self.feature_extractor_cls()
         kwargs = copy.deepcopy(dict(self.processor_kwargs))
-        return cls(image_processor, self.tokenizer(), chat_template=self.chat_template, **kwargs)
+        # Positionally, in the processor's own order: some `__init__`s name their parts differently.
+        ordered = [parts[name] for name in cls.get_attributes()]
+        return cls(*ordered, chat_template=self.chat_template, **kwargs)
 
     def config(self, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
         """The tiny config, its vocabulary and token ids read off the finished `tokenizer`."""
