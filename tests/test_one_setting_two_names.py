@@ -188,3 +188,11 @@ def test_a_key_written_twice_in_one_file_is_refused_with_its_lines(tmp_path):
     shared = tmp_path / "anchors.yaml"  # a YAML merge (<<) may be overridden: that is what it is for
     shared.write_text("lr_scheduler_kwargs:\n  <<: {num_cycles: 1, power: 2}\n  num_cycles: 2\n")
     assert read_config_file(str(shared)) == {"lr_scheduler_kwargs": {"num_cycles": 2, "power": 2}}
+
+
+def test_vizsage_use_wandb_false_beside_its_project_name_turns_wandb_off(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    off = _config(tmp_path, {"use_wandb": False, "wandb_project": "vizsage-training"}, "off.yaml")
+    assert "wandb" not in _training([off, *BASE]).report_to  # ("none": transformers keeps no back-end)
+    on = _config(tmp_path, {"use_wandb": True, "wandb_project": "vizsage-training"}, "on.yaml")
+    _training([on, *BASE])  # agreeing: accepted (W&B itself is dropped with a warning where not installed)

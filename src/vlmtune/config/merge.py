@@ -33,6 +33,9 @@ from .aliases import Given, Tokens
 logger = logging.getLogger(__name__)
 
 COMMAND_LINE = "command line"
+# Keys that only imply a setting: VizSage's `wandb_project` names where W&B would log, and turns W&B on
+# when nothing else says; `use_wandb: false` (or `report_to`) beside it is the user's actual choice.
+IMPLIED_BY = {"report_to": ("wandb_project",)}
 # Axolotl's total batch while it is being settled (not an option: it becomes gradient_accumulation_steps).
 TOTAL_BATCH = "batch_size"
 PER_DEVICE = "per_device_train_batch_size"
@@ -113,6 +116,9 @@ def _agreeing(first: Setting, second: Setting, reader: Reader) -> Setting:
     a, b = _value(reader, first), _value(reader, second)
     if a == b:
         return second
+    implied = IMPLIED_BY.get(name, ())
+    if (first.given.written in implied) != (second.given.written in implied):  # the explicit one says it
+        return second if first.given.written in implied else first
     if name == "warmup_steps" and 0 in (a, b):  # no warmup one way, some warmup the other: that one
         return first if b == 0 else second
     if name == "warmup_steps" and "warmup_ratio" in (first.given.written, second.given.written):
