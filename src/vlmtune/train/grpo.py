@@ -16,7 +16,6 @@ copy of the model.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass
@@ -33,14 +32,13 @@ from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..eval.rewards import build_rewards
 from ..models.generation import end_of_turn_ids, full_parameters_for_generation, stop_at_end_of_turn
 from ..models.loading import load_processing, processor_source, trainable_table
-from ..outputs import exclusive_output_dir
 from .checkpoints import CompleteCheckpoints, remove_deletion_leftovers, resolve_resume
-from .distributed import announce, detect_topology, shards_parameters
+from .distributed import shards_parameters
 from .fsdp import default_fsdp_wrap
 from .guard import NonFiniteGuard, StopOnSignal, parse_signals
 from .preference import load_policy, save_outputs
 from .reference import ReferenceAdapter
-from .run import check_output_dir
+from .run import check_output_dir, start_job
 from .vision_step import run_vision_every_step
 
 # What vlmtune grpo does not do yet, with the reason (each is a flag `vlmtune train` takes).
@@ -126,9 +124,7 @@ def run_grpo(model_args, data_args, finetune_args, training_args, grpo_args, cal
         raise UsageError("vlmtune grpo: --model_name_or_path is required (the base model)")
     out = check_output_dir(training_args)
     signals = parse_signals(training_args.save_on_signal)
-    topology = detect_topology(training_args)  # refuses a launch that did not become one job
-    announce(topology)
-    holding = exclusive_output_dir(out) if topology.rank == 0 else contextlib.nullcontext()
+    _, holding = start_job(training_args, out, signals)
     with holding:
         return _run(model_args, data_args, finetune_args, training_args, grpo_args, callbacks, out, signals)
 

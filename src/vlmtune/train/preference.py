@@ -13,7 +13,6 @@ model the run starts from. `--ref_model`: that model. Full fine-tuning without o
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -44,13 +43,12 @@ from ..models.loading import (
     trainable_table,
 )
 from ..models.loss import labelled_nll_per_row
-from ..outputs import exclusive_output_dir
 from .checkpoints import CompleteCheckpoints, no_space_errors, remove_deletion_leftovers, resolve_resume
-from .distributed import announce, detect_topology, shards_parameters
+from .distributed import shards_parameters
 from .fsdp import default_fsdp_wrap
 from .guard import NonFiniteGuard, StopOnSignal, check_finite_weights, parse_signals
 from .reference import ReferenceAdapter
-from .run import CONFIG_FILE, _dtype, check_output_dir, quantization_kwargs, remove_written_since
+from .run import CONFIG_FILE, _dtype, check_output_dir, quantization_kwargs, remove_written_since, start_job
 from .vision_step import run_vision_every_step
 
 logger = logging.getLogger(__name__)
@@ -156,9 +154,7 @@ def run_dpo(model_args, data_args, finetune_args, training_args, dpo_args, callb
         raise UsageError("vlmtune dpo: --output_dir is required (the folder for the adapter, processor and logs)")
     out = check_output_dir(training_args)
     signals = parse_signals(training_args.save_on_signal)
-    topology = detect_topology(training_args)  # refuses a launch that did not become one job
-    announce(topology)
-    holding = exclusive_output_dir(out) if topology.rank == 0 else contextlib.nullcontext()
+    _, holding = start_job(training_args, out, signals)
     with holding:
         return _run(model_args, data_args, finetune_args, training_args, dpo_args, callbacks, out, signals)
 

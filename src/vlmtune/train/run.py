@@ -123,14 +123,22 @@ def run_training(model_args, data_args, finetune_args, training_args, callbacks=
     out = check_output_dir(training_args) if do_train else Path(training_args.output_dir or ".")
     signals = parse_signals(training_args.save_on_signal)
     repo_id = check_hub(training_args, out, do_train)
-    topology = detect_topology(training_args)  # refuses a launch that did not become one job
+    topology, holding = start_job(training_args, out, signals, writes=do_train)
+    with holding:
+        return _run(model_args, data_args, finetune_args, training_args, callbacks, out, topology, signals, repo_id)
+
+
+def start_job(training_args, out: Path, signals, writes: bool = True):
+    """What every training command settles before work starts: one job formed by the launcher (refused
+    otherwise; announced once, with any signal the launcher would not pass on), and one run per output
+    folder (the first process holds it; the others write nothing of their own). Returns the topology and
+    the context that holds the folder."""
+    topology = detect_topology(training_args)
     announce(topology)
     if topology.rank == 0 and (problem := launcher_problem(signals)):
         logger.warning(problem)
-    # One run per output folder: the first process holds it (the others write nothing of their own).
-    holding = exclusive_output_dir(out) if do_train and topology.rank == 0 else contextlib.nullcontext()
-    with holding:
-        return _run(model_args, data_args, finetune_args, training_args, callbacks, out, topology, signals, repo_id)
+    holding = exclusive_output_dir(out) if writes and topology.rank == 0 else contextlib.nullcontext()
+    return topology, holding
 
 
 _LATER = "Pass --push_to_hub false to train without uploading; `vlmtune push` uploads the result later."
