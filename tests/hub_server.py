@@ -2,7 +2,8 @@
 
 It answers the requests huggingface_hub itself sends for `whoami`, `create_repo` and `upload_folder` (every
 file uploaded inline, as small files are), and keeps what was committed, so a test can compare a repository
-with the folder it came from. `uploads_fail` makes the upload step answer 503, as the hub does in an outage.
+with the folder it came from. `uploads_fail` makes the upload step answer 503 (with `Retry-After`), as the hub
+does in an outage.
 Tokens: `hf_write` (user `tester`, member of `team`), `hf_read` (read-only); any other is refused (401).
 """
 
@@ -47,9 +48,11 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet
         pass
 
-    def _send(self, status: int, body: dict) -> None:
+    def _send(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -91,7 +94,9 @@ class _Handler(BaseHTTPRequestHandler):
         repo, step = match.groups()
         if step == "preupload":
             if self.server.uploads_fail:
-                return self._send(503, {"error": "Service Unavailable"})
+                # An outage's answer with the retry delay the hub sends: huggingface_hub's retries then wait
+                # about a second each instead of its 1-8 s backoff, and still all fail.
+                return self._send(503, {"error": "Service Unavailable"}, {"Retry-After": "0"})
             files = json.loads(body)["files"]
             return self._send(
                 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
