@@ -70,6 +70,11 @@ def _has_accelerator() -> bool:
     return torch.accelerator.is_available()
 
 
+def launched_world_size(environ=os.environ) -> int:
+    """How many processes the launcher says the job has (torchrun's and accelerate's WORLD_SIZE; 1 without)."""
+    return int(environ.get("WORLD_SIZE", "1") or 1)
+
+
 def prepare_launch_environment(environ=os.environ) -> None:
     """Make processes started with the standard variables join one job, or refuse before any work.
 
@@ -77,7 +82,7 @@ def prepare_launch_environment(environ=os.environ) -> None:
     without an accelerator it does so only in CPU mode, and otherwise runs each process alone (two
     writers of one output folder). So without an accelerator vlmtune switches CPU mode on.
     """
-    world_size = int(environ.get("WORLD_SIZE", "1") or 1)
+    world_size = launched_world_size(environ)
     if world_size <= 1:
         return
     missing = [v for v in ("RANK", "MASTER_ADDR") if not environ.get(v)]

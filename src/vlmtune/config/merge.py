@@ -23,12 +23,12 @@ each option with what the user wrote for it. Decisions:
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 from ..errors import UsageError
 from .aliases import Given, Tokens
+from .launch import launched_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def _derive_accumulation(settled: dict[str, Setting], reader: Reader) -> None:
     if total is None or micro is None:  # a command without a training batch (eval reading a training file)
         return
     samples, per_device = _whole(total), _whole(micro)
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = launched_world_size()
     per_step = per_device * world
     arithmetic = f"{samples} / ({per_device} x {world} process{'es' if world > 1 else ''})"
     if samples % per_step:

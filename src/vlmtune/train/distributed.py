@@ -9,12 +9,12 @@ configs and the launcher's variables are settled earlier, while the arguments ar
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from dataclasses import dataclass
 
 import torch
 
+from ..config.launch import launched_world_size
 from ..errors import RunError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def detect_topology(training_args) -> Topology:
     (accelerate then runs plain DDP, or DeepSpeed with a wrong world size).
     """
     state = training_args.distributed_state
-    expected = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    expected = launched_world_size()
     if training_args.world_size != expected:
         raise RunError(
             f"WORLD_SIZE={expected} is set but accelerate formed a job of {training_args.world_size} "

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from ..config.launch import launched_world_size
 from ..errors import RunError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -168,8 +169,8 @@ class StopOnSignal(TrainerCallback):
     @staticmethod
     def _speaker() -> str:
         """`vlmtune`, or `vlmtune [rank N]` under a launcher: only the signalled processes speak."""
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        return f"vlmtune [rank {os.environ.get('RANK', '?')}]" if world > 1 else "vlmtune"
+        launched = launched_world_size() > 1
+        return f"vlmtune [rank {os.environ.get('RANK', '?')}]" if launched else "vlmtune"
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
