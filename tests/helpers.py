@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from vlmtune.config import DataArguments, FinetuneArguments, ModelArguments, VlmTrainingArguments
 
 
@@ -58,3 +60,13 @@ def cli_error(argv: list[str], capsys) -> tuple[int, str]:
     message = err[err.index("vlmtune: error: ") :]  # after any progress bars
     assert message.count("\n") == 1, err
     return exit_info.value.code, message
+
+
+@functools.cache
+def family_spec(family: str):
+    """The facts vlmtune uses for a tiny family (derived, with its registry entry on top), without weights."""
+    from vlmtune.models.derive import family_for, meta_model
+    from vlmtune.models.tiny import RECIPES
+
+    config, processor = RECIPES[family].build()
+    return family_for(config, processor, model=meta_model(config))

@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from tests.data_files import data_args, png, write_rows
+from tests.helpers import family_spec
 from vlmtune.cli import main
+from vlmtune.data import encode as encode_module
 from vlmtune.data.collate import VlmCollator
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.encode import IGNORE_INDEX, TemplateError, encode, prompt_text
@@ -19,7 +21,7 @@ from vlmtune.data.preview import inspect_sample
 from vlmtune.data.splits import build_splits
 from vlmtune.models.derive import family_for
 from vlmtune.models.loading import load_processing
-from vlmtune.models.registry import FAMILIES, get_family
+from vlmtune.models.registry import OVERRIDES
 from vlmtune.models.tiny import BUILDERS
 from vlmtune.models.tokenizer import build_tokenizer
 
@@ -167,7 +169,7 @@ def test_gemma4_trains_each_answer_after_the_empty_thought_channel_its_generatio
 def test_llava_answer_keeps_its_trailing_whitespace_before_the_appended_eos():
     processor = real_processor("llava")
     conv, pictures = conversation("llava", system=False, images=1)
-    rendered = encode(processor, conv, pictures, get_family("llava").encoding).rendered
+    rendered = encode(processor, conv, pictures, family_spec("llava").encoding).rendered
     assert "ASSISTANT: a red square  </s> USER:" in rendered.text
     assert "ASSISTANT: two\nlines\n</s> USER:" in rendered.text
     trained = [rendered.text[s:e] for s, e in rendered.spans]
@@ -177,7 +179,7 @@ def test_llava_answer_keeps_its_trailing_whitespace_before_the_appended_eos():
 def test_gemma3_end_of_turn_as_an_ordinary_token_still_ends_the_turn():
     processor = real_processor("gemma3", gemma_end_of_turn_special=False)
     conv, pictures = conversation("gemma3", system=True, images=1)
-    encoded = encode(processor, conv, pictures, get_family("gemma3").encoding)
+    encoded = encode(processor, conv, pictures, family_spec("gemma3").encoding)
     assert processor.tokenizer.eos_token_id not in encoded.input_ids, "no <eos> after <end_of_turn>"
     assert trained_text(processor, encoded) == expected_trained("gemma3")
 
@@ -185,7 +187,7 @@ def test_gemma3_end_of_turn_as_an_ordinary_token_still_ends_the_turn():
 def test_llama_vision_gets_its_system_message_as_a_plain_string():
     processor = real_processor("mllama")
     conv, _ = conversation("mllama", system=True, images=0)
-    text = encode(processor, conv, [], get_family("mllama").encoding).rendered.text
+    text = encode(processor, conv, [], family_spec("mllama").encoding).rendered.text
     assert "Today Date: " in text and "\n\nBe brief.<|eot_id|>" in text
     assert "[{" not in text
     assert prompt_text(processor, conv.prompt_messages()).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
@@ -195,13 +197,13 @@ def test_a_template_refusing_a_conversation_names_the_row():
     processor = real_processor("mllama")
     conv, pictures = conversation("mllama", system=True, images=1)
     with pytest.raises(TemplateError, match=r"^chat.jsonl, row 7: .*incompatible with system messages"):
-        encode(processor, conv, pictures, get_family("mllama").encoding)
+        encode(processor, conv, pictures, family_spec("mllama").encoding)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(OVERRIDES))
 def test_data_inspect_shows_what_training_trains(tmp_path, tiny_model_dir, family, capsys):
     """The token counts and trained text `data inspect` prints equal the training batch's, row by row."""
-    spec = get_family(family)
+    spec = family_spec(family)
     model = tiny_model_dir(family)
     png(tmp_path / "a.png", "red", size=(64, 64))
     png(tmp_path / "b.png", "blue", size=(96, 64))
@@ -244,12 +246,15 @@ def test_the_checkpoints_generation_config_says_what_else_ends_a_turn(tmp_path, 
     (folder / "generation_config.json").write_text(json.dumps(config))
     processor, spec = load_processing(str(folder))
     assert spec.turn_end == ("<|im_end|>", "<|endoftext|>")
-    assert get_family("qwen2_vl").turn_end == ("<|im_end|>",), "the registry entry itself is unchanged"
+    assert family_spec("qwen2_vl").turn_end == ("<|im_end|>",), "the registry entry itself is unchanged"
 
 
-def test_a_system_message_for_a_template_without_a_system_turn_is_folded_into_the_prompt(tiny_model_dir, caplog):
+def test_a_system_message_for_a_template_without_a_system_turn_is_folded_into_the_prompt(
+    tiny_model_dir, caplog, monkeypatch
+):
     """PaliGemma's template renders user turns only: the system text goes before the first user text, with a
     warning, and is never trained; for templates with a system turn nothing changes."""
+    monkeypatch.setattr(encode_module, "_warned_system", set())  # warned once per process: not yet in this test
     processor, spec = load_processing(tiny_model_dir("paligemma"))
     facts = spec.encoding
     picture = Image.new("RGB", (64, 64), "red")

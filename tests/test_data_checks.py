@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from tests.data_files import data_args, png, write_rows
+from tests.helpers import family_spec
 from vlmtune.data.collate import VlmCollator
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.encode import IGNORE_INDEX, encode
@@ -18,9 +19,9 @@ from vlmtune.data.splits import build_splits
 from vlmtune.data.validate import ESTIMATE_MARGIN, Checker
 from vlmtune.models.loading import load_processing
 from vlmtune.models.processors import load_processor
-from vlmtune.models.registry import FAMILIES, get_family
+from vlmtune.models.registry import OVERRIDES
 
-QWEN = get_family("qwen2_vl").encoding
+QWEN = family_spec("qwen2_vl").encoding
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def test_over_long_samples_lose_prompt_text_never_image_tokens_or_answer(tmp_pat
     assert text.count("background") < 12  # cut from the start of the prompt
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(OVERRIDES))
 def test_the_fast_length_estimate_never_undercounts_by_more_than_its_margin(tiny_model_dir, family):
     """Rows are kept on the header-only estimate when it is clearly within --max_seq_length: the exact
     length (full processor) may exceed it by at most the margin, for every family."""

@@ -7,12 +7,12 @@ import logging
 import pytest
 
 from tests.data_files import data_args, data_uri, png, write_rows
+from tests.helpers import family_spec
 from tests.test_models_labels import MARKERS, expected_labels
 from vlmtune.data.collate import VlmCollator
 from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.data.splits import build_splits
 from vlmtune.models.processors import load_processor
-from vlmtune.models.registry import get_family
 
 
 def _conversations(folder) -> list[dict]:
@@ -51,7 +51,7 @@ def _conversations(folder) -> list[dict]:
 def test_file_conversations_train_every_assistant_turn_and_nothing_else(tmp_path, tiny_model_dir, family, caplog):
     path = write_rows(tmp_path / "chat.jsonl", _conversations(tmp_path))
     processor = load_processor(tiny_model_dir(family))
-    spec = get_family(family)
+    spec = family_spec(family)
     with caplog.at_level(logging.WARNING):
         splits = build_splits(data_args(str(path), val_split_ratio=0), spec.encoding, processor=processor)
         batch = VlmCollator(processor, splits.preparer)(list(splits.train))

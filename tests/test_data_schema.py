@@ -7,10 +7,10 @@ import json
 import pytest
 
 from tests.data_files import data_args, data_uri, png, write_rows
+from tests.helpers import family_spec
 from vlmtune.data.context import load_context
 from vlmtune.data.schema import DataError, cut_prompt, detect_schema
 from vlmtune.data.splits import build_splits
-from vlmtune.models.registry import get_family
 
 
 def user_parts(conv) -> list:
@@ -169,7 +169,7 @@ def test_context_file_through_build_splits_names_a_missing_data_column(tmp_path)
     png(tmp_path / "1.png")
     path = write_rows(tmp_path / "d.json", [{"image": "1.png", "question": "Who?", "answer": "Monet"}])
     (tmp_path / "k.csv").write_text("image,context\n1.png,Impressionist\n")
-    facts = get_family("qwen2_vl").encoding
+    facts = family_spec("qwen2_vl").encoding
     splits = build_splits(data_args(str(path), context_file=str(tmp_path / "k.csv"), context_join_on="image"), facts)
     assert "context from" in splits.schema.describe()
     assert "Context: Impressionist" in user_parts(splits.preparer.conversation(splits.train[0], 0))[1]

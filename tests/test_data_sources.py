@@ -7,12 +7,12 @@ import pytest
 from PIL import Image
 
 from tests.data_files import data_args, png, shapes_rows, write_rows
+from tests.helpers import family_spec
 from vlmtune.data.schema import DataError
 from vlmtune.data.sources import INDEX, SOURCE, load_hub, load_splits
 from vlmtune.data.splits import build_splits
-from vlmtune.models.registry import get_family
 
-QWEN = get_family("qwen2_vl").encoding
+QWEN = family_spec("qwen2_vl").encoding
 TEXT = datasets.Value("string")
 IMAGE_QA = datasets.Features({"image": datasets.Image(), "question": TEXT, "answer": TEXT})
 

@@ -16,13 +16,13 @@ import pytest
 from PIL import Image
 
 from tests.data_files import data_args, png, png_bytes, write_rows
+from tests.helpers import family_spec
 from vlmtune.data.schema import DataError
 from vlmtune.data.sources import SOURCE
 from vlmtune.data.splits import Splits, build_splits
-from vlmtune.models.registry import get_family
 
-QWEN = get_family("qwen2_vl").encoding
-LLAVA = get_family("llava").encoding
+QWEN = family_spec("qwen2_vl").encoding
+LLAVA = family_spec("llava").encoding
 RGB = {"red": (255, 0, 0), "green": (0, 128, 0), "blue": (0, 0, 255)}
 
 

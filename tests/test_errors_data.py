@@ -15,12 +15,11 @@ import torch
 from PIL import Image
 
 from tests.data_files import data_args, png, png_bytes, write_rows
-from tests.helpers import short_run
+from tests.helpers import family_spec, short_run
 from vlmtune.cli import main
 from vlmtune.data.collate import VlmCollator
 from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.data.splits import build_splits
-from vlmtune.models.registry import get_family
 from vlmtune.models.tiny import BUILDERS
 
 ROW = {"image_path": "ok.png", "prompt": "Q?", "response": "red"}
@@ -214,7 +213,7 @@ def _trained_texts(model_dir: str, dataset: Path, family: str = "qwen2_vl") -> t
     from vlmtune.models.processors import load_processor
 
     processor = load_processor(model_dir)
-    splits = build_splits(data_args(str(dataset), val_split_ratio=0), get_family(family).encoding, processor=processor)
+    splits = build_splits(data_args(str(dataset), val_split_ratio=0), family_spec(family).encoding, processor=processor)
     rows = list(splits.train)
     batch = VlmCollator(processor, splits.preparer)(rows)
     texts = [processor.tokenizer.decode(labels[labels != IGNORE_INDEX]) for labels in batch["labels"]]
@@ -348,7 +347,7 @@ def test_images_reach_the_processor_as_they_look(tmp_path, kind):
     make, size, points = PICTURES[kind]
     _write(tmp_path / "pic.img", make())
     data = write_rows(tmp_path / "d.csv", [{**ROW, "image_path": "pic.img"}])
-    splits = build_splits(data_args(str(data), val_split_ratio=0), get_family("qwen2_vl").encoding)
+    splits = build_splits(data_args(str(data), val_split_ratio=0), family_spec("qwen2_vl").encoding)
     (image,) = splits.preparer.load_images(splits.preparer.conversation(splits.train[0], 0))
     assert image.mode == "RGB" and image.size == size
     for point, colour in points:
@@ -368,7 +367,7 @@ def test_tiny_and_elongated_images_are_padded_for_every_family(tmp_path, family)
         png(tmp_path / f"{name}.png", "red", size)
         rows.append({**ROW, "image_path": f"{name}.png"})
     data = write_rows(tmp_path / "d.csv", rows)
-    splits = build_splits(data_args(str(data), val_split_ratio=0), get_family(family).encoding)
+    splits = build_splits(data_args(str(data), val_split_ratio=0), family_spec(family).encoding)
     for row, (w0, h0) in zip(splits.train, EXTREME.values()):
         (image,) = splits.preparer.load_images(splits.preparer.conversation(row, row["__index__"]))
         w, h = image.size

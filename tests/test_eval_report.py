@@ -9,11 +9,11 @@ import subprocess
 import pytest
 from PIL import Image
 
+from tests.helpers import family_spec
 from vlmtune.data.prepare import Preparer
 from vlmtune.data.schema import Conversation, Schema
 from vlmtune.eval.evaluate import EvalResult, aggregate, group_metrics
 from vlmtune.eval.report import write_report
-from vlmtune.models.registry import get_family
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 # .ci/run installs Chromium and sets this, so CI fails rather than skips when the browser is missing.
@@ -80,7 +80,7 @@ def report(tmp_path):
         metric_names=names,
         conversations=convs,
     )
-    preparer = Preparer(schema=Schema("prompt_response", source="test"), facts=get_family("qwen2_vl").encoding)
+    preparer = Preparer(schema=Schema("prompt_response", source="test"), facts=family_spec("qwen2_vl").encoding)
     return write_report(result, tmp_path / "report.html", preparer, details={"model": "tiny"})
 
 

@@ -18,7 +18,7 @@ from vlmtune.data.schema import Conversation, detect_schema
 from vlmtune.eval.generate import generate_answers
 from vlmtune.models import derive
 from vlmtune.models.loading import decoder_layer_classes, load_model, load_processing, part_of, strip_peft_prefix
-from vlmtune.models.registry import FAMILIES
+from vlmtune.models.registry import OVERRIDES
 from vlmtune.models.tiny import BUILDERS
 
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]
@@ -39,7 +39,7 @@ def batch_for(processor, spec, colours=("red", "blue")):
 
 def test_every_registered_family_has_a_tiny_builder():
     built_types = {"llava_siglip": "llava"}
-    assert set(FAMILIES) <= {built_types.get(f, f) for f in BUILDERS}
+    assert set(OVERRIDES) <= {built_types.get(f, f) for f in BUILDERS}
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
@@ -48,7 +48,7 @@ def test_family_trains_lora_keeps_frozen_parts_reloads_and_generates(family, tin
     base = load_model(model_dir)
     spec = base.spec
     model_type = base.model.config.model_type
-    assert spec.derived if model_type not in FAMILIES else spec.model_type == model_type, "from config.model_type"
+    assert spec.derived if model_type not in OVERRIDES else spec.model_type == model_type, "from config.model_type"
     # The registry's keys account for every parameter: nothing falls into "other".
     assert {part_of(n, spec) for n, _ in base.model.named_parameters()} == {
         "vision_tower",
@@ -93,8 +93,8 @@ def test_family_trains_lora_keeps_frozen_parts_reloads_and_generates(family, tin
 def test_an_unregistered_architecture_is_derived_and_explicit_targets_still_win(
     tiny_model_dir, shapes_data, tmp_path, monkeypatch, caplog
 ):
-    registered = FAMILIES["qwen2_vl"]
-    monkeypatch.delitem(FAMILIES, "qwen2_vl")
+    registered = load_processing(tiny_model_dir("qwen2_vl"))[1]
+    monkeypatch.delitem(OVERRIDES, "qwen2_vl")
     monkeypatch.setattr(derive, "_described", set())  # printed once per process: not yet in this one
     with caplog.at_level(logging.WARNING):
         spec = load_processing(tiny_model_dir("qwen2_vl"))[1]
@@ -116,9 +116,9 @@ def test_models_docs_list_every_family_and_checkpoint():
     from pathlib import Path
 
     docs = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
-    for spec in FAMILIES.values():
-        assert f"(`{spec.model_type}`)" in docs, spec.model_type
-        for checkpoint in spec.example_checkpoints:
+    for entry in OVERRIDES.values():
+        assert f"(`{entry.model_type}`)" in docs, entry.model_type
+        for checkpoint in entry.example_checkpoints:
             assert f"`{checkpoint}`" in docs, checkpoint
     for family in BUILDERS:
         assert f"`{family}`" in docs, family

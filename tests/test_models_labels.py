@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from tests.helpers import family_spec
 from vlmtune.data.collate import VlmCollator
 from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.data.prepare import Preparer
 from vlmtune.data.schema import detect_schema
 from vlmtune.models.loading import load_model
 from vlmtune.models.processors import load_processor
-from vlmtune.models.registry import get_family
 from vlmtune.models.tiny import BUILDERS
 
 # Per tiny family: the text that opens an assistant turn in the family's real chat format, and the
@@ -114,7 +114,7 @@ def test_labels_cover_exactly_the_answers(tiny_model_dir, family):
 
 def test_train_on_prompt_trains_the_text_but_never_image_tokens(tiny_model_dir):
     processor = load_processor(tiny_model_dir("qwen2_vl"))
-    spec = get_family("qwen2_vl")
+    spec = family_spec("qwen2_vl")
     row = {"__index__": 0, "messages": SINGLE_TURN, "images": [Image.new("RGB", (64, 64), "green")]}
     preparer = Preparer(detect_schema(["messages", "images"]), spec.encoding)
     collator = VlmCollator(processor, preparer, train_on_prompt=True)

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from tests.data_files import data_args, png, write_rows
+from tests.helpers import family_spec
 from tests.test_train_loss import lora, loss_and_grads
 from vlmtune.data.collate import VlmCollator, pack_rows, pad_rows
 from vlmtune.data.encode import IGNORE_INDEX, Encoded
@@ -28,18 +29,20 @@ from vlmtune.models.loading import with_chat_template
 from vlmtune.models.loss import labelled_forward, labelled_positions
 from vlmtune.models.packing import check_packing, multimodal_positions, packed_inputs, sample_spans
 from vlmtune.models.processors import load_processor
-from vlmtune.models.registry import FAMILIES, UNCHECKED_PACKING, FamilySpec, get_family
+from vlmtune.models.registry import OVERRIDES, UNCHECKED_PACKING, FamilySpec
 from vlmtune.train.trainer import VlmTrainer
 
-SUPPORTED = [name for name, spec in FAMILIES.items() if not spec.packing_refusal]
-REFUSED = [name for name, spec in FAMILIES.items() if spec.packing_refusal]
+SUPPORTED = [name for name in OVERRIDES if not family_spec(name).packing_refusal]
+REFUSED = [name for name in OVERRIDES if family_spec(name).packing_refusal]
 # Families whose packed batches need more than restarting positions (what vlmtune adds on the model side).
-HANDLED = [name for name in SUPPORTED if FAMILIES[name].packing_positions == "mrope" or FAMILIES[name].packing_masks]
+HANDLED = [
+    name for name in SUPPORTED if family_spec(name).packing_positions == "mrope" or family_spec(name).packing_masks
+]
 # Of those, the ones whose need is the model's own definition (3-D rotary positions derived per sample), not a
 # gap in a transformers release's mask code that a later release may close (Gemma 3's and PaliGemma's masks:
 # 5.24 builds PaliGemma's right by itself). For the mask families the guarantee is the parity above, whichever
 # side builds the right mask.
-DEFINITIONAL = [name for name in SUPPORTED if FAMILIES[name].packing_positions == "mrope"]
+DEFINITIONAL = [name for name in SUPPORTED if family_spec(name).packing_positions == "mrope"]
 # Rows of two packs: [short + text-only (where there is one) + two-image sample], [long + padding tail].
 PACKS = [[0, 3, 1], [2]]
 
@@ -107,10 +110,10 @@ def case(tiny_model_dir, tmp_path_factory):
 
     def get(family: str, attention: str = "sdpa") -> Case:
         if (family, attention) not in cases:
-            spec = get_family(family)
+            spec = family_spec(family)
             folder = tmp_path_factory.mktemp(f"packing_{family}")
             path = write_rows(folder / "rows.jsonl", _rows(folder, spec))
-            processor = with_chat_template(load_processor(tiny_model_dir(family)), spec)
+            processor = with_chat_template(load_processor(tiny_model_dir(family)), spec.default_chat_template)
             splits = build_splits(data_args(str(path), val_split_ratio=0), spec.encoding, processor=processor)
             collator = VlmCollator(processor, splits.preparer)
             samples = [collator.encode(row) for row in splits.train]
@@ -210,7 +213,7 @@ def test_without_the_family_handling_packed_batches_differ(family, case):
     assert abs(plain_loss - padded_loss) > 1e-4, (plain_loss, padded_loss)
 
 
-@pytest.mark.parametrize("family", [n for n in SUPPORTED if FAMILIES[n].packing_positions == "mrope"])
+@pytest.mark.parametrize("family", [n for n in SUPPORTED if family_spec(n).packing_positions == "mrope"])
 def test_multimodal_positions_are_each_samples_own(family, case):
     """Row 0 keeps the restarting text positions (the sample boundaries); rows 1-3 are what the model's
     own rope-index function gives each sample alone, images included."""
@@ -245,7 +248,7 @@ def test_the_trainer_packs_its_batches_the_family_way(case, tmp_path):
 UNREGISTERED = FamilySpec("unregistered", (), (), (), "<image>", packing_refusal=UNCHECKED_PACKING)
 
 
-@pytest.mark.parametrize("spec", [FAMILIES[n] for n in REFUSED] + [UNREGISTERED], ids=[*REFUSED, "unregistered"])
+@pytest.mark.parametrize("spec", [family_spec(n) for n in REFUSED] + [UNREGISTERED], ids=[*REFUSED, "unregistered"])
 def test_families_packing_cannot_keep_apart_are_refused_with_the_reason(spec):
     with pytest.raises(UsageError) as err:
         check_packing(spec.packing_refusal, model_type=spec.model_type)

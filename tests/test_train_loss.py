@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForImageTextToText
 
-from tests.helpers import short_run
+from tests.helpers import family_spec, short_run
 from vlmtune.data.collate import VlmCollator
 from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.data.images import ImageOptions
@@ -24,7 +24,6 @@ from vlmtune.errors import UsageError
 from vlmtune.models.loading import load_model
 from vlmtune.models.loss import labelled_forward, labelled_nll_per_row, use_router_aux_loss
 from vlmtune.models.processors import load_processor
-from vlmtune.models.registry import get_family
 
 
 def shapes_batch(model_dir: str, shapes_data, n: int = 3) -> dict:
@@ -33,7 +32,7 @@ def shapes_batch(model_dir: str, shapes_data, n: int = 3) -> dict:
     with open(shapes_data["train"]) as f:
         rows = [dict(row, __index__=i) for i, row in zip(range(n), csv.DictReader(f))]
     model_type = AutoModelForImageTextToText.from_pretrained(model_dir).config.model_type
-    preparer = Preparer(detect_schema(list(rows[0])), get_family(model_type).encoding)
+    preparer = Preparer(detect_schema(list(rows[0])), family_spec(model_type).encoding)
     preparer.images = ImageOptions(base_dirs=(shapes_data["train"].parent,))
     return dict(VlmCollator(processor, preparer)(rows))
 

@@ -28,7 +28,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import logging
 
-from .registry import FAMILIES
+from .registry import registered
 from .tiny import LEARNING_GAPS, RECIPES
 
 TINY_TYPES = frozenset(recipe.config_cls.model_type for recipe in RECIPES.values())
@@ -70,11 +70,11 @@ def _encoder_decoder(model_type: str) -> bool:
 
 def _verdict(model_type: str, processor_class: str | None, backends: dict[str, str]) -> tuple[str, str]:
     if model_type in TINY_TYPES:
-        registered = "registered" if model_type in FAMILIES else "derived"
+        entry = "registered" if registered(model_type) else "derived"
         gap = LEARNING_GAPS.get(model_type)
         if gap:
-            return "checked", f"{registered}; labels, LoRA coverage and save/reload tested on a tiny model; {gap}"
-        return "checked", f"{registered}; labels, LoRA coverage, learning and save/reload tested on a tiny model"
+            return "checked", f"{entry}; labels, LoRA coverage and save/reload tested on a tiny model; {gap}"
+        return "checked", f"{entry}; labels, LoRA coverage, learning and save/reload tested on a tiny model"
     if _encoder_decoder(model_type):
         return "refused", (
             "an encoder-decoder: vlmtune trains decoder-only language models (answer labels at the "
@@ -82,8 +82,7 @@ def _verdict(model_type: str, processor_class: str | None, backends: dict[str, s
         )
     if processor_class is None:
         return "refused", (
-            "transformers has no multimodal processor for it, and vlmtune places image tokens through the "
-            "processor"
+            "transformers has no multimodal processor for it, and vlmtune places image tokens through the processor"
         )
     if not backends:
         return "refused", "transformers names no image processor for it (audio or video only, or none)"

@@ -19,7 +19,8 @@ family, they are read off what the checkpoint already says, without loading weig
   space layers carry a state across a packed row) with that reason.
 
 What cannot be derived and verified is a `DerivationError` naming the fact and how to supply it, never a guess.
-Registered families (`registry.FAMILIES`) override derivation; `family_for` is the one entry point.
+A registry entry (`registry.OVERRIDES`) states the few facts derivation cannot know for its family; a user's
+whole `register`ed family replaces derivation; `family_for` is the one entry point.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..data.encode import SENTINEL, processor_inputs, template_messages
 from ..errors import ModelError
-from .registry import FAMILIES, UNCHECKED_PACKING, FamilySpec
+from .registry import FAMILIES, OVERRIDES, UNCHECKED_PACKING, FamilySpec, Override, default_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -282,8 +283,15 @@ def turn_end(processor, model_type: str, declared: tuple[str, ...], source: str 
 _ATTENTION_LAYERS = {"full_attention", "sliding_attention", "attention", "chunked_attention"}
 
 
-def packing_refusal(config: PretrainedConfig) -> str:
-    """Why an unregistered family is not packed: a hybrid language model's recurrent layers, or unchecked."""
+def packing_refusal(config: PretrainedConfig) -> str | None:
+    """Why the checkpoint's family is not packed (None: it is), from its config alone: what its registry
+    entry or the user's `register`ed family says (an entry stating how packed positions are made has been
+    checked by the parity tests), else a hybrid language model's recurrent layers, else unchecked."""
+    user, entry = FAMILIES.get(config.model_type), OVERRIDES.get(config.model_type)
+    if user is not None:
+        return user.packing_refusal
+    if entry is not None and {"packing_positions", "packing_refusal"} & set(entry.facts):
+        return entry.facts.get("packing_refusal")
     kinds = set(getattr(config.get_text_config(), "layer_types", None) or ()) - _ATTENTION_LAYERS
     if kinds:
         return (
@@ -320,12 +328,19 @@ _PART_KEYS = ("vision_keys", "projector_keys", "language_keys", "decoder_layers"
 
 
 def derive_spec(
-    config: PretrainedConfig, processor, source: str | None = None, model=None, given: Mapping | None = None
+    config: PretrainedConfig,
+    processor,
+    source: str | None = None,
+    model=None,
+    given: Mapping | None = None,
+    entry: Override | None = None,
 ) -> FamilySpec:
-    """A `FamilySpec` built from derived facts, `given` (a family file's facts) replacing those it states;
-    raises `DerivationError` where a fact can be neither derived nor taken from `given`. Given facts are
-    still verified where the checkpoint can check them (an image token the processor never emits)."""
-    given = dict(given or {})
+    """A `FamilySpec` built from derived facts, `given` (a family file's facts) replacing those it states and
+    the registry `entry` what it states; raises `DerivationError` where a fact can be neither derived nor
+    taken from either. Stated facts are still verified where the checkpoint can check them (an image token
+    the processor never emits)."""
+    stated = {k: v for k, v in (entry.facts if entry else {}).items() if k in FAMILY_FILE_KEYS}
+    given = stated | dict(given or {})
     model_type = config.model_type
     parts = _derived_parts(config, model, given)
     marker = None if "turn_end" in given else template_turn_end(processor, model_type)
@@ -340,13 +355,21 @@ def derive_spec(
         turn_end=turn_end(processor, model_type, declared, source),
         multi_image=given.get("multi_image", True),
         packing_refusal=packing_refusal(config),
-        derived=True,
+        derived=entry is None,
     )
+    if entry is not None:
+        return _with_entry(spec, entry)
     description = describe(spec, set(given))
     if description not in _described:  # once per process and family
         _described.add(description)
         logger.warning(description)
     return spec
+
+
+def _with_entry(spec: FamilySpec, entry: Override) -> FamilySpec:
+    """The derived spec with the entry's facts that no family file states (packing, encoding mode)."""
+    rest = {k: v for k, v in entry.facts.items() if k not in FAMILY_FILE_KEYS}
+    return dataclasses.replace(spec, **rest)
 
 
 _described: set[str] = set()
@@ -374,12 +397,22 @@ def describe(spec: FamilySpec, given: set[str] = frozenset()) -> str:
 def family_for(
     config: PretrainedConfig, processor, source: str | None = None, model=None, given: Mapping | None = None
 ) -> FamilySpec:
-    """The family's spec: its registry entry (the override) or derived facts, `given` (a family file's
-    facts) replacing what either says; either way with the checkpoint's own generation-config stop tokens
-    added to what ends a turn."""
+    """The family's spec: derived facts with its registry entry's on top, `given` (a family file's facts)
+    replacing what either says; a user's `register`ed family as stated (with `given` on top). Either way
+    the checkpoint's own generation-config stop tokens are added to what ends a turn. A processor without
+    a chat template is read with the entry's default one (PaliGemma's; `loading.with_chat_template` gives
+    it to the processor for good) and left as it was."""
     spec = FAMILIES.get(config.model_type)
     if spec is None:
-        return derive_spec(config, processor, source, model, given)
+        entry, default = OVERRIDES.get(config.model_type), default_chat_template(config.model_type)
+        own = getattr(processor, "chat_template", None)
+        if own or not default:
+            return derive_spec(config, processor, source, model, given, entry)
+        processor.chat_template = default
+        try:
+            return derive_spec(config, processor, source, model, given, entry)
+        finally:
+            processor.chat_template = own
     fields = {k: v for k, v in (given or {}).items() if k != "chat_template"}
     spec = dataclasses.replace(spec, **fields) if fields else spec
     ends = turn_end(processor, spec.model_type, spec.turn_end, source)

@@ -29,7 +29,7 @@ from .checkpoint import (
 )
 from .derive import family_for
 from .processors import load_processor
-from .registry import FAMILIES, FamilySpec
+from .registry import FamilySpec, default_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -324,9 +324,7 @@ def load_processing(
     config = read_config(model_name_or_path, trust_remote_code)
     with model_errors(processor_path or model_name_or_path, "--adapter" if processor_path else "--model_name_or_path"):
         processor = load_processor(processor_path or model_name_or_path, trust_remote_code=trust_remote_code)
-    registered = FAMILIES.get(config.model_type)
-    if registered is not None:
-        processor = with_chat_template(processor, registered)
+    processor = with_chat_template(processor, default_chat_template(config.model_type))
     if family and "chat_template" in family:
         processor.chat_template = family["chat_template"]
     return processor, family_for(config, processor, model_name_or_path, given=family)
@@ -342,10 +340,10 @@ def read_config(model_name_or_path: str, trust_remote_code: bool = False):
     return config
 
 
-def with_chat_template(processor, spec: FamilySpec):
+def with_chat_template(processor, default: str | None):
     """Give a processor whose checkpoint ships no chat template the family's default one."""
-    if getattr(processor, "chat_template", None) is None and spec.default_chat_template:
-        processor.chat_template = spec.default_chat_template
+    if getattr(processor, "chat_template", None) is None and default:
+        processor.chat_template = default
     return processor
 
 

@@ -1,9 +1,15 @@
-"""One entry per model family, as data.
+"""A family's facts (`FamilySpec`), and the registry: per family, only what derivation gets wrong, with why.
 
 Generic code asks a `FamilySpec` what it needs (which modules are the vision tower, the projector and the
 language model; which image token the processor expands; whether several images per sample work) and
-never branches on a model type. Where a family needs behaviour rather than data, the spec names it as a
-small field (a flag or a hook) and the code that honours it stays generic.
+never branches on a model type. The facts are derived from the checkpoint (`models/derive.py`); a registry
+entry (`OVERRIDES`) states the few that derivation cannot know or gets wrong for its family, each entry
+saying why: packing facts checked by the parity tests, one image per sample for models trained so,
+PaliGemma's prefix/suffix encoding. Where a family needs behaviour rather than data, a field names it (a
+flag or a hook) and the code that honours it stays generic.
+
+`register(FamilySpec(...))` is the user's way to state a whole family themselves (every fact, no
+derivation); `--family_file` states a few facts and derives the rest.
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..data.encode import EncodingFacts
-from ..errors import ModelError
 from .hooks import PALIGEMMA_TEMPLATE, image_block_packed_masks, prefix_packed_mask
 
 # Why a family no entry states packing facts for is not packed.
@@ -50,7 +55,6 @@ class FamilySpec:
     decoder_layers: tuple[str, ...] = ()
     vision_layer: str | None = None
     multi_image: bool = True
-    example_checkpoints: tuple[str, ...] = ()
     # Used when a checkpoint ships no chat template (PaliGemma's).
     default_chat_template: str | None = None
     # Not a chat model: the prompt is the processor's text and the answer its `suffix=` (PaliGemma).
@@ -64,8 +68,7 @@ class FamilySpec:
     packing_positions: str = "text"
     packing_refusal: str | None = None
     packing_masks: Callable | None = None
-    notes: str = ""
-    derived: bool = False  # built by `models/derive.py` from the checkpoint, not a registry entry
+    derived: bool = False  # derived from the checkpoint with no registry entry for its family
 
     @property
     def encoding(self) -> EncodingFacts:
@@ -81,220 +84,151 @@ class FamilySpec:
         )
 
 
+# A user's own families, every fact stated (`register`): used as they are, nothing derived.
 FAMILIES: dict[str, FamilySpec] = {}
 
 
 def register(spec: FamilySpec) -> FamilySpec:
-    """Add a family to the registry (also the hook for users' own families)."""
+    """Add a whole family of the user's (every fact stated; derivation is skipped for it)."""
     FAMILIES[spec.model_type] = spec
     return spec
 
 
-_QWEN_KEYS = dict(
-    vision_keys=("model.visual",),
-    projector_keys=("model.visual.merger",),
-    language_keys=("model.language_model", "lm_head"),
-    image_token="<|image_pad|>",
-    image_extra_tokens=("<|vision_start|>", "<|vision_end|>"),
-    turn_end=("<|im_end|>",),
+# Fields an entry may state: they replace derived facts (the first group is also what a family file states).
+_FIELDS = frozenset(FamilySpec.__dataclass_fields__) - {"model_type", "derived"}
+
+
+@dataclass(frozen=True)
+class Override:
+    """A registry entry: the facts derivation cannot know or gets wrong for one family, and why.
+
+    `facts` are `FamilySpec` fields. Those a family file could state (`multi_image`, `turn_end`, ...) are
+    given to derivation, which still verifies them against the checkpoint; the rest (packing, encoding
+    mode, a default chat template) replace the derived values. `example_checkpoints` is documentation
+    (docs/models.md lists them).
+    """
+
+    model_type: str
+    why: str
+    facts: dict
+    example_checkpoints: tuple[str, ...] = ()
+
+
+OVERRIDES: dict[str, Override] = {}
+
+
+def _entry(model_type: str, why: str, examples: tuple[str, ...] = (), **facts) -> None:
+    unknown = set(facts) - _FIELDS
+    assert not unknown, f"{model_type}: not FamilySpec fields: {sorted(unknown)}"
+    OVERRIDES[model_type] = Override(model_type, why, facts, examples)
+
+
+_QWEN_PACKING = (
+    "packing: Qwen's 3-D rotary positions are computed per packed sample by the model's own rope-index "
+    "function (parity-tested)"
+)
+_ONE_IMAGE = "trained on one image per sample: extra images are dropped with a warning, their text kept"
+
+_entry(
+    "qwen2_vl",
+    _QWEN_PACKING,
+    ("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct", "Qwen/Qwen2-VL-72B-Instruct"),
     packing_positions="mrope",
 )
-# LLaVA-style composites: vision_tower -> multi_modal_projector -> language_model.
-_LLAVA_KEYS = dict(
-    vision_keys=("model.vision_tower",),
-    projector_keys=("model.multi_modal_projector",),
-    language_keys=("model.language_model", "lm_head"),
+_entry(
+    "qwen2_5_vl",
+    _QWEN_PACKING,
+    (
+        "Qwen/Qwen2.5-VL-3B-Instruct",
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        "Qwen/Qwen2.5-VL-32B-Instruct",
+        "Qwen/Qwen2.5-VL-72B-Instruct",
+    ),
+    packing_positions="mrope",
 )
-# Idefics3 and SmolVLM: vision_model -> connector (pixel shuffle + projection) -> text_model.
-_IDEFICS_KEYS = dict(
-    vision_keys=("model.vision_model",),
-    projector_keys=("model.connector",),
-    language_keys=("model.text_model", "lm_head"),
-    image_token="<image>",
-    image_extra_tokens=("<fake_token_around_image>", "<global-img>"),
-    turn_end=("<end_of_utterance>",),
+_entry(
+    "qwen3_vl",
+    _QWEN_PACKING,
+    ("Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-8B-Instruct"),
+    packing_positions="mrope",
 )
-
-register(
-    FamilySpec(
-        model_type="qwen2_vl",
-        **_QWEN_KEYS,
-        decoder_layers=("Qwen2VLDecoderLayer",),
-        vision_layer="Qwen2VLVisionBlock",
-        example_checkpoints=("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct", "Qwen/Qwen2-VL-72B-Instruct"),
-    )
+_entry(
+    "llava",
+    f"{_ONE_IMAGE}; packing: positions restart per sample and causal attention keeps samples apart (parity-tested)",
+    ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf", "llava-hf/llava-interleave-qwen-0.5b-hf"),
+    multi_image=False,
+    packing_positions="text",
 )
-
-register(
-    FamilySpec(
-        model_type="qwen2_5_vl",
-        **_QWEN_KEYS,
-        decoder_layers=("Qwen2_5_VLDecoderLayer",),
-        vision_layer="Qwen2_5_VLVisionBlock",
-        example_checkpoints=(
-            "Qwen/Qwen2.5-VL-3B-Instruct",
-            "Qwen/Qwen2.5-VL-7B-Instruct",
-            "Qwen/Qwen2.5-VL-32B-Instruct",
-            "Qwen/Qwen2.5-VL-72B-Instruct",
-        ),
-    )
+_entry(
+    "llava_next",
+    f"{_ONE_IMAGE}; packing parity-tested as LLaVA's",
+    ("llava-hf/llava-v1.6-mistral-7b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf", "ibm-granite/granite-vision-3.2-2b"),
+    multi_image=False,
+    packing_positions="text",
 )
-
-register(
-    FamilySpec(
-        model_type="qwen3_vl",
-        vision_keys=("model.visual",),
-        # The final merger and the "deepstack" mergers that feed early vision layers into the LM.
-        projector_keys=("model.visual.merger", "model.visual.deepstack_merger_list"),
-        language_keys=("model.language_model", "lm_head"),
-        image_token="<|image_pad|>",
-        image_extra_tokens=("<|vision_start|>", "<|vision_end|>"),
-        turn_end=("<|im_end|>",),
-        packing_positions="mrope",
-        decoder_layers=("Qwen3VLTextDecoderLayer",),
-        vision_layer="Qwen3VLVisionBlock",
-        example_checkpoints=("Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-8B-Instruct"),
-        notes="Dense Qwen3-VL; the MoE variants (qwen3_vl_moe) use the generic fallback.",
-    )
+_entry(
+    "gemma3",
+    "packing: image tokens attend both ways within their image, which the model's own mask would let cross "
+    "packed samples, so vlmtune builds the packed masks (parity-tested)",
+    ("google/gemma-3-4b-it", "google/gemma-3-12b-it", "google/gemma-3-27b-it"),
+    packing_positions="text",
+    packing_masks=image_block_packed_masks,
 )
-
-register(
-    FamilySpec(
-        model_type="llava",
-        **_LLAVA_KEYS,
-        image_token="<image>",
-        decoder_layers=("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer"),
-        vision_layer="CLIPEncoderLayer",
-        multi_image=False,
-        example_checkpoints=(
-            "llava-hf/llava-1.5-7b-hf",
-            "llava-hf/llava-1.5-13b-hf",
-            "llava-hf/llava-interleave-qwen-0.5b-hf",
-        ),
-        notes="CLIP or SigLIP tower (llava-interleave); trained on one image per sample: extra images are "
-        "dropped with a warning. The decoder class follows the checkpoint's language model (those listed "
-        "are the common ones); the loaded model's own is used.",
-    )
+_entry(
+    "mllama",
+    f"{_ONE_IMAGE}; packing refused (cross-attention inputs are laid out per row)",
+    ("meta-llama/Llama-3.2-11B-Vision-Instruct", "meta-llama/Llama-3.2-90B-Vision-Instruct"),
+    multi_image=False,
+    packing_refusal="Llama 3.2 Vision reads its images through cross-attention, whose inputs are laid out "
+    "per row (pixel_values: batch x images x tiles; cross_attention_mask: batch x tokens x images x tiles), "
+    "so packed samples' images would have to share one row's image slots with every token's mask re-pointed "
+    "to its own sample's image, which vlmtune does not do",
 )
-
-register(
-    FamilySpec(
-        model_type="llava_next",
-        vision_keys=("model.vision_tower",),
-        # image_newline is the learned separator between rows of image tiles: trained with the projector.
-        projector_keys=("model.multi_modal_projector", "model.image_newline"),
-        language_keys=("model.language_model", "lm_head"),
-        image_token="<image>",
-        decoder_layers=("MistralDecoderLayer", "LlamaDecoderLayer", "GraniteDecoderLayer"),
-        vision_layer="CLIPEncoderLayer",
-        multi_image=False,
-        example_checkpoints=(
-            "llava-hf/llava-v1.6-mistral-7b-hf",
-            "llava-hf/llava-v1.6-vicuna-7b-hf",
-            "ibm-granite/granite-vision-3.2-2b",
-        ),
-        notes="LLaVA-1.6 (AnyRes tiling); Granite Vision uses this architecture. The decoder class "
-        "follows the language model; the loaded model's own is used.",
-    )
+_entry(
+    "idefics3",
+    "packing: positions restart per sample and causal attention keeps samples apart (parity-tested)",
+    ("HuggingFaceM4/Idefics3-8B-Llama3",),
+    packing_positions="text",
 )
-
-register(
-    FamilySpec(
-        model_type="gemma3",
-        **_LLAVA_KEYS,
-        image_token="<image_soft_token>",
-        image_placeholder="<start_of_image>",
-        image_extra_tokens=("<start_of_image>", "<end_of_image>"),
-        # An ordinary added token in some tokenizers (not in `all_special_tokens`): a family fact.
-        turn_end=("<end_of_turn>",),
-        decoder_layers=("Gemma3DecoderLayer",),
-        vision_layer="SiglipEncoderLayer",
-        packing_masks=image_block_packed_masks,
-        example_checkpoints=("google/gemma-3-4b-it", "google/gemma-3-12b-it", "google/gemma-3-27b-it"),
-        notes="The processor returns token_type_ids (image tokens attend bidirectionally); they pass "
-        "through to the model.",
-    )
+_entry(
+    "smolvlm",
+    "packing parity-tested as Idefics3's",
+    (
+        "HuggingFaceTB/SmolVLM-256M-Instruct",
+        "HuggingFaceTB/SmolVLM-500M-Instruct",
+        "HuggingFaceTB/SmolVLM-Instruct",
+        "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
+    ),
+    packing_positions="text",
 )
-
-register(
-    FamilySpec(
-        model_type="mllama",
-        vision_keys=("model.vision_model",),
-        projector_keys=("model.multi_modal_projector",),
-        language_keys=("model.language_model", "lm_head"),
-        image_token="<|image|>",
-        turn_end=("<|eot_id|>",),
-        decoder_layers=("MllamaSelfAttentionDecoderLayer", "MllamaCrossAttentionDecoderLayer"),
-        vision_layer="MllamaVisionEncoderLayer",
-        multi_image=False,
-        packing_refusal="Llama 3.2 Vision reads its images through cross-attention, whose inputs are laid out "
-        "per row (pixel_values: batch x images x tiles; cross_attention_mask: batch x tokens x images x tiles), "
-        "so packed samples' images would have to share one row's image slots with every token's mask re-pointed "
-        "to its own sample's image, which vlmtune does not do",
-        example_checkpoints=(
-            "meta-llama/Llama-3.2-11B-Vision-Instruct",
-            "meta-llama/Llama-3.2-90B-Vision-Instruct",
-        ),
-        notes="Images enter through cross-attention layers (part of the language model, LoRA-adapted "
-        "with it); one image per sample.",
-    )
-)
-
-register(
-    FamilySpec(
-        model_type="idefics3",
-        **_IDEFICS_KEYS,
-        decoder_layers=("LlamaDecoderLayer",),
-        vision_layer="Idefics3EncoderLayer",
-        example_checkpoints=("HuggingFaceM4/Idefics3-8B-Llama3",),
-    )
-)
-
-register(
-    FamilySpec(
-        model_type="smolvlm",
-        **_IDEFICS_KEYS,
-        decoder_layers=("LlamaDecoderLayer",),
-        vision_layer="SmolVLMEncoderLayer",
-        example_checkpoints=(
-            "HuggingFaceTB/SmolVLM-256M-Instruct",
-            "HuggingFaceTB/SmolVLM-500M-Instruct",
-            "HuggingFaceTB/SmolVLM-Instruct",
-            "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
-        ),
-        notes="Needs the num2words package (installed with vlmtune).",
-    )
-)
-
-register(
-    FamilySpec(
-        model_type="paligemma",
-        **_LLAVA_KEYS,
-        image_token="<image>",
-        decoder_layers=("GemmaDecoderLayer", "Gemma2DecoderLayer"),
-        vision_layer="SiglipEncoderLayer",
-        multi_image=False,
-        default_chat_template=PALIGEMMA_TEMPLATE,
-        prefix_suffix=True,
-        packing_masks=prefix_packed_mask,
-        example_checkpoints=(
-            "google/paligemma-3b-pt-224",
-            "google/paligemma-3b-mix-224",
-            "google/paligemma2-3b-pt-224",
-            "google/paligemma2-3b-pt-448",
-        ),
-        notes="Not a chat model: the prompt is the prefix, the answer the suffix (the last answer of a "
-        "conversation is trained). PaliGemma 2 checkpoints (Gemma 2 decoder) use the same entry.",
-    )
+_entry(
+    "paligemma",
+    "not a chat model: its checkpoints ship no chat template, the prompt is the processor's prefix and the "
+    f"answer its suffix; {_ONE_IMAGE}; packing: the prefix attends both ways, so vlmtune builds the packed "
+    "masks (parity-tested)",
+    (
+        "google/paligemma-3b-pt-224",
+        "google/paligemma-3b-mix-224",
+        "google/paligemma2-3b-pt-224",
+        "google/paligemma2-3b-pt-448",
+    ),
+    multi_image=False,
+    turn_end=(),  # its template renders only the prompt; the processor ends the suffix with EOS itself
+    image_extra_tokens=(),  # derivation sees the <bos> the processor writes after the image tokens: text, not image
+    default_chat_template=PALIGEMMA_TEMPLATE,
+    prefix_suffix=True,
+    packing_positions="text",
+    packing_masks=prefix_packed_mask,
 )
 
 
-def get_family(model_type: str) -> FamilySpec:
-    """The registry entry for `model_type`. Unregistered families get their facts derived from the
-    checkpoint (`models.derive.family_for`, which needs its config and processor)."""
-    if model_type not in FAMILIES:
-        raise ModelError(
-            f"{model_type!r} has no registry entry; its facts are derived when the checkpoint loads "
-            "(vlmtune.models.derive.family_for(config, processor))"
-        )
-    return FAMILIES[model_type]
+def default_chat_template(model_type: str) -> str | None:
+    """The chat template a family's checkpoints lack and vlmtune supplies (PaliGemma's), if any."""
+    if model_type in FAMILIES:
+        return FAMILIES[model_type].default_chat_template
+    return OVERRIDES[model_type].facts.get("default_chat_template") if model_type in OVERRIDES else None
+
+
+def registered(model_type: str) -> bool:
+    """Whether vlmtune's registry or the user's `register` holds an entry for the family."""
+    return model_type in OVERRIDES or model_type in FAMILIES

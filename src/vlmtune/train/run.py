@@ -27,7 +27,6 @@ from ..models.generation import full_parameters_for_generation
 from ..models.loading import apply_finetuning, check_adapter_fits, load_model, read_config, trainable_table
 from ..models.loss import use_router_aux_loss
 from ..models.packing import check_packing
-from ..models.registry import FAMILIES
 from ..outputs import LOCK_FILE, check_output_folder, exclusive_output_dir
 from .callbacks import early_stopping_callback, keep_training_when_reporters_fail
 from .checkpoints import no_space_errors, remove_deletion_leftovers, resolve_resume
@@ -89,9 +88,7 @@ def check_packing_family(model_args, data_args) -> None:
     if flag is None:
         return
     config = read_config(model_args.model_name_or_path, model_args.trust_remote_code)
-    spec = FAMILIES.get(config.model_type)
-    # Not registered: refused, with the reason derived from its config.
-    check_packing(spec.packing_refusal if spec else packing_refusal(config), f"--{flag}", config.model_type)
+    check_packing(packing_refusal(config), f"--{flag}", config.model_type)
 
 
 def training_rows(rows, data_args, training_args) -> tuple[object, PackPlan | None]:
