@@ -13,7 +13,15 @@ from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeat
 
 from tests.test_packing import refused
 from vlmtune.config import FinetuneArguments
-from vlmtune.models.derive import FAMILY_FILE_KEYS, DerivationError, derive_spec, family_for, meta_model
+from vlmtune.data.encode import SENTINEL
+from vlmtune.models.derive import (
+    FAMILY_FILE_KEYS,
+    DerivationError,
+    UnsupportedModelError,
+    derive_spec,
+    family_for,
+    meta_model,
+)
 from vlmtune.models.loading import (
     apply_finetuning,
     language_lora_targets,
@@ -183,6 +191,38 @@ def test_an_image_token_the_processor_never_emits_is_refused():
     config, processor, model = built("qwen3_5")
     config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     with pytest.raises(DerivationError, match="holds no '<|video_pad|>'"):
+        derive_spec(config, processor, model=model)
+
+
+def test_a_processor_that_takes_one_image_per_sample_gets_one(monkeypatch):
+    """Whether several images work is read off the processor: one that refuses two (as ShieldGemma 2's does)
+    gets one image per sample, the others dropped with a warning, instead of every such row failing."""
+    config, processor, model = built("qwen3_5")
+    assert derive_spec(config, processor, model=model).multi_image
+    call = type(processor).__call__
+
+    def one_image_only(self, images=None, text=None, **kwargs):
+        if images and any(len(sample) > 1 for sample in images):
+            raise ValueError("this processor takes at most one image per sample")
+        return call(self, images=images, text=text, **kwargs)
+
+    monkeypatch.setattr(type(processor), "__call__", one_image_only)
+    assert not derive_spec(config, processor, model=model).multi_image
+
+
+def test_a_processor_that_replaces_the_users_text_is_refused(monkeypatch):
+    """ShieldGemma 2's processor renders its own policy prompts whatever text it is given: training on it
+    would never show the model the user's prompts, so it is refused by name, before any weights load."""
+    config, processor, model = built("qwen3_5")
+    call = type(processor).__call__
+
+    def own_prompts(self, images=None, text=None, **kwargs):
+        return call(self, images=images, text=[t.replace(SENTINEL, "Is this image safe?") for t in text], **kwargs)
+
+    monkeypatch.setattr(type(processor), "__call__", own_prompts)
+    with pytest.raises(
+        UnsupportedModelError, match="qwen3_5: vlmtune cannot fine-tune it: its processor does not"
+    ):
         derive_spec(config, processor, model=model)
 
 

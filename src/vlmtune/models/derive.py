@@ -13,6 +13,8 @@ family, they are read off what the checkpoint already says, without loading weig
 - the image token: `processor.image_token`, checked against `config.image_token_id` and against what
   the processor emits for one tiny image; the placeholder the chat template writes per image, and the
   special tokens the processor puts around each image's features;
+- whether several images per sample work: the processor given two (ShieldGemma 2's refuses); and that the
+  processor passes the prompt's text on at all (ShieldGemma 2's writes its own policy prompts: refused);
 - the end of an assistant turn: the chat template rendered with a sentinel answer shows what follows an
   answer; the checkpoint's generation-config EOS tokens are cross-checked against it;
 - packing: refused unless a registry entry says how; hybrid language models (linear-attention or state
@@ -78,6 +80,14 @@ class DerivationError(ModelError):
             f"--family_file family.yaml (docs/models.md), or in Python with "
             f"vlmtune.models.register(FamilySpec(model_type={model_type!r}, ...))"
         )
+
+
+class UnsupportedModelError(DerivationError):
+    """An architecture vlmtune refuses whatever facts are stated: no family file would make it right."""
+
+    def __init__(self, model_type: str, why: str):
+        self.fact, self.why, self.key = "training setup", why, None
+        ModelError.__init__(self, f"{model_type}: vlmtune cannot fine-tune it: {why}")
 
 
 @dataclass(frozen=True)
@@ -210,10 +220,16 @@ def image_tokens(processor, config: PretrainedConfig, given: str | None = None) 
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise DerivationError(model_type, "image token", f"{token!r} is not in the tokenizer's vocabulary")
-    text = [{"type": "text", "text": "Hi"}]
+    text = [{"type": "text", "text": SENTINEL}]
     with_image = _rendered(processor, _user([{"type": "image"}, *text]), add_generation_prompt=True)
     without = _rendered(processor, _user(text), add_generation_prompt=True)
     ids = processor_inputs(processor, [with_image], [[Image.new("RGB", (64, 64), "red")]])["input_ids"][0].tolist()
+    if SENTINEL not in tokenizer.decode(ids):
+        raise UnsupportedModelError(
+            model_type,
+            "its processor does not pass the conversation's text on to the model (ShieldGemma 2's replaces it "
+            "with its own policy prompts: an image classifier, not a model to fine-tune on prompts and answers)",
+        )
     if token_id not in ids:
         raise DerivationError(model_type, "image token", f"the processor's output for one image holds no {token!r}")
     plain = set(tokenizer(without)["input_ids"])
@@ -226,6 +242,18 @@ def image_tokens(processor, config: PretrainedConfig, given: str | None = None) 
             model_type, "image placeholder", "the chat template writes no token the processor expands"
         )
     return ImageTokens(token=token, placeholder=placeholder, extras=tuple(extras))
+
+
+def takes_several_images(processor) -> bool:
+    """Whether the processor accepts two images in one sample; one that refuses (ShieldGemma 2's: "at most
+    one image per sample") gets one image per sample, the rest dropped with a warning, not a failing row."""
+    text = _rendered(processor, _user([{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Hi"}]))
+    pictures = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue")]
+    try:
+        processor_inputs(processor, [text], [pictures])
+    except ValueError:  # what processors raise on an image count they do not take
+        return False
+    return True
 
 
 # --- end of turn -----------------------------------------------------------------------------------
@@ -353,7 +381,7 @@ def derive_spec(
         image_placeholder=given.get("image_placeholder", images.placeholder),
         image_extra_tokens=given.get("image_extra_tokens", images.extras),
         turn_end=turn_end(processor, model_type, declared, source),
-        multi_image=given.get("multi_image", True),
+        multi_image=given["multi_image"] if "multi_image" in given else takes_several_images(processor),
         packing_refusal=packing_refusal(config),
         derived=entry is None,
     )
