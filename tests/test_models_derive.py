@@ -16,6 +16,7 @@ from vlmtune.config import FinetuneArguments
 from vlmtune.models.derive import DerivationError, derive_spec, family_for, meta_model
 from vlmtune.models.loading import (
     apply_finetuning,
+    expert_parameters,
     language_lora_targets,
     linear_modules,
     load_model,
@@ -87,6 +88,26 @@ def test_qwen3_5_lora_reaches_its_linear_attention_and_moe_shared_experts_not_ro
     assert re.fullmatch(pattern, f"{layer}.mlp.shared_expert.up_proj")
     assert not re.fullmatch(pattern, f"{layer}.mlp.shared_expert_gate"), "a gate, not adapted"
     assert not re.fullmatch(pattern, "model.visual.blocks.0.attn.qkv")
+
+
+def test_qwen3_vl_moe_lora_adapts_attention_only_its_router_is_no_linear_and_experts_are_fused():
+    """Qwen3-VL-MoE's sparse block holds a router (`mlp.gate`, its own module with a 2-D weight, not an
+    `nn.Linear`) and the routed experts as fused 3-D parameters, and no shared expert: the default LoRA
+    adapts the attention projections and nothing in the MLP; only --lora_target_experts reaches the experts."""
+    config, processor, model = built("qwen3_vl_moe")
+    spec = family_for(config, processor, model=model)
+    layer = "model.language_model.layers.1"
+    router = model.get_submodule(f"{layer}.mlp.gate")
+    assert not isinstance(router, torch.nn.Linear) and router.weight.shape == (4, config.text_config.hidden_size)
+    assert not any("shared_expert" in n for n, _ in model.named_modules())
+    pattern = language_lora_targets(model, spec)
+    adapted = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(pattern, n)}
+    assert {n.split(".layers.")[1].split(".", 1)[1] for n in adapted} == {
+        f"self_attn.{p}_proj" for p in ("q", "k", "v", "o")
+    }
+    assert expert_parameters(model, spec) == [
+        f"model.language_model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")
+    ]
 
 
 def test_a_processor_without_an_image_token_is_refused_by_name():

@@ -20,6 +20,7 @@ MARKERS = {
     "qwen2_vl": ("<|im_start|>assistant\n", "<|im_end|>"),
     "qwen2_5_vl": ("<|im_start|>assistant\n", "<|im_end|>"),
     "qwen3_vl": ("<|im_start|>assistant\n", "<|im_end|>"),
+    "qwen3_vl_moe": ("<|im_start|>assistant\n", "<|im_end|>"),
     "llava": (" ASSISTANT:", "</s>"),
     "llava_siglip": (" ASSISTANT:", "</s>"),
     "llava_next": (" [/INST]", "</s>"),
