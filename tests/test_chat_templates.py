@@ -36,6 +36,7 @@ REAL = {
     "llava": ("llava_1_5", " ", "</s>", False),
     "llava_siglip": ("llava_1_5", " ", "</s>", False),
     "llava_next": ("llava_v1_6_mistral", "", "</s>", False),
+    "mistral3": ("mistral3", "", "</s>", False),
     "gemma3": ("gemma3", "", "<end_of_turn>", True),
     "mllama": ("mllama", "", "<|eot_id|>", False),
     "idefics3": ("idefics3", " ", "<end_of_utterance>", False),

@@ -156,6 +156,25 @@ def test_gemma4_processor_loads_and_processes_an_image_without_its_video_process
     assert ids.count(tokenizer.convert_tokens_to_ids("<|image|>")) > 0
 
 
+def test_mistral3_processor_loads_and_expands_an_image_without_torchvision(tiny_model_dir):
+    """transformers 5.24 marks Pixtral's processor torchvision-only for one size helper it imports; vlmtune
+    loads the real class from a saved folder all the same, and the torchvision module's stand-in is gone
+    afterwards. A 64x64 image is 4x4 merged patches: four rows of [IMG], each closed by [IMG_BREAK] but the
+    last, closed by [IMG_END]."""
+    import importlib.util
+    import sys
+
+    import transformers
+
+    loaded = load_processor(tiny_model_dir("mistral3"))
+    assert type(loaded).__name__ == "PixtralProcessor" and type(loaded) is not transformers.PixtralProcessor
+    if importlib.util.find_spec("torchvision") is None:
+        assert "transformers.models.pixtral.image_processing_pixtral" not in sys.modules
+    text = loaded(text=["[IMG]look"], images=[[Image.new("RGB", (64, 64), "red")]])["input_ids"][0]
+    row = ["[IMG]"] * 4
+    assert loaded.tokenizer.convert_ids_to_tokens(text)[:20] == [*row, "[IMG_BREAK]"] * 3 + [*row, "[IMG_END]"]
+
+
 def test_gemma4_vision_lora_reaches_the_linears_inside_its_clipping_wrappers(tiny_model_dir):
     """Gemma 4's vision projections are `Gemma4ClippableLinear` modules holding the `nn.Linear` as
     ``.linear``: --train_vision_lora must adapt those inner linears (PEFT cannot wrap the wrapper), and the

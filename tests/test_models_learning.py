@@ -21,11 +21,12 @@ QWEN3_VL_MOE = pytest.param(
 # trained through its own encoding hook (PaliGemma); and derived families on their real templates: a
 # thinking template with a hybrid linear-attention language model (Qwen3.5), a mixture of experts without
 # shared experts, whose MLPs LoRA reaches only through --lora_target_experts (Qwen3-VL-MoE), and Gemma 4
-# (thinking channel, per-layer input embeddings, pooled vision tower). Qwen2-VL's run is in test_train.py.
+# (thinking channel, per-layer input embeddings, pooled vision tower); Mistral 3 (Pixtral tower, 2-D rotary
+# image positions, patch-merging projector) on Mistral Small 3.1's template. Qwen2-VL's run is in test_train.py.
 @pytest.mark.parametrize(
     ("family", "settings"),
     [
-        *[(family, {}) for family in ("llava_siglip", "gemma3", "mllama", "paligemma", "qwen3_5")],
+        *[(family, {}) for family in ("llava_siglip", "gemma3", "mllama", "paligemma", "qwen3_5", "mistral3")],
         ("qwen3_vl_moe", {"lora_target_experts": True}),
         QWEN3_VL_MOE,
         GEMMA4,
