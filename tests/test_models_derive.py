@@ -34,8 +34,6 @@ OVERRIDDEN = {
     "paligemma": {"*"},
     # The template writes the tokenizer's EOS itself; the entry leaves it to the EOS every family trains.
     "llava_next": {"turn_end"},
-    # The entry names the usual CLIP block; derivation reads the tower's real one (SigLIP here).
-    "llava_siglip": {"vision_layer"},
 }
 FACTS = ("vision_keys", "language_keys", "image_token", "turn_end", "vision_layer")
 
@@ -59,7 +57,7 @@ def test_derived_facts_agree_with_the_registry_entries(family):
     if entry is None:
         return
     for fact in FACTS:
-        if fact not in skip:
+        if fact not in skip and getattr(entry, fact) is not None:  # an unset fact is the checkpoint's
             assert getattr(spec, fact) == getattr(entry, fact), fact
     assert set(spec.projector_keys) == set(entry.projector_keys)
     assert set(spec.image_extra_tokens) == set(entry.image_extra_tokens)
@@ -77,6 +75,22 @@ def test_default_lora_adapts_every_language_model_linear_and_nothing_else(family
     routers = {n for n in language if n.rsplit(".", 1)[-1] in {"router", "shared_expert_gate"}}
     assert adapted == language - routers
     assert not adapted & set(linear_modules(model, spec, "vision_tower") + linear_modules(model, spec, "projector"))
+
+
+@pytest.mark.parametrize(("family", "block"), [("llava", "CLIPEncoderLayer"), ("llava_siglip", "SiglipEncoderLayer")])
+def test_llava_reports_the_vision_block_of_its_own_tower_and_fsdp_wraps_it(family, block, tiny_model_dir, tmp_path):
+    """One LLaVA entry, two towers: the vision block is read off the checkpoint (it was CLIP's for a SigLIP
+    tower, so FSDP left the SigLIP blocks unwrapped)."""
+    from vlmtune.config import VlmTrainingArguments
+    from vlmtune.train.fsdp import default_fsdp_wrap
+
+    config, processor, model = built(family)
+    assert FAMILIES["llava"].vision_layer is None, "not a family fact: the checkpoint's tower decides"
+    assert family_for(config, processor).vision_layer == block
+    loaded = load_model(tiny_model_dir(family))
+    assert loaded.spec.vision_layer == block
+    args = VlmTrainingArguments(output_dir=str(tmp_path), fsdp=True, use_cpu=True)
+    assert block in default_fsdp_wrap(args, loaded.model, loaded.spec)
 
 
 def test_qwen3_5_lora_reaches_its_linear_attention_and_moe_shared_experts_not_routers():

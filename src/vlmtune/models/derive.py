@@ -371,16 +371,28 @@ def describe(spec: FamilySpec, given: set[str] = frozenset()) -> str:
     )
 
 
+def _tower_block(config: PretrainedConfig, model) -> str | None:
+    """The vision block class of the checkpoint's own tower, for an entry that leaves it to the checkpoint
+    (LLaVA's tower is CLIP or SigLIP): one family, several towers."""
+    try:
+        blocks = module_parts(model if model is not None else meta_model(config), config).vision_layers
+    except DerivationError:
+        return None
+    return blocks[0] if blocks else None
+
+
 def family_for(
     config: PretrainedConfig, processor, source: str | None = None, model=None, given: Mapping | None = None
 ) -> FamilySpec:
-    """The family's spec: its registry entry (the override) or derived facts, `given` (a family file's
-    facts) replacing what either says; either way with the checkpoint's own generation-config stop tokens
-    added to what ends a turn."""
+    """The family's spec: its registry entry (the override; a vision block it leaves unset read off the
+    checkpoint's tower) or derived facts, `given` (a family file's facts) replacing what either says;
+    either way with the checkpoint's own generation-config stop tokens added to what ends a turn."""
     spec = FAMILIES.get(config.model_type)
     if spec is None:
         return derive_spec(config, processor, source, model, given)
     fields = {k: v for k, v in (given or {}).items() if k != "chat_template"}
+    if spec.vision_layer is None and "vision_layer" not in fields:
+        fields["vision_layer"] = _tower_block(config, model)
     spec = dataclasses.replace(spec, **fields) if fields else spec
     ends = turn_end(processor, spec.model_type, spec.turn_end, source)
     return dataclasses.replace(spec, turn_end=ends) if ends != spec.turn_end else spec

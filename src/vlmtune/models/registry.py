@@ -48,6 +48,8 @@ class FamilySpec:
     # Classes of the language model's decoder blocks (FSDP wrapping, gradient checkpointing); empty:
     # read the classes off the loaded model's language model.
     decoder_layers: tuple[str, ...] = ()
+    # The vision tower's block class (FSDP wrapping); None in an entry: read off the checkpoint's tower
+    # (LLaVA's is CLIP or SigLIP, whichever the checkpoint has).
     vision_layer: str | None = None
     multi_image: bool = True
     example_checkpoints: tuple[str, ...] = ()
@@ -164,7 +166,7 @@ register(
         **_LLAVA_KEYS,
         image_token="<image>",
         decoder_layers=("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer"),
-        vision_layer="CLIPEncoderLayer",
+        # No vision_layer: CLIP or SigLIP, read off the checkpoint's tower (models.derive.family_for).
         multi_image=False,
         example_checkpoints=(
             "llava-hf/llava-1.5-7b-hf",
@@ -186,7 +188,7 @@ register(
         language_keys=("model.language_model", "lm_head"),
         image_token="<image>",
         decoder_layers=("MistralDecoderLayer", "LlamaDecoderLayer", "GraniteDecoderLayer"),
-        vision_layer="CLIPEncoderLayer",
+        # No vision_layer: the block of whichever tower the checkpoint has, read off it (as for llava).
         multi_image=False,
         example_checkpoints=(
             "llava-hf/llava-v1.6-mistral-7b-hf",
