@@ -33,9 +33,12 @@ REAL = {
     "qwen2_vl": ("qwen2_vl", "", "<|im_end|>", False),
     "qwen2_5_vl": ("qwen2_vl", "", "<|im_end|>", False),
     "qwen3_vl": ("qwen3_vl", "", "<|im_end|>", False),
+    # Qwen3-VL-MoE's Instruct checkpoints ship the Qwen3-VL-Instruct template (fixtures README).
+    "qwen3_vl_moe": ("qwen3_vl", "", "<|im_end|>", False),
     "llava": ("llava_1_5", " ", "</s>", False),
     "llava_siglip": ("llava_1_5", " ", "</s>", False),
     "llava_next": ("llava_v1_6_mistral", "", "</s>", False),
+    "mistral3": ("mistral3", "", "</s>", False),
     "gemma3": ("gemma3", "", "<end_of_turn>", True),
     "mllama": ("mllama", "", "<|eot_id|>", False),
     "idefics3": ("idefics3", " ", "<end_of_utterance>", False),

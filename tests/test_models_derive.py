@@ -24,6 +24,7 @@ from vlmtune.models.derive import (
 )
 from vlmtune.models.loading import (
     apply_finetuning,
+    expert_parameters,
     language_lora_targets,
     linear_modules,
     load_model,
@@ -72,6 +73,12 @@ EXPECTED = {
         decoder_layers=("Qwen3VLTextDecoderLayer",),
         vision_layer="Qwen3VLVisionBlock",
     ),
+    "qwen3_vl_moe": _QWEN
+    | dict(
+        projector_keys={"model.visual.merger", "model.visual.deepstack_merger_list"},
+        decoder_layers=("Qwen3VLMoeTextDecoderLayer",),
+        vision_layer="Qwen3VLMoeVisionBlock",
+    ),
     "qwen3_5": _QWEN | dict(decoder_layers=("Qwen3_5DecoderLayer",), vision_layer="Qwen3_5VisionBlock"),
     "qwen3_5_moe": _QWEN | dict(decoder_layers=("Qwen3_5MoeDecoderLayer",), vision_layer="Qwen3_5MoeVisionBlock"),
     "llava": _LLAVA | dict(decoder_layers=("LlamaDecoderLayer",), vision_layer="CLIPEncoderLayer", multi_image=False),
@@ -115,6 +122,14 @@ EXPECTED = {
         decoder_layers=("MllamaSelfAttentionDecoderLayer", "MllamaCrossAttentionDecoderLayer"),
         vision_layer="MllamaVisionEncoderLayer",
         multi_image=False,
+    ),
+    "mistral3": _LLAVA
+    | dict(
+        image_token="[IMG]",
+        image_extra_tokens={"[IMG_BREAK]", "[IMG_END]"},
+        turn_end=("</s>",),
+        decoder_layers=("MistralDecoderLayer",),
+        vision_layer="PixtralAttentionLayer",
     ),
     "idefics3": _IDEFICS | dict(vision_layer="Idefics3EncoderLayer"),
     "smolvlm": _IDEFICS | dict(vision_layer="SmolVLMEncoderLayer"),
@@ -168,6 +183,22 @@ def test_default_lora_adapts_every_language_model_linear_and_nothing_else(family
     assert not adapted & set(linear_modules(model, spec, "vision_tower") + linear_modules(model, spec, "projector"))
 
 
+@pytest.mark.parametrize(("family", "block"), [("llava", "CLIPEncoderLayer"), ("llava_siglip", "SiglipEncoderLayer")])
+def test_llava_reports_the_vision_block_of_its_own_tower_and_fsdp_wraps_it(family, block, tiny_model_dir, tmp_path):
+    """One LLaVA entry, two towers: the vision block is read off the checkpoint (it was CLIP's for a SigLIP
+    tower, so FSDP left the SigLIP blocks unwrapped)."""
+    from vlmtune.config import VlmTrainingArguments
+    from vlmtune.train.fsdp import default_fsdp_wrap
+
+    config, processor, model = built(family)
+    assert "vision_layer" not in OVERRIDES["llava"].facts, "not a family fact: the checkpoint's tower decides"
+    assert family_for(config, processor).vision_layer == block
+    loaded = load_model(tiny_model_dir(family))
+    assert loaded.spec.vision_layer == block
+    args = VlmTrainingArguments(output_dir=str(tmp_path), fsdp=True, use_cpu=True)
+    assert block in default_fsdp_wrap(args, loaded.model, loaded.spec)
+
+
 def test_qwen3_5_lora_reaches_its_linear_attention_and_moe_shared_experts_not_routers():
     config, processor, model = built("qwen3_5_moe")
     pattern = language_lora_targets(model, family_for(config, processor, model=model))
@@ -177,6 +208,26 @@ def test_qwen3_5_lora_reaches_its_linear_attention_and_moe_shared_experts_not_ro
     assert re.fullmatch(pattern, f"{layer}.mlp.shared_expert.up_proj")
     assert not re.fullmatch(pattern, f"{layer}.mlp.shared_expert_gate"), "a gate, not adapted"
     assert not re.fullmatch(pattern, "model.visual.blocks.0.attn.qkv")
+
+
+def test_qwen3_vl_moe_lora_adapts_attention_only_its_router_is_no_linear_and_experts_are_fused():
+    """Qwen3-VL-MoE's sparse block holds a router (`mlp.gate`, its own module with a 2-D weight, not an
+    `nn.Linear`) and the routed experts as fused 3-D parameters, and no shared expert: the default LoRA
+    adapts the attention projections and nothing in the MLP; only --lora_target_experts reaches the experts."""
+    config, processor, model = built("qwen3_vl_moe")
+    spec = family_for(config, processor, model=model)
+    layer = "model.language_model.layers.1"
+    router = model.get_submodule(f"{layer}.mlp.gate")
+    assert not isinstance(router, torch.nn.Linear) and router.weight.shape == (4, config.text_config.hidden_size)
+    assert not any("shared_expert" in n for n, _ in model.named_modules())
+    pattern = language_lora_targets(model, spec)
+    adapted = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(pattern, n)}
+    assert {n.split(".layers.")[1].split(".", 1)[1] for n in adapted} == {
+        f"self_attn.{p}_proj" for p in ("q", "k", "v", "o")
+    }
+    assert expert_parameters(model, spec) == [
+        f"model.language_model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")
+    ]
 
 
 def test_a_processor_without_an_image_token_is_refused_by_name():
@@ -237,6 +288,19 @@ def test_packing_a_hybrid_linear_attention_model_is_refused_before_loading(
     assert "linear_attention layers" in err and "cu_seqlens" in err
 
 
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "mistral3"])
+def test_packing_a_derived_family_is_refused_before_loading_with_the_reason(
+    family, tiny_model_dir, shapes_data, tmp_path, capsys
+):
+    """Qwen3-VL-MoE and Mistral 3 are checked but not registered: no parity test has proven their packed
+    batches yet, so packing them is refused, saying why, before any weights load."""
+    argv = ["train", "--model_name_or_path", tiny_model_dir(family), "--dataset_name", str(shapes_data["train"]),
+            "--output_dir", str(tmp_path / "o"), "--padding_free", "true"]  # fmt: skip
+    err = refused(argv, capsys)
+    assert f"--padding_free: {family} models cannot be trained on packed samples" in err
+    assert "vlmtune has not checked how this architecture's positions and attention treat packed samples" in err
+
+
 def test_gemma4_processor_loads_and_processes_an_image_without_its_video_processor(tmp_path):
     """Gemma 4's processor hands ``video_processor`` on to ProcessorMixin even when it is None; the
     image-only processor (no torchvision here) must still load from a saved folder and expand an image."""
@@ -255,6 +319,25 @@ def test_gemma4_processor_loads_and_processes_an_image_without_its_video_process
     assert isinstance(loaded, Gemma4Processor)
     ids = loaded(text=["<|image|> look"], images=[[Image.new("RGB", (64, 64), "red")]])["input_ids"][0]
     assert ids.count(tokenizer.convert_tokens_to_ids("<|image|>")) > 0
+
+
+def test_mistral3_processor_loads_and_expands_an_image_without_torchvision(tiny_model_dir):
+    """transformers 5.24 marks Pixtral's processor torchvision-only for one size helper it imports; vlmtune
+    loads the real class from a saved folder all the same, and the torchvision module's stand-in is gone
+    afterwards. A 64x64 image is 4x4 merged patches: four rows of [IMG], each closed by [IMG_BREAK] but the
+    last, closed by [IMG_END]."""
+    import importlib.util
+    import sys
+
+    import transformers
+
+    loaded = load_processor(tiny_model_dir("mistral3"))
+    assert type(loaded).__name__ == "PixtralProcessor" and type(loaded) is not transformers.PixtralProcessor
+    if importlib.util.find_spec("torchvision") is None:
+        assert "transformers.models.pixtral.image_processing_pixtral" not in sys.modules
+    text = loaded(text=["[IMG]look"], images=[[Image.new("RGB", (64, 64), "red")]])["input_ids"][0]
+    row = ["[IMG]"] * 4
+    assert loaded.tokenizer.convert_ids_to_tokens(text)[:20] == [*row, "[IMG_BREAK]"] * 3 + [*row, "[IMG_END]"]
 
 
 def test_gemma4_vision_lora_reaches_the_linears_inside_its_clipping_wrappers(tiny_model_dir):

@@ -20,9 +20,12 @@ MARKERS = {
     "qwen2_vl": ("<|im_start|>assistant\n", "<|im_end|>"),
     "qwen2_5_vl": ("<|im_start|>assistant\n", "<|im_end|>"),
     "qwen3_vl": ("<|im_start|>assistant\n", "<|im_end|>"),
+    "qwen3_vl_moe": ("<|im_start|>assistant\n", "<|im_end|>"),
     "llava": (" ASSISTANT:", "</s>"),
     "llava_siglip": (" ASSISTANT:", "</s>"),
     "llava_next": (" [/INST]", "</s>"),
+    # Mistral Small 3.1's real template: the answer follows [/INST] directly and ends with </s>.
+    "mistral3": ("[/INST]", "</s>"),
     "gemma3": ("<start_of_turn>model\n", "<end_of_turn>"),
     "mllama": ("<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
     "idefics3": ("Assistant:", "<end_of_utterance>"),

@@ -8,18 +8,31 @@ from tests.helpers import train_args
 from vlmtune.models.tiny import LEARNING_GAPS
 from vlmtune.train.run import run_training
 
-# Gemma 4's tiny model reaches only 35-37% (labels and contexts checked; the cause is not yet found):
-# recorded as a known failure, strict so that a fix shows (and `vlmtune models` says it).
-GEMMA4 = pytest.param("gemma4", marks=pytest.mark.xfail(strict=True, reason=LEARNING_GAPS["gemma4"]))
+# Families whose tiny model does not reach the bar with the default settings (the cause is not yet found):
+# recorded as known failures, strict so that a fix shows (and `vlmtune models` says it).
+GEMMA4 = pytest.param("gemma4", {}, marks=pytest.mark.xfail(strict=True, reason=LEARNING_GAPS["gemma4"]))
+QWEN3_VL_MOE = pytest.param(
+    "qwen3_vl_moe", {}, marks=pytest.mark.xfail(strict=True, reason=LEARNING_GAPS["qwen3_vl_moe"])
+)
 
 
 # Four different routes from image to answer: a projector into the prompt (LLaVA with SigLIP), pooled
 # soft tokens with bidirectional image attention (Gemma 3), cross-attention (Mllama), and a prefix-LM
-# trained through its own encoding hook (PaliGemma); and a derived family on its real thinking template,
-# with a hybrid linear-attention language model (Qwen3.5); Gemma 4 on its real template (thinking channel,
-# per-layer input embeddings, pooled vision tower). Qwen2-VL's run is in test_train.py.
-@pytest.mark.parametrize("family", ["llava_siglip", "gemma3", "mllama", "paligemma", "qwen3_5", GEMMA4])
-def test_lora_learns_the_colour_from_the_image(family, tiny_model_dir, shapes_data, tmp_path):
+# trained through its own encoding hook (PaliGemma); and derived families on their real templates: a
+# thinking template with a hybrid linear-attention language model (Qwen3.5), a mixture of experts without
+# shared experts, whose MLPs LoRA reaches only through --lora_target_experts (Qwen3-VL-MoE), and Gemma 4
+# (thinking channel, per-layer input embeddings, pooled vision tower); Mistral 3 (Pixtral tower, 2-D rotary
+# image positions, patch-merging projector) on Mistral Small 3.1's template. Qwen2-VL's run is in test_train.py.
+@pytest.mark.parametrize(
+    ("family", "settings"),
+    [
+        *[(family, {}) for family in ("llava_siglip", "gemma3", "mllama", "paligemma", "qwen3_5", "mistral3")],
+        ("qwen3_vl_moe", {"lora_target_experts": True}),
+        QWEN3_VL_MOE,
+        GEMMA4,
+    ],
+)
+def test_lora_learns_the_colour_from_the_image(family, settings, tiny_model_dir, shapes_data, tmp_path):
     args = train_args(
         tiny_model_dir(family),
         str(shapes_data["train"]),
@@ -30,6 +43,7 @@ def test_lora_learns_the_colour_from_the_image(family, tiny_model_dir, shapes_da
         lr_scheduler_type="cosine",
         warmup_steps=10,
         max_new_tokens=8,
+        **settings,
     )
     result = run_training(*args)
     # 6 colours: chance is 17%, and a model that ignores the image cannot beat it.

@@ -342,8 +342,9 @@ def expert_lora(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n and "lora_B" in n}
 
 
-def test_lora_target_experts_adapts_the_fused_expert_weights_and_trains(tiny_model_dir, shapes_data, tmp_path):
-    model_dir = tiny_model_dir("qwen3_5_moe")
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_vl_moe"])
+def test_lora_target_experts_adapts_the_fused_expert_weights_and_trains(tiny_model_dir, shapes_data, tmp_path, family):
+    model_dir = tiny_model_dir(family)
     loaded = load_model(model_dir)
     default = apply_finetuning(loaded.model, loaded.spec, FinetuneArguments())
     assert not expert_lora(default), "experts are not adapted by default"

@@ -134,8 +134,13 @@ def moe_batch(loaded, shapes_data, n: int = 3) -> dict:
     return dict(VlmCollator(loaded.processor, preparer)(rows))
 
 
-def test_moe_labelled_loss_keeps_the_router_load_balancing_loss(tiny_model_dir, shapes_data):
-    loaded = load_model(tiny_model_dir("qwen3_5_moe"))
+# Qwen3.5-MoE (routers beside a gated shared expert) and Qwen3-VL-MoE (routers only, no shared expert).
+MOE = ["qwen3_5_moe", "qwen3_vl_moe"]
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_moe_labelled_loss_keeps_the_router_load_balancing_loss(tiny_model_dir, shapes_data, family):
+    loaded = load_model(tiny_model_dir(family))
     model, batch = loaded.model, moe_batch(loaded, shapes_data)
     assert use_router_aux_loss(model, None) == model.config.text_config.router_aux_loss_coef > 0
     with torch.no_grad():
@@ -146,10 +151,11 @@ def test_moe_labelled_loss_keeps_the_router_load_balancing_loss(tiny_model_dir, 
     assert float(own.aux_loss) > 0 and abs(float(loss - lm_only)) > 1e-4
 
 
-def test_moe_training_loss_logged_includes_coef_times_router_loss(tiny_model_dir, shapes_data, tmp_path):
+@pytest.mark.parametrize("family", MOE)
+def test_moe_training_loss_logged_includes_coef_times_router_loss(tiny_model_dir, shapes_data, tmp_path, family):
     first = {}
     for coef in (0.0, 1.0, 2.0):
-        result = short_run(tiny_model_dir("qwen3_5_moe"), shapes_data, tmp_path / str(coef), max_steps=1,
+        result = short_run(tiny_model_dir(family), shapes_data, tmp_path / str(coef), max_steps=1,
                            logging_steps=1, router_aux_loss_coef=coef)  # fmt: skip
         first[coef] = result.trainer.state.log_history[0]["loss"]
     aux = first[1.0] - first[0.0]  # step 1 runs before any update: the same LM loss and router loss

@@ -5,14 +5,21 @@ processors need torchvision. vlmtune trains on images, so when torchvision is mi
 processor class with its video part left out. The subclass keeps the base class's name and also saves
 its image processor as `preprocessor_config.json` (as the hub checkpoints of these families do), from which
 `AutoProcessor` builds the video processor wherever torchvision is installed.
+
+Pixtral's processor (Mistral 3's) needs no torchvision to process images, but its module imports one
+size helper from the torchvision image processor's module, so transformers marks the whole class as
+torchvision-only. `torchvision_free` imports the same class with that helper taken from the PIL image
+processor's module, which defines it identically.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import json
 import logging
+import sys
 import types
 from pathlib import Path
 
@@ -101,6 +108,36 @@ def _video_optional_init(init):
     return copy
 
 
+# Processor class -> (its module, the torchvision-only module it imports a helper from, the PIL image
+# processor's module that defines the same helper), under transformers.models.
+_TORCHVISION_HELPERS = {
+    "PixtralProcessor": (
+        "pixtral.processing_pixtral",
+        "pixtral.image_processing_pixtral",
+        "pixtral.image_processing_pil_pixtral",
+    ),
+}
+
+
+@functools.cache
+def torchvision_free(cls_name: str) -> type[ProcessorMixin] | None:
+    """The real processor class `cls_name` of `_TORCHVISION_HELPERS`, importable without torchvision (None
+    for other classes). The PIL module stands in for the torchvision one only while the processor's module
+    is imported, so nothing else sees the substitute."""
+    if cls_name not in _TORCHVISION_HELPERS:
+        return None
+    module, helper, pil = (f"transformers.models.{name}" for name in _TORCHVISION_HELPERS[cls_name])
+    try:
+        return getattr(importlib.import_module(module), cls_name)
+    except ImportError:
+        pass
+    sys.modules[helper] = importlib.import_module(pil)
+    try:
+        return getattr(importlib.import_module(module), cls_name)
+    finally:
+        del sys.modules[helper]
+
+
 def _processor_class_name(path: str) -> str | None:
     """Read the processor class a local checkpoint declares (None for hub ids we cannot read)."""
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
@@ -113,18 +150,24 @@ def _processor_class_name(path: str) -> str | None:
 
 
 def load_processor(model_name_or_path: str, **kwargs) -> ProcessorMixin:
-    """Load the checkpoint's processor with `AutoProcessor`, falling back to an image-only one."""
+    """Load the checkpoint's processor with `AutoProcessor`, falling back to a torchvision-free or an
+    image-only one."""
     try:
         return AutoProcessor.from_pretrained(model_name_or_path, **kwargs)
     except (ImportError, OSError, ValueError, TypeError) as err:
-        cls_name = _processor_class_name(model_name_or_path)
+        declared = _processor_class_name(model_name_or_path)
+        cls_name = declared
         if cls_name is None:
-            from transformers.models.auto.processing_auto import processor_class_from_name
-
             config = transformers.AutoConfig.from_pretrained(model_name_or_path, **kwargs)
             cls_name = transformers.models.auto.processing_auto.PROCESSOR_MAPPING_NAMES.get(config.model_type)
             if cls_name is None:
                 raise
+        if torchvision_free(cls_name) is not None:
+            logger.info("Loading %s without torchvision (%s).", cls_name, err.__class__.__name__)
+            return torchvision_free(cls_name).from_pretrained(model_name_or_path, **kwargs)
+        if declared is None:
+            from transformers.models.auto.processing_auto import processor_class_from_name
+
             cls = processor_class_from_name(cls_name)
         else:
             cls = getattr(transformers, cls_name, None)

@@ -14,6 +14,7 @@ from transformers import (
     Qwen3_5Config,
     Qwen3_5MoeConfig,
     Qwen3VLConfig,
+    Qwen3VLMoeConfig,
     Qwen3VLProcessor,
 )
 
@@ -78,8 +79,9 @@ QWEN2_VL = TinyRecipe(
     ),
 )
 
+TEMPLATES = Path(__file__).parent / "templates"
 # Qwen3.5's own template (thinking, earlier turns' reasoning dropped); its source: tests/fixtures/chat_templates.
-QWEN3_5_TEMPLATE = (Path(__file__).parent / "templates" / "qwen3_5.jinja").read_text()
+QWEN3_5_TEMPLATE = (TEMPLATES / "qwen3_5.jinja").read_text()
 
 # Qwen3.5's hybrid language model: one full-attention layer, one Gated DeltaNet (linear-attention) layer
 # (the real ones start with three linear-attention layers; in a random 2-layer model one in front all but
@@ -143,4 +145,12 @@ RECIPES["qwen3_5_moe"] = replace(
     text_config=dict(
         QWEN3_5_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
     ),
+)
+# Qwen3-VL-MoE: Qwen3-VL with a sparse MLP (routed experts as fused 3-D parameters, a router; no shared
+# expert), on the Qwen3-VL-Instruct template its Instruct checkpoints ship (no thinking; source in the fixtures).
+RECIPES["qwen3_vl_moe"] = replace(
+    RECIPES["qwen3_vl"],
+    config_cls=Qwen3VLMoeConfig,
+    chat_template=(TEMPLATES / "qwen3_vl.jinja").read_text(),
+    text_config=dict(RECIPES["qwen3_vl"].text_config, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
 )
