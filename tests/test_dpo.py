@@ -17,7 +17,7 @@ from peft import PeftModel
 from transformers import AutoModelForImageTextToText, TrainerCallback
 
 from tests.data_files import png, png_bytes, write_rows
-from tests.helpers import cli_error, train_args
+from tests.helpers import cli_error, short_run, train_args
 from vlmtune.cli import main
 from vlmtune.config import DataArguments, DpoArguments, FinetuneArguments, VlmTrainingArguments
 from vlmtune.data.collate import SEQUENCE_KEYS
@@ -132,6 +132,30 @@ def test_loss_type_and_weights_change_the_first_step_loss(
         chosen, _ = pair_log_probs(model, batch)
     chosen_nll = float(-chosen.sum() / batch["completion_mask"].chunk(2)[0].sum())
     assert trainer.state.log_history[0]["loss"] == pytest.approx(constant + nll_weight * chosen_nll, abs=1e-5)
+
+
+def test_qlora_dpo_continues_the_sft_adapter_on_a_4bit_base(tiny_model_dir, shapes_data, pairs, tmp_path):
+    """QLoRA SFT, then `vlmtune dpo --load_in_4bit --adapter_name_or_path SFT`: the base loads in 4 bits, the SFT
+    adapter trains further with its frozen copy as the reference (step-0 loss ln 2), and the result is one adapter
+    with the SFT adapter's weights moved, which loads onto the full-precision base."""
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
+    model_dir = tiny_model_dir("qwen2_vl")
+    sft = short_run(model_dir, shapes_data, tmp_path / "sft", load_in_4bit=True, max_steps=1).output_dir
+    steps = dict(max_steps=2, max_train_samples=4, per_device_train_batch_size=2, logging_steps=1, report_to="none")
+    qlora = dict(adapter_name_or_path=str(sft), load_in_4bit=True, val_split_ratio=0.0)
+    result = run_dpo(*train_args(None, str(pairs["train"]), str(tmp_path / "dpo"), **steps, **qlora), DpoArguments())
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.trainer.model.modules())
+    losses = [e["loss"] for e in result.trainer.state.log_history if "loss" in e]
+    # ln 2 up to the float rounding of the 4-bit layers (3e-5 here; a full-precision base gives it to 1e-6).
+    assert losses[0] == pytest.approx(LN2, abs=1e-4) and math.isfinite(losses[-1])
+    before = load_file(sft / "adapter_model.safetensors")
+    after = load_file(result.output_dir / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    base = AutoModelForImageTextToText.from_pretrained(model_dir)
+    plain = PeftModel.from_pretrained(base, str(result.output_dir))
+    assert sum("lora_B" in name for name, _ in plain.named_parameters()) == sum("lora_B" in k for k in after)
 
 
 def test_adapter_reloads_in_plain_peft_with_the_reported_preferences(runs, tiny_model_dir, pairs):
