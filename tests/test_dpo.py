@@ -17,7 +17,7 @@ from peft import PeftModel
 from transformers import AutoModelForImageTextToText, TrainerCallback
 
 from tests.data_files import png, png_bytes, write_rows
-from tests.helpers import train_args
+from tests.helpers import cli_error, short_run, train_args
 from vlmtune.cli import main
 from vlmtune.config import DataArguments, DpoArguments, FinetuneArguments, VlmTrainingArguments
 from vlmtune.data.collate import SEQUENCE_KEYS
@@ -106,6 +106,56 @@ def test_step_zero_loss_is_ln2(tiny_model_dir, pairs, tmp_path, request, referen
     assert first["loss"] == pytest.approx(LN2, abs=1e-6)
     assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0
     assert not (tmp_path / "ref").exists()  # one adapter in the output, no reference copy
+
+
+@pytest.mark.parametrize(
+    ("losses", "weights", "beta", "constant", "nll_weight"),
+    [
+        (["ipo"], None, 0.25, (1 / (2 * 0.25)) ** 2, 0),  # IPO's squared distance to 1/(2 beta), at zero margin
+        (["hinge"], None, 0.1, 1.0, 0),  # relu(1 - beta * 0)
+        (["sigmoid", "sft"], None, 0.1, LN2, 1),  # RPO: DPO's ln 2 plus the chosen answers' mean NLL
+        (["sigmoid", "sft"], [0.5, 2.0], 0.1, 0.5 * LN2, 2),  # each loss times its --loss_weights weight
+    ],
+    ids=["ipo", "hinge", "sigmoid sft", "sigmoid sft weighted"],
+)
+def test_loss_type_and_weights_change_the_first_step_loss(
+    tiny_model_dir, pairs, tmp_path, losses, weights, beta, constant, nll_weight
+):
+    """With a new LoRA the reference equals the policy at step 0 (zero margins), so the first logged loss is each
+    loss's value at zero margin, plus, for `sft`, the chosen answers' mean NLL under the base model."""
+    one_step = dict(max_steps=1, max_train_samples=8, per_device_train_batch_size=8, logging_steps=1, report_to="none")
+    args = train_args(tiny_model_dir("qwen2_vl"), str(pairs["train"]), str(tmp_path), **one_step, val_split_ratio=0.0)
+    result = run_dpo(*args, DpoArguments(loss_type=losses, loss_weights=weights, beta=beta))
+    model, trainer = result.trainer.model.eval(), result.trainer
+    batch = trainer.data_collator(list(trainer.train_dataset))  # the one step's batch: all 8 pairs
+    with torch.no_grad(), model.disable_adapter():  # the base model: the new LoRA at step 0
+        chosen, _ = pair_log_probs(model, batch)
+    chosen_nll = float(-chosen.sum() / batch["completion_mask"].chunk(2)[0].sum())
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(constant + nll_weight * chosen_nll, abs=1e-5)
+
+
+def test_qlora_dpo_continues_the_sft_adapter_on_a_4bit_base(tiny_model_dir, shapes_data, pairs, tmp_path):
+    """QLoRA SFT, then `vlmtune dpo --load_in_4bit --adapter_name_or_path SFT`: the base loads in 4 bits, the SFT
+    adapter trains further with its frozen copy as the reference (step-0 loss ln 2), and the result is one adapter
+    with the SFT adapter's weights moved, which loads onto the full-precision base."""
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
+    model_dir = tiny_model_dir("qwen2_vl")
+    sft = short_run(model_dir, shapes_data, tmp_path / "sft", load_in_4bit=True, max_steps=1).output_dir
+    steps = dict(max_steps=2, max_train_samples=4, per_device_train_batch_size=2, logging_steps=1, report_to="none")
+    qlora = dict(adapter_name_or_path=str(sft), load_in_4bit=True, val_split_ratio=0.0)
+    result = run_dpo(*train_args(None, str(pairs["train"]), str(tmp_path / "dpo"), **steps, **qlora), DpoArguments())
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.trainer.model.modules())
+    losses = [e["loss"] for e in result.trainer.state.log_history if "loss" in e]
+    # ln 2 up to the float rounding of the 4-bit layers (3e-5 here; a full-precision base gives it to 1e-6).
+    assert losses[0] == pytest.approx(LN2, abs=1e-4) and math.isfinite(losses[-1])
+    before = load_file(sft / "adapter_model.safetensors")
+    after = load_file(result.output_dir / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    base = AutoModelForImageTextToText.from_pretrained(model_dir)
+    plain = PeftModel.from_pretrained(base, str(result.output_dir))
+    assert sum("lora_B" in name for name, _ in plain.named_parameters()) == sum("lora_B" in k for k in after)
 
 
 def test_adapter_reloads_in_plain_peft_with_the_reported_preferences(runs, tiny_model_dir, pairs):
@@ -289,11 +339,20 @@ def test_a_missing_answer_column_is_named_with_the_flag(tiny_model_dir, pairs, t
         (("--loss_type", "sigmoidd"), "--loss_type must be one of sigmoid"),
         (("--beta", "0"), "--beta must be greater than 0"),
         (("--packing", "--max_seq_length", "128"), "vlmtune dpo: --packing is not supported yet"),
+        (
+            ("--loss_type", "sigmoid", "sft", "--loss_weights", "1"),
+            "--loss_weights has 1 weight(s) for 2 --loss_type loss(es) (sigmoid sft); give one weight per loss",
+        ),
+        (("--loss_type", "ipo", "--label_smoothing", "0.1"), "--label_smoothing is read only by the robust, exo_pair"),
+        (("--loss_type", "exo_pair"), "--loss_type exo_pair needs --label_smoothing above 0"),
+        (("--loss_type", "orpo"), "--loss_type orpo is not supported: TRL's ORPO"),
+        (("--loss_type", "orpo"), "use --loss_type sigmoid sft (RPO"),
+        (("--loss_type", "sigmoid", "kto"), "--loss_type kto is not supported: KTO is TRL's KTOTrainer"),
     ],
 )
 def test_bad_dpo_options_are_usage_errors(tiny_model_dir, pairs, tmp_path, capsys, flags, says):
-    err = _fails(_dpo(tiny_model_dir, tmp_path, "--dataset_name", str(pairs["train"]), *flags), capsys, code=2)
-    assert says in err
+    code, err = cli_error(_dpo(tiny_model_dir, tmp_path, "--dataset_name", str(pairs["train"]), *flags), capsys)
+    assert code == 2 and says in err
 
 
 class _CountSteps(TrainerCallback):

@@ -293,6 +293,22 @@ DPO_LOSS_TYPES = (
     "sft",
     "sigmoid_norm",
 )
+# The DPO losses that read --label_smoothing (trl 1.16, `DPOTrainer._compute_loss`); the others ignore it.
+DPO_SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
+# Preference methods TRL runs in trainers of their own, not as `DPOTrainer` losses: why `vlmtune dpo` does not
+# take them (checked in trl 1.16), and what to use instead. `--loss_type orpo` or `kto` gets this message.
+DPO_OTHER_METHODS = {
+    "orpo": (
+        "TRL's ORPO (trl.experimental.orpo.ORPOTrainer) feeds the model token ids only, never the images, so it "
+        "cannot train a vision-language model on image pairs; for SFT and preference in one loss as ORPO does, use "
+        "--loss_type sigmoid sft (RPO: DPO plus the chosen answers' NLL)"
+    ),
+    "kto": (
+        "KTO is TRL's KTOTrainer, a separate trainer on unpaired rows (prompt, one completion, a "
+        "desirable/undesirable label) that vlmtune does not run yet; on preference pairs use --loss_type sigmoid "
+        "(DPO) or sigmoid sft (RPO)"
+    ),
+}
 
 
 @dataclass

@@ -11,7 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from ..errors import UsageError
-from .arguments import DPO_LOSS_TYPES, GRPO_LOSS_TYPES, GrpoArguments
+from .arguments import (
+    DPO_LOSS_TYPES,
+    DPO_OTHER_METHODS,
+    DPO_SMOOTHED_LOSSES,
+    GRPO_LOSS_TYPES,
+    DpoArguments,
+    GrpoArguments,
+)
 from .suggest import did_you_mean
 
 
@@ -24,6 +31,7 @@ class Check:
     low_open: bool = False
     high_open: bool = False
     choices: tuple[str, ...] = ()
+    refused: tuple[tuple[str, str], ...] = ()  # (value, why it is not taken): known names answered with a reason
 
     def describe(self) -> str:
         if self.choices:
@@ -53,8 +61,8 @@ def fraction(low_open: bool = False, high_open: bool = False) -> Check:
     return Check(low=0, high=1, low_open=low_open, high_open=high_open)
 
 
-def one_of(*choices: str) -> Check:
-    return Check(choices=choices)
+def one_of(*choices: str, refused: dict[str, str] | None = None) -> Check:
+    return Check(choices=choices, refused=tuple((refused or {}).items()))
 
 
 # Every option's allowed values, in one table: checked for any argument class that has the field.
@@ -80,7 +88,7 @@ CHECKS: dict[str, Check] = {
     "stream_buffer_size": at_least(1),
     "on_bad_sample": one_of("error", "skip"),
     "beta": above(0),
-    "loss_type": one_of(*DPO_LOSS_TYPES),
+    "loss_type": one_of(*DPO_LOSS_TYPES, refused=DPO_OTHER_METHODS),
     "label_smoothing": Check(low=0, high=0.5, high_open=True),
     "packing_strategy": one_of("best_fit", "greedy"),
     "max_new_tokens": at_least(1),
@@ -116,6 +124,32 @@ COMMAND_CHECKS: dict[type, dict[str, Check]] = {
         "scale_rewards": one_of("group", "batch", "none"),
     },
 }
+
+
+def _dpo_problems(values: dict) -> list[tuple[str, str]]:
+    """`vlmtune dpo`'s losses against their weights and label smoothing: TRL would fail on these only after the
+    model loads, or ignore the smoothing without a word."""
+    losses, weights, smoothing = values["loss_type"], values["loss_weights"], values["label_smoothing"]
+    named = " ".join(losses)
+    problems = []
+    if weights is not None and len(weights) != len(losses):
+        count = f"{len(weights)} weight(s) for {len(losses)} --loss_type loss(es) ({named})"
+        problems.append(("loss_weights", f"has {count}; give one weight per loss"))
+    if smoothing and not set(losses) & set(DPO_SMOOTHED_LOSSES):
+        problems.append(
+            (
+                "label_smoothing",
+                f"is read only by the {', '.join(DPO_SMOOTHED_LOSSES)} losses and --loss_type {named} would ignore it: "
+                "leave it out, or add one of those losses",
+            )
+        )
+    if "exo_pair" in losses and not smoothing:
+        problems.append(("loss_type", "exo_pair needs --label_smoothing above 0 (EXO's epsilon; its paper uses 1e-3)"))
+    return problems
+
+
+# Rules on several options of one command, as (the option to name, what is wrong), for the classes that have them.
+COMMAND_RULES = {DpoArguments: _dpo_problems}
 
 
 def checks_for(classes) -> dict[str, Check]:
@@ -221,12 +255,18 @@ def check_values(objects, where: Callable[[str], str]) -> None:
     values = {}
     for obj in objects:
         values.update({f.name: getattr(obj, f.name) for f in fields(obj) if f.init})
-    table = checks_for(type(obj) for obj in objects)
+    classes = [type(obj) for obj in objects]
+    table = checks_for(classes)
     for name, value in values.items():
         check = table.get(name)
         for item in value if isinstance(value, list) else [value]:
-            if check is not None and item is not None and not check.allows(item):
-                hint = did_you_mean(str(item), list(check.choices)) if check.choices else ""
-                raise UsageError(f"{where(name)} must be {check.describe()}, got {item!r}{hint}")
-    for name, problem in _pair_problems(values):
+            if check is None or item is None or check.allows(item):
+                continue
+            why = dict(check.refused).get(item)
+            if why:
+                raise UsageError(f"{where(name)} {item} is not supported: {why}")
+            hint = did_you_mean(str(item), list(check.choices)) if check.choices else ""
+            raise UsageError(f"{where(name)} must be {check.describe()}, got {item!r}{hint}")
+    rules = [rule for cls, rule in COMMAND_RULES.items() if cls in classes]
+    for name, problem in _pair_problems(values) + [p for rule in rules for p in rule(values)]:
         raise UsageError(f"{where(name)} {problem}")
