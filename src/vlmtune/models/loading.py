@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import __version__ as peft_version
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel
 
 from ..errors import ModelError, UsageError
@@ -436,18 +437,58 @@ def apply_finetuning(
     # Unfrozen non-LoRA parts (a projector being trained) are saved with the adapter.
     module_names = {name for name, _ in model.named_modules()}
     modules_to_save = [] if frozen["projector"] else [k for k in spec.projector_keys if k in module_names]
-    lora = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        use_rslora=getattr(args, "use_rslora", False),
-        use_dora=kind == "dora",
-        target_modules=resolve_targets(model, spec, args.lora_target_modules, vision=train_vision_lora),
-        target_parameters=expert_lora_targets(model, spec, kind) if args.lora_target_experts else None,
-        modules_to_save=modules_to_save or None,
-        task_type="CAUSAL_LM",
+    targets = resolve_targets(model, spec, args.lora_target_modules, vision=train_vision_lora)
+    experts = expert_lora_targets(model, spec, kind) if args.lora_target_experts else None
+
+    def lora(target_modules) -> LoraConfig:
+        return LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            use_rslora=getattr(args, "use_rslora", False),
+            use_dora=kind == "dora",
+            target_modules=target_modules,
+            target_parameters=experts,
+            modules_to_save=modules_to_save or None,
+            task_type="CAUSAL_LM",
+        )
+
+    if not isinstance(targets, str):  # the user's leaf names, passed to PEFT as they are
+        return get_peft_model(model, lora(targets))
+    wanted = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(targets, n)}
+    tuned = get_peft_model(model, lora(targets))
+    rewritten = _rewritten_by_peft(tuned, wanted)
+    if not rewritten:
+        return tuned
+    keep = sorted(n for n in wanted if n.rsplit(".", 1)[-1] not in rewritten)
+    base = tuned.unload()
+    return get_peft_model(base, lora(names_regex(base, keep)))
+
+
+def _rewritten_by_peft(tuned: PeftModel, wanted: set[str]) -> set[str]:
+    """The leaf names of `wanted` linears PEFT did not adapt, with a warning saying why. PEFT (0.21) rewrites a
+    new adapter's targets on MoE architectures it converts from transformers 4's layout (GLM-4.5V's): every
+    `gate_proj`/`up_proj`/`down_proj` becomes the routed experts' fused weights, dense and shared-expert MLPs
+    included (huggingface/peft#3711), and it does the same when the adapter loads, so those layers cannot be
+    adapted and reloaded in plain PEFT; they are left out instead of adapted where the user did not ask."""
+    adapted = {n.removeprefix("base_model.model.") for n, m in tuned.named_modules() if hasattr(m, "lora_A")}
+    missed = sorted(wanted - adapted)
+    if not missed:
+        return set()
+    leaves = {n.rsplit(".", 1)[-1] for n in missed}
+    logger.warning(
+        "PEFT %s rewrites LoRA targets named %s of %s to its routed experts' fused weights "
+        "(a conversion meant for adapters trained under transformers 4, also applied when an adapter loads; "
+        "huggingface/peft#3711), so these %d linear layers are left out of LoRA: %s%s. Attention and the other "
+        "layers are adapted; --lora_target_experts true adapts the routed experts.",
+        peft_version,
+        ", ".join(sorted(leaves)),
+        getattr(tuned.config, "model_type", "this architecture"),
+        len(missed),
+        ", ".join(missed[:3]),
+        ", ..." if len(missed) > 3 else "",
     )
-    return get_peft_model(model, lora)
+    return leaves
 
 
 # Names of the forward hooks transformers (`enable_input_require_grads`) and PEFT register on input
