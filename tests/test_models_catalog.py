@@ -36,7 +36,7 @@ def test_checked_means_a_tiny_model_that_the_suite_builds_and_trains():
     tiny_types = {recipe.config_cls.model_type for recipe in RECIPES.values()}
     checked = {t for t, a in _by_type().items() if a.status == "checked"}
     assert checked == tiny_types
-    assert {"qwen2_vl", "llava", "gemma3", "paligemma", "qwen3_5", "gemma4"} <= checked
+    assert {"qwen2_vl", "llava", "gemma3", "paligemma", "qwen3_5", "gemma4", "qwen3_vl_moe", "mistral3"} <= checked
     assert set(OVERRIDES) <= checked, "every registry entry has a tiny model"
 
 
@@ -44,6 +44,20 @@ def test_torchvision_only_and_encoder_decoder_architectures_are_not_offered_as_t
     found = _by_type()
     assert found["llama4"].status == "untested here" and "torchvision" in found["llama4"].reason
     assert found["t5gemma2"].status == "refused" and "encoder-decoder" in found["t5gemma2"].reason
+
+
+def test_every_architecture_offered_as_trainable_has_a_processor_class_that_imports_here():
+    """transformers replaces a class whose backends are missing by a placeholder that fails on use (its
+    Pixtral processor, marked torchvision-only): an architecture listed as checked or derived must have a
+    real processor class here, transformers' own or vlmtune's torchvision-free import of it."""
+    from transformers.utils.import_utils import DummyObject
+
+    from vlmtune.models.processors import torchvision_free
+
+    for arch in catalog.architectures():
+        if arch.status in {"checked", "derived"}:
+            cls = torchvision_free(arch.processor_class) or getattr(transformers, arch.processor_class)
+            assert not isinstance(cls, DummyObject), arch.model_type
 
 
 def test_models_command_filters_and_names_a_mistyped_model_type(capsys):

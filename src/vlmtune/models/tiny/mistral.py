@@ -1,5 +1,5 @@
-"""Mistral's vision lineage: Mistral 3 (Mistral Small 3.1 / 3.2), a Pixtral tower, a patch-merging projector and
-a Mistral language model; `[SYSTEM_PROMPT]`, `[INST] ... [/INST]` turns, `[IMG]` per image."""
+"""Mistral's vision lineage: Mistral 3 (Mistral Small 3.1), a Pixtral tower, a patch-merging projector and a
+Mistral language model; `[SYSTEM_PROMPT]`, `[INST] ... [/INST]` turns, `[IMG]` per image."""
 
 from __future__ import annotations
 
