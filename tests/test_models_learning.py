@@ -8,12 +8,9 @@ from tests.helpers import train_args
 from vlmtune.models.tiny import LEARNING_GAPS
 from vlmtune.train.run import run_training
 
-# Families whose tiny model does not reach the bar with the default settings (the cause is not yet found):
-# recorded as known failures, strict so that a fix shows (and `vlmtune models` says it).
+# A family whose tiny model does not reach the bar with the default settings for a cause not yet found:
+# recorded as a known failure, strict so that a fix shows (and `vlmtune models` says it).
 GEMMA4 = pytest.param("gemma4", {}, marks=pytest.mark.xfail(strict=True, reason=LEARNING_GAPS["gemma4"]))
-QWEN3_VL_MOE = pytest.param(
-    "qwen3_vl_moe", {}, marks=pytest.mark.xfail(strict=True, reason=LEARNING_GAPS["qwen3_vl_moe"])
-)
 
 
 # Four different routes from image to answer: a projector into the prompt (LLaVA with SigLIP), pooled
@@ -28,7 +25,6 @@ QWEN3_VL_MOE = pytest.param(
     [
         *[(family, {}) for family in ("llava_siglip", "gemma3", "mllama", "paligemma", "qwen3_5", "mistral3")],
         ("qwen3_vl_moe", {"lora_target_experts": True}),
-        QWEN3_VL_MOE,
         GEMMA4,
     ],
 )
