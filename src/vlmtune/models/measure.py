@@ -18,6 +18,7 @@ fails, or vlmtune's code crashes: what). Nothing here runs at training time; `ma
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import logging
 import math
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from PIL import Image
 from transformers import AutoModelForImageTextToText, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -36,6 +38,7 @@ from ..data.collate import VlmCollator
 from ..data.encode import IGNORE_INDEX
 from ..data.prepare import Preparer
 from ..data.schema import detect_schema
+from ..errors import DataError
 from .derive import DerivationError, family_for
 from .loading import apply_finetuning, linear_modules, part_of, router_modules, with_chat_template
 from .registry import FAMILIES, FamilySpec
@@ -84,6 +87,26 @@ def rows(multi_image: bool) -> list[dict]:
         two = [_turn("user", "Which is larger?", 2), _turn("assistant", "the left one")]
         out.append({"messages": two, "images": [_image("red"), _image("white", (64, 96))]})
     return [{"__index__": i, **row} for i, row in enumerate(out)]
+
+
+# The rows a family may refuse with a data error naming the row (its processor takes no text-only
+# sample, or one image only): what a user sees is that message, not wrong labels.
+OPTIONAL = {2: "text-only rows", 3: "two images in one turn"}
+
+
+def accepted(collator: VlmCollator, data: list[dict]) -> tuple[list[dict], list[str]]:
+    """The rows the family's processor takes, and a note for each optional one it refuses."""
+    kept, notes = [], []
+    for row in data:
+        try:
+            collator([row])
+        except DataError as err:
+            if row["__index__"] not in OPTIONAL:
+                raise
+            notes.append(f"{OPTIONAL[row['__index__']]} refused with a data error ({str(err).split(': ')[-1][:80]})")
+            continue
+        kept.append(row)
+    return kept, notes
 
 
 def _answers(row: dict, last_only: bool) -> list[str]:
@@ -175,17 +198,20 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:160]}"
 
 
-def _runs_alone(model, processor, config) -> bool:
-    """Whether the tiny model runs on its processor's own output (no vlmtune involved): if not, a crash
-    is the tiny build's, not vlmtune's."""
-    token = getattr(processor, "image_token", None) or ""
-    try:
-        inputs = processor(text=[f"{token}Hi there"], images=[[_image("red")]], return_tensors="pt")
-        with torch.no_grad():
-            model(**inputs)
-    except Exception:  # noqa: BLE001 - any failure means the tiny build does not run by itself
-        return False
-    return True
+def _runs_alone(model, processor, data: list[dict]) -> bool:
+    """Whether the tiny model runs on its processor's own output for the same conversations, rendered by
+    its chat template (no vlmtune code involved): if not, a crash is the tiny build's, not vlmtune's."""
+    texts = [processor.apply_chat_template(row["messages"], tokenize=False) for row in data]
+    images = [row["images"] for row in data]
+    for given in (images, [image for sample in images for image in sample]):  # nested per sample, or flat
+        try:
+            inputs = processor(text=texts, images=given or None, padding=True, return_tensors="pt")
+            with torch.no_grad():
+                model(**inputs)
+        except Exception:  # noqa: BLE001, S112 - any failure: try the other layout, else the build does not run
+            continue
+        return True
+    return False
 
 
 def measure(model_type: str) -> Measured:
@@ -212,8 +238,9 @@ def _measure_built(model_type, config, processor, model, template) -> Measured:
         spec = family_for(config, processor, model=model)
         open_zero_paths(model, spec)
         stage = "encoding"
-        data = rows(spec.multi_image)
-        batch = VlmCollator(processor, Preparer(detect_schema(["messages", "images"]), spec.encoding))(data)
+        collator = VlmCollator(processor, Preparer(detect_schema(["messages", "images"]), spec.encoding))
+        data, notes = accepted(collator, rows(spec.multi_image))
+        batch = collator(data)
         for i, row in enumerate(data):
             problem = label_problem(processor.tokenizer, spec, row, batch["labels"][i].tolist())
             if problem:
@@ -231,11 +258,11 @@ def _measure_built(model_type, config, processor, model, template) -> Measured:
     except DerivationError as err:
         return out("refused", str(err).split(": ", 1)[1].split("; supply it")[0])
     except Exception as err:  # noqa: BLE001 - classified below: vlmtune's crash, or the tiny build's
-        if _where(err) == "vlmtune" or _runs_alone(model, processor, config):
+        if _where(err) == "vlmtune" or _runs_alone(model, processor, rows(multi_image=True)[:3]):
             return out("WRONG", f"crash while {stage}: {_short(err)}")
         return out("not buildable here", f"the tiny model does not run even on its processor's own output: {_short(err)}")
     detail = f"{len(data)} conversations: labels exact, LoRA on every language-model linear, vision frozen"
-    return out("trains", detail)
+    return out("trains", "; ".join([detail, *notes]))
 
 
 def measure_all(types: list[str] | None = None, progress: Callable[[Measured], None] | None = None) -> list[Measured]:
@@ -252,5 +279,56 @@ def measure_all(types: list[str] | None = None, progress: Callable[[Measured], N
         logging.disable(logging.NOTSET)
 
 
-def today() -> str:
-    return datetime.date.today().isoformat()
+BEGIN, END = "<!-- vlmtune measured: begin -->", "<!-- vlmtune measured: end -->"
+COMMAND = "python -m vlmtune.models.measure --write docs/models.md"
+
+
+def counts(found: list[Measured]) -> dict[str, int]:
+    outcomes = [m.outcome for m in found]
+    return {outcome: outcomes.count(outcome) for outcome in OUTCOMES}
+
+
+def as_markdown(found: list[Measured], date: str | None = None) -> str:
+    """The "Measured" section's body: date, transformers version, counts and one row per architecture."""
+    tally = ", ".join(f"{n} {outcome}" for outcome, n in counts(found).items())
+    lines = [
+        f"Measured on {date or datetime.date.today().isoformat()} with transformers {transformers.__version__} "
+        f"({len(found)} architectures: {tally}); regenerate with `{COMMAND}`.",
+        "",
+        "| `model_type` | outcome | template | detail |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| `{m.model_type}` | {m.outcome} | {m.template} | {m.detail.replace('|', '/')} |" for m in found]
+    return "\n".join(lines)
+
+
+def read_section(text: str) -> dict[str, tuple[str, str]]:
+    """The documented outcome and template per model_type, from a docs page holding the section."""
+    body = text.split(BEGIN, 1)[1].split(END, 1)[0]
+    rows = [line.split(" | ") for line in body.splitlines() if line.startswith("| `")]
+    return {row[0].strip("| `"): (row[1], row[2]) for row in rows}
+
+
+def write_section(path: Path, found: list[Measured]) -> None:
+    """Replace the text between the section's markers in `path` with a fresh measurement."""
+    text = path.read_text()
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(f"{head}{BEGIN}\n{as_markdown(found)}\n{END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m vlmtune.models.measure [--write docs/models.md] [model_type ...]`: print or write."""
+    parser = argparse.ArgumentParser(prog="python -m vlmtune.models.measure", description=__doc__.split("\n")[0])
+    parser.add_argument("--write", type=Path, help="a docs page with the measured section's markers to rewrite")
+    parser.add_argument("model_types", nargs="*", help="only these (default: every architecture of the mapping)")
+    args = parser.parse_args(argv)
+    found = measure_all(args.model_types or None)
+    if args.write:
+        write_section(args.write, found)
+    else:
+        print(as_markdown(found))
+
+
+if __name__ == "__main__":
+    main()

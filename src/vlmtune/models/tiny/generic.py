@@ -53,10 +53,27 @@ class Override:
     reason: str
     config: dict = field(default_factory=dict)  # dotted config path -> value, after shrinking
     image_processor: dict = field(default_factory=dict)  # image processor kwargs
+    tokens: dict = field(default_factory=dict)  # further named tokens (config `<name>_id` fields point at them)
+    placeholder: str | None = None  # what the stand-in template writes per image (@IMAGE@: the image token)
     not_buildable: str | None = None  # why it cannot be built here at all
 
 
-OVERRIDES: dict[str, Override] = {}
+# Qwen-style rotary positions find each image by the start marker the template writes before its pads.
+_VISION_MARKERS = Override(
+    reason="its rope index finds each image by the <|vision_start|> the template writes before the image pads",
+    tokens={"vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+    placeholder="<|vision_start|>@IMAGE@<|vision_end|>",
+)
+_GLM_MARKERS = Override(
+    reason="its rope index finds each image by the begin-of-image marker the template writes before the pads",
+    tokens={"image_start_token": "<|begin_of_image|>", "image_end_token": "<|end_of_image|>"},
+    placeholder="<|begin_of_image|>@IMAGE@<|end_of_image|>",
+)
+OVERRIDES: dict[str, Override] = {
+    "qwen3_vl_moe": _VISION_MARKERS,
+    "paddleocr_vl": _VISION_MARKERS,
+    **dict.fromkeys(("glm4v", "glm4v_moe", "glm46v", "glm5_next"), _GLM_MARKERS),
+}
 
 
 def image_processor_names(model_type: str, processor_class: str | None) -> dict[str, str]:
@@ -76,7 +93,7 @@ def _processor_class(model_type: str) -> type[ProcessorMixin]:
     try:
         cls = processor_class_from_name(name)
     except ImportError as err:
-        raise NotBuildable(f"its processor {name} {_needs(err)}") from err
+        raise NotBuildable(f"its processor {name} {_needs(err)}: untested here (vlmtune's code path is kept)") from err
     if cls is None:
         raise NotBuildable(f"its processor class {name} is not importable here")
     return cls
@@ -92,7 +109,10 @@ def _image_processor(model_type: str, processor_cls: type, kwargs: dict):
     backends = image_processor_names(model_type, processor_cls.__name__)
     if "pil" not in backends:
         if "torchvision" in backends:
-            raise NotBuildable(f"its image processor ({backends['torchvision']}) needs torchvision")
+            raise NotBuildable(
+                f"its image processor ({backends['torchvision']}) needs torchvision, which cannot run beside "
+                "this machine's CPU torch: untested here (vlmtune's code path is kept)"
+            )
         raise NotBuildable("transformers names no image processor for it")
     cls = getattr(transformers, backends["pil"], None)
     if cls is None:
@@ -156,7 +176,7 @@ def build_processor(model_type: str, override: Override | None = None) -> Proces
     if "video_processor" in cls.get_attributes():
         cls = image_only(cls)
     image_processor = _image_processor(model_type, cls, dict(override.image_processor) if override else {})
-    tokens = _declared_tokens(cls)
+    tokens = {**_declared_tokens(cls), **(override.tokens if override else {})}
     for _ in range(2):  # once more with the tokens the processor turned out to hold
         processor = _construct(cls, model_type, tokens, image_processor)
         found = {k: v for k, v in vars(processor).items() if k.endswith("_token") and isinstance(v, str)}
@@ -165,7 +185,9 @@ def build_processor(model_type: str, override: Override | None = None) -> Proces
             break
         tokens = {**tokens, **found}
     image_token = getattr(processor, "image_token", None)
-    template = STAND_IN_TEMPLATE.replace("@IMAGE@", image_token if isinstance(image_token, str) else "")
+    image_token = image_token if isinstance(image_token, str) else ""
+    placeholder = (override.placeholder if override and override.placeholder else "@IMAGE@").replace("@IMAGE@", image_token)
+    template = STAND_IN_TEMPLATE.replace("@IMAGE@", placeholder)
     processor.chat_template = processor.tokenizer.chat_template = template
     return processor
 
@@ -178,7 +200,8 @@ def _token_fields(config: PretrainedConfig, processor, tokenizer) -> None:
             if not isinstance(value, int) or not name.endswith(("_token_id", "_token_index")):
                 continue
             base = name.rsplit("_", 1)[0]
-            token_id, token = getattr(processor, f"{base}_id", None), getattr(processor, base, None)
+            token_id = getattr(processor, f"{base}_id", None)
+            token = getattr(processor, base, None) or getattr(tokenizer, base, None)
             if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):  # the token it expands (Aya's patch)
                 setattr(sub, name, token_id)
             elif isinstance(token, str) and token in vocab:
@@ -203,7 +226,23 @@ def build_config(model_type: str, processor, override: Override | None = None) -
         tokenizer.pad_token_id,
     )
     _token_fields(config, processor, tokenizer)
+    _same_patches(config, processor)
     return config
+
+
+# Image processor setting -> the vision config field that must agree with it (Qwen-style processors
+# cut images into the tower's patches themselves).
+PATCH_FIELDS = {"patch_size": "patch_size", "temporal_patch_size": "temporal_patch_size", "merge_size": "spatial_merge_size"}
+
+
+def _same_patches(config: PretrainedConfig, processor) -> None:
+    """Give the image processor the vision config's patch geometry where both state it."""
+    vision = getattr(config, "vision_config", None)
+    image_processor = processor.image_processor
+    for setting, field_name in PATCH_FIELDS.items():
+        value = getattr(vision, field_name, None)
+        if isinstance(value, int) and isinstance(getattr(image_processor, setting, None), int):
+            setattr(image_processor, setting, value)
 
 
 def generic_build(model_type: str) -> tuple[PretrainedConfig, ProcessorMixin]:
