@@ -1,10 +1,11 @@
 """A tiny model of an architecture that has no recipe, built from what transformers says about it.
 
 For a `model_type` of `AutoModelForImageTextToText`'s mapping: its default config shrunk generically
-(`tiny/shrink.py`), its real processor class with its PIL image processor (its default image sizes), and the shared BPE tokenizer (`build_tokenizer`) carrying the special tokens that
-processor reads (its `*_token` arguments and attributes: ``image_token``, ``boi_token``...). The chat
-template is a **stand-in**, ChatML turns writing the processor's image token per image, not the
-checkpoint's own: a measurement on it checks vlmtune's encoding and targets, not the real template.
+(`tiny/shrink.py`), its real processor class with its PIL image processor (default image sizes), and
+the shared BPE tokenizer (`build_tokenizer`) carrying the special tokens that processor reads (its
+`*_token` arguments and attributes: ``image_token``, ``boi_token``...). The chat template is a
+**stand-in**, ChatML turns writing the processor's image token per image, not the checkpoint's own: a
+measurement on it checks vlmtune's encoding and LoRA targets, not the real template.
 
 What cannot be built on this machine raises `NotBuildable` with the reason (an image processor only for
 torchvision, a processor part vlmtune cannot make offline, a model that needs timm). Architectures that
@@ -42,7 +43,7 @@ SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<
 TURN_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
-class NotBuildable(Exception):
+class NotBuildable(Exception):  # noqa: N818 - the name the measurement reports: "not buildable here"
     """This architecture's tiny model cannot be built on this machine; the message says why."""
 
 
@@ -70,6 +71,13 @@ _GLM_MARKERS = Override(
     placeholder="<|begin_of_image|>@IMAGE@<|end_of_image|>",
 )
 OVERRIDES: dict[str, Override] = {
+    # Its tower sees a checkpoint's full image (980 pixels: 4,900 patches per tile), far too slow for a
+    # measurement: one 64-pixel tile of 16-pixel patches instead (as the idefics3 recipe has).
+    "idefics2": Override(
+        reason="its default image is 4,900 patches: one 64-pixel tile instead",
+        image_processor=dict(size={"shortest_edge": 64, "longest_edge": 64}, do_image_splitting=False),
+        config={"vision_config.image_size": 64, "vision_config.patch_size": 16},
+    ),
     "qwen3_vl_moe": _VISION_MARKERS,
     "paddleocr_vl": _VISION_MARKERS,
     **dict.fromkeys(("glm4v", "glm4v_moe", "glm46v", "glm5_next"), _GLM_MARKERS),
@@ -186,7 +194,9 @@ def build_processor(model_type: str, override: Override | None = None) -> Proces
         tokens = {**tokens, **found}
     image_token = getattr(processor, "image_token", None)
     image_token = image_token if isinstance(image_token, str) else ""
-    placeholder = (override.placeholder if override and override.placeholder else "@IMAGE@").replace("@IMAGE@", image_token)
+    placeholder = (override.placeholder if override and override.placeholder else "@IMAGE@").replace(
+        "@IMAGE@", image_token
+    )
     template = STAND_IN_TEMPLATE.replace("@IMAGE@", placeholder)
     processor.chat_template = processor.tokenizer.chat_template = template
     return processor
@@ -232,7 +242,11 @@ def build_config(model_type: str, processor, override: Override | None = None) -
 
 # Image processor setting -> the vision config field that must agree with it (Qwen-style processors
 # cut images into the tower's patches themselves).
-PATCH_FIELDS = {"patch_size": "patch_size", "temporal_patch_size": "temporal_patch_size", "merge_size": "spatial_merge_size"}
+PATCH_FIELDS = {
+    "patch_size": "patch_size",
+    "temporal_patch_size": "temporal_patch_size",
+    "merge_size": "spatial_merge_size",
+}
 
 
 def _same_patches(config: PretrainedConfig, processor) -> None:

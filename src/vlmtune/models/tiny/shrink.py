@@ -31,7 +31,9 @@ SIZES: dict[str, int] = {
     **dict.fromkeys(("head_dim", "qk_nope_head_dim", "v_head_dim", "qk_head_dim"), HEAD_DIM),
     **dict.fromkeys(("q_lora_rank", "kv_lora_rank", "index_head_dim", "base_channels"), 32),
     **dict.fromkeys(("qk_rope_head_dim",), HEAD_DIM // 2),
-    **dict.fromkeys(("index_n_heads",), NUM_HEADS),
+    **dict.fromkeys(("linear_head_dim", "linear_key_head_dim", "linear_value_head_dim"), HEAD_DIM),
+    **dict.fromkeys(("index_n_heads", "linear_num_heads", "linear_num_value_heads"), NUM_HEADS),
+    **dict.fromkeys(("linear_num_key_heads",), 2),
     **dict.fromkeys(("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts"), 4),
     **dict.fromkeys(("num_experts_per_tok", "moe_k", "top_k", "num_experts_per_token"), 2),
     **dict.fromkeys(("n_shared_experts", "num_shared_experts"), 1),
@@ -41,7 +43,12 @@ SIZES: dict[str, int] = {
 # Fields that list one entry per layer: cut to the tiny layer count.
 PER_LAYER = ("layer_types", "mlp_layer_types", "block_types", "layers_block_type")
 # Fields that index layers (which layers feed the projector, take full attention...): kept inside the stack.
-LAYER_INDICES = ("fullatt_block_indexes", "deepstack_visual_indexes", "vision_feature_layers", "intermediate_layers_indices")
+LAYER_INDICES = (
+    "fullatt_block_indexes",
+    "deepstack_visual_indexes",
+    "vision_feature_layers",
+    "intermediate_layers_indices",
+)
 
 
 def _cut_indices(value, layers: int):
@@ -58,11 +65,14 @@ def shrink(config: PretrainedConfig, overrides: dict | None = None) -> Pretraine
     dotted field path (``"vision_config.patch_size"``) to the value an architecture needs instead."""
     for sub in _configs(config):
         for name, tiny in SIZES.items():
-            if isinstance(getattr(sub, name, None), int) and not isinstance(getattr(sub, name), bool):
+            value = getattr(sub, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:  # 0: "derive it", kept
                 setattr(sub, name, tiny)
             elif isinstance(getattr(sub, name, None), float) and name == "initializer_range":
                 setattr(sub, name, tiny)
-        layers = next((getattr(sub, n) for n in ("num_hidden_layers", "num_layers", "depth") if hasattr(sub, n)), LAYERS)
+        layers = next(
+            (getattr(sub, n) for n in ("num_hidden_layers", "num_layers", "depth") if hasattr(sub, n)), LAYERS
+        )
         for name in PER_LAYER:
             value = getattr(sub, name, None)
             if isinstance(value, list) and len(value) > layers:
