@@ -15,6 +15,7 @@ family, they are read off what the checkpoint already says, without loading weig
   special tokens the processor puts around each image's features;
 - the end of an assistant turn: the chat template rendered with a sentinel answer shows what follows an
   answer; the checkpoint's generation-config EOS tokens are cross-checked against it;
+- images per sample: several, unless the processor refuses two in one sample;
 - packing: refused unless a registry entry says how; hybrid language models (linear-attention or state
   space layers carry a state across a packed row) with that reason.
 
@@ -227,6 +228,18 @@ def image_tokens(processor, config: PretrainedConfig, given: str | None = None) 
     return ImageTokens(token=token, placeholder=placeholder, extras=tuple(extras))
 
 
+def takes_several_images(processor) -> bool:
+    """Whether the processor takes two images in one sample (ShieldGemma 2's refuses more than one): a
+    family that does not is given each sample's first image, as a registry entry's `multi_image=False`."""
+    parts = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Hi"}]
+    text = _rendered(processor, _user(parts), add_generation_prompt=True)
+    try:
+        processor_inputs(processor, [text], [[Image.new("RGB", (64, 64), "red")] * 2])
+    except ValueError:
+        return False
+    return True
+
+
 # --- end of turn -----------------------------------------------------------------------------------
 
 
@@ -338,7 +351,7 @@ def derive_spec(
         image_placeholder=given.get("image_placeholder", images.placeholder),
         image_extra_tokens=given.get("image_extra_tokens", images.extras),
         turn_end=turn_end(processor, model_type, declared, source),
-        multi_image=given.get("multi_image", True),
+        multi_image=given["multi_image"] if "multi_image" in given else takes_several_images(processor),
         packing_refusal=packing_refusal(config),
         derived=True,
     )
@@ -365,6 +378,7 @@ def describe(spec: FamilySpec, given: set[str] = frozenset()) -> str:
             f"  image token: {spec.image_token} (template writes {spec.image_placeholder or spec.image_token}; "
             f"around it: {', '.join(spec.image_extra_tokens) or 'nothing'})",
             f"  end of turn: {', '.join(spec.turn_end) or 'none in the template: EOS appended to each answer'}",
+            f"  images per sample: {'several' if spec.multi_image else 'one (the processor takes no more)'}",
             f"  packing: refused ({spec.packing_refusal})" if spec.packing_refusal else "  packing: allowed",
             "  LoRA: every linear layer of the language model except the output layer and MoE routers.",
         ]

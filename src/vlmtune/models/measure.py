@@ -56,8 +56,9 @@ KNOWN_WRONG: dict[str, str] = {
     "MLPs and shared experts get no LoRA, the routed experts do",
     "mllama": "a batch mixing text-only and image rows crashes: the collator stacks Mllama's per-sample "
     "pixel_values and cross_attention_mask for the image rows only",
-    "shieldgemma2": "derived families are assumed to take several images per sample; ShieldGemma's processor "
-    "refuses two, so a two-image row is a data error instead of using the first image",
+    "shieldgemma2": "ShieldGemma 2's processor writes its own policy prompt around the image instead of the "
+    "conversation, so vlmtune's encoder finds no answer in its output (a template error on every row): "
+    "derivation should refuse it as not a chat model",
 }
 VLMTUNE = str(Path(__file__).resolve().parents[1])
 

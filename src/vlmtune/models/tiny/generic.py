@@ -250,8 +250,13 @@ PATCH_FIELDS = {
 
 
 def _same_patches(config: PretrainedConfig, processor) -> None:
-    """Give the image processor the vision config's patch geometry where both state it."""
+    """Give the image processor the vision config's patch geometry where both state it, and the processor
+    the settings it counts image tokens with where it was left without (LLaVA-style ones: the checkpoint's
+    processor config states them)."""
     vision = getattr(config, "vision_config", None)
+    for name, source in (("patch_size", vision), ("vision_feature_select_strategy", config)):
+        if hasattr(processor, name) and getattr(processor, name) is None:
+            setattr(processor, name, getattr(source, name, None))
     image_processor = processor.image_processor
     for setting, field_name in PATCH_FIELDS.items():
         value = getattr(vision, field_name, None)
