@@ -20,7 +20,7 @@ from vlmtune.config import FinetuneArguments
 from vlmtune.data.collate import VlmCollator
 from vlmtune.data.prepare import Preparer
 from vlmtune.data.schema import detect_schema
-from vlmtune.models import measure
+from vlmtune.models import catalog, measure
 from vlmtune.models.derive import family_for
 from vlmtune.models.loading import apply_finetuning
 from vlmtune.models.registry import FAMILIES
@@ -58,6 +58,15 @@ def test_docs_list_every_architecture_with_the_outcome_measured_now(measured):
     assert sorted(rows) == TYPES
     stale = {t: (rows[t], (m.outcome, m.template)) for t, m in measured.items() if rows[t] != (m.outcome, m.template)}
     assert not stale, f"docs/models.md's Measured section is stale: run `{measure.COMMAND}` ({stale})"
+    assert catalog.measured() == {t: m.outcome for t, m in measured.items()}, f"stale {catalog.MEASURED_FILE}"
+
+
+def test_models_command_says_what_was_measured_for_derived_architectures(measured):
+    """`vlmtune models` tells a user whose architecture is derived whether its tiny model trained."""
+    verdicts = {a.model_type: a for a in catalog.architectures()}
+    assert measured["idefics2"].outcome == "trains" and verdicts["idefics2"].status == "derived"
+    assert "stand-in chat template trains with exact labels" in verdicts["idefics2"].reason
+    assert "derivation refuses it" in verdicts["blip-2"].reason
 
 
 def test_outcomes_users_rely_on(measured):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import math
 import traceback
@@ -39,6 +40,7 @@ from ..data.encode import IGNORE_INDEX
 from ..data.prepare import Preparer
 from ..data.schema import detect_schema
 from ..errors import DataError
+from .catalog import MEASURED_FILE
 from .derive import DerivationError, family_for
 from .loading import apply_finetuning, linear_modules, part_of, router_modules, with_chat_template
 from .registry import FAMILIES, FamilySpec
@@ -338,6 +340,12 @@ def write_section(path: Path, found: list[Measured]) -> None:
     path.write_text(f"{head}{BEGIN}\n{as_markdown(found)}\n{END}{tail}")
 
 
+def write_outcomes(found: list[Measured], path: Path = MEASURED_FILE) -> None:
+    """What `vlmtune models` reads to add the measurement to derived architectures' verdicts."""
+    outcomes = {m.model_type: m.outcome for m in found}
+    path.write_text(json.dumps({"transformers": transformers.__version__, "outcomes": outcomes}, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m vlmtune.models.measure [--write docs/models.md] [model_type ...]`: print or write."""
     parser = argparse.ArgumentParser(prog="python -m vlmtune.models.measure", description=__doc__.split("\n")[0])
@@ -347,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     found = measure_all(args.model_types or None)
     if args.write:
         write_section(args.write, found)
+        if not args.model_types:
+            write_outcomes(found)
     else:
         print(as_markdown(found))
 
