@@ -56,6 +56,8 @@ KNOWN_WRONG: dict[str, str] = {
     "glm4v_moe": "PEFT rewrites the default LoRA regex of MoE models it converts from transformers v4 (the "
     "qwen2_moe pattern) into leaf names and moves gate/up/down_proj onto the fused expert parameters: the dense "
     "MLPs and shared experts get no LoRA, the routed experts do",
+    "got_ocr2": "vlmtune hands the processor each sample's images as a nested list; GOT-OCR 2's processor "
+    "refuses nested images unless multi_page=True, so deriving its family crashes (a raw ValueError at load)",
     "mllama": "a batch mixing text-only and image rows crashes: the collator stacks Mllama's per-sample "
     "pixel_values and cross_attention_mask for the image rows only",
     "shieldgemma2": "ShieldGemma 2's processor writes its own policy prompt around the image instead of the "

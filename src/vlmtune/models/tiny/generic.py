@@ -125,7 +125,24 @@ def _image_processor(model_type: str, processor_cls: type, kwargs: dict):
     cls = getattr(transformers, backends["pil"], None)
     if cls is None:
         raise NotBuildable(f"its image processor class {backends['pil']} is not importable here")
-    return cls(**kwargs)
+    return cls(**{**_tower_sizes(model_type, cls()), **kwargs})
+
+
+def _tower_sizes(model_type: str, image_processor) -> dict:
+    """Image processor sizes equal to a fixed-size tower's image side (the default config's
+    `vision_config.image_size`), where the processor states a fixed size: a checkpoint's processor config
+    agrees with its tower, the classes' defaults need not (LLaVA-style: 224-pixel crops, a 336 tower)."""
+    side = getattr(getattr(_default_config(model_type), "vision_config", None), "image_size", None)
+    if not isinstance(side, int):
+        return {}
+    sizes = {}
+    for name in ("size", "crop_size"):
+        size = getattr(image_processor, name, None)
+        if getattr(size, "height", None) and getattr(size, "width", None):
+            sizes[name] = {"height": side, "width": side}
+        elif getattr(size, "shortest_edge", None) and not getattr(size, "longest_edge", None):
+            sizes[name] = {"shortest_edge": side}
+    return sizes
 
 
 def _declared_tokens(processor_cls: type) -> dict[str, str]:
@@ -218,15 +235,19 @@ def _token_fields(config: PretrainedConfig, processor, tokenizer) -> None:
                 setattr(sub, name, vocab[token])
 
 
-def build_config(model_type: str, processor, override: Override | None = None) -> PretrainedConfig:
-    """The default config shrunk, sized by the tokenizer, its token ids the processor's tokens."""
-    tokenizer = processor.tokenizer
+def _default_config(model_type: str) -> PretrainedConfig:
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # default configs of some types warn about their own defaults
     try:
-        config = CONFIG_MAPPING[model_type]()
+        return CONFIG_MAPPING[model_type]()
     finally:
         transformers.logging.set_verbosity(verbosity)
+
+
+def build_config(model_type: str, processor, override: Override | None = None) -> PretrainedConfig:
+    """The default config shrunk, sized by the tokenizer, its token ids the processor's tokens."""
+    tokenizer = processor.tokenizer
+    config = _default_config(model_type)
     shrink(config, dict(override.config) if override else None)
     text = config.get_text_config()
     text.vocab_size = len(tokenizer)
@@ -257,6 +278,10 @@ def _same_patches(config: PretrainedConfig, processor) -> None:
     for name, source in (("patch_size", vision), ("vision_feature_select_strategy", config)):
         if hasattr(processor, name) and getattr(processor, name) is None:
             setattr(processor, name, getattr(source, name, None))
+    if getattr(config, "vision_feature_select_strategy", None) == "default" and hasattr(
+        processor, "num_additional_image_tokens"
+    ):
+        processor.num_additional_image_tokens = 1  # the CLS token the "default" strategy drops
     image_processor = processor.image_processor
     for setting, field_name in PATCH_FIELDS.items():
         value = getattr(vision, field_name, None)
