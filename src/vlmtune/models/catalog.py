@@ -26,13 +26,13 @@ from pathlib import Path
 
 import transformers
 from transformers import CONFIG_MAPPING
-from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import logging
 
 from .registry import FAMILIES
 from .tiny import LEARNING_GAPS, RECIPES
+from .tiny.generic import image_processor_names
 
 TINY_TYPES = frozenset(recipe.config_cls.model_type for recipe in RECIPES.values())
 # What `python -m vlmtune.models.measure --write docs/models.md` found per architecture (beside the docs'
@@ -59,16 +59,6 @@ class Architecture:
     image_processor: str | None  # the class a PIL-only machine would use, or the torchvision-only one
     status: str
     reason: str
-
-
-def _image_processors(model_type: str, processor_class: str | None) -> dict[str, str]:
-    """The image processor classes by backend; a type without its own entry shares its processor's."""
-    if model_type in IMAGE_PROCESSOR_MAPPING_NAMES:
-        return IMAGE_PROCESSOR_MAPPING_NAMES[model_type]
-    for other, name in PROCESSOR_MAPPING_NAMES.items():
-        if name == processor_class and other in IMAGE_PROCESSOR_MAPPING_NAMES:
-            return IMAGE_PROCESSOR_MAPPING_NAMES[other]
-    return {}
 
 
 def _encoder_decoder(model_type: str) -> bool:
@@ -132,7 +122,7 @@ def architectures() -> tuple[Architecture, ...]:
     out = []
     for model_type, model_class in sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.items()):
         processor_class = PROCESSOR_MAPPING_NAMES.get(model_type)
-        backends = _image_processors(model_type, processor_class)
+        backends = image_processor_names(model_type, processor_class)
         status, reason = _verdict(model_type, processor_class, backends)
         reason = _with_measurement(model_type, status, reason)
         image_processor = backends.get("pil") or backends.get("torchvision")

@@ -15,7 +15,6 @@ need a different value than the generic one are small data in `OVERRIDES`, each 
 from __future__ import annotations
 
 import inspect
-import logging
 import re
 from dataclasses import dataclass, field
 
@@ -56,7 +55,6 @@ class Override:
     image_processor: dict = field(default_factory=dict)  # image processor kwargs
     tokens: dict = field(default_factory=dict)  # further named tokens (config `<name>_id` fields point at them)
     placeholder: str | None = None  # what the stand-in template writes per image (@IMAGE@: the image token)
-    not_buildable: str | None = None  # why it cannot be built here at all
 
 
 # Qwen-style rotary positions find each image by the start marker the template writes before its pads.
@@ -294,8 +292,5 @@ def generic_build(model_type: str) -> tuple[PretrainedConfig, ProcessorMixin]:
     if model_type not in CONFIG_MAPPING:
         raise NotBuildable("transformers has no config class for it")
     override = OVERRIDES.get(model_type)
-    if override is not None and override.not_buildable:
-        raise NotBuildable(override.not_buildable)
-    logging.getLogger(__name__).debug("building a generic tiny %s", model_type)
     processor = build_processor(model_type, override)
     return build_config(model_type, processor, override), processor
