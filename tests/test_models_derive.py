@@ -367,3 +367,30 @@ def test_gemma4_fsdp_wraps_only_the_blocks_the_model_has(tiny_model_dir, tmp_pat
     classes = default_fsdp_wrap(args, loaded.model, loaded.spec)
     assert set(classes) == {"Gemma4TextDecoderLayer", "Gemma4VisionEncoderLayer"}
     assert set(classes) <= present
+
+
+def test_an_image_only_processor_whose_init_passes_its_parts_positionally_keeps_the_tokenizer(tmp_path):
+    """Video-LLaVA's `__init__` hands (image processor, video processor, tokenizer) on positionally: without
+    its video processor (no torchvision here) the tokenizer must still land in its own place, and the
+    processor load from a saved folder and expand an image."""
+    from transformers import CLIPImageProcessorPil, VideoLlavaProcessor
+
+    tokenizer = build_tokenizer({"eos_token": "</s>", "pad_token": "<pad>"}, ["<image>", "<video>"])
+    processor = image_only(VideoLlavaProcessor)(image_processor=CLIPImageProcessorPil(), tokenizer=tokenizer)
+    assert processor.tokenizer is tokenizer
+    processor.save_pretrained(tmp_path)
+    loaded = load_processor(str(tmp_path))
+    ids = torch.as_tensor(loaded(text=["<image> look"], images=[Image.new("RGB", (64, 64), "red")])["input_ids"][0])
+    assert isinstance(loaded, VideoLlavaProcessor) and loaded.tokenizer.convert_tokens_to_ids("<image>") in ids
+    assert ids.tolist().count(tokenizer.convert_tokens_to_ids("<image>")) > 1, "one image is several feature tokens"
+
+
+def test_a_processor_that_takes_one_image_per_sample_is_derived_single_image():
+    """ShieldGemma 2's processor refuses two images in a sample: derived, the family takes each sample's
+    first image (as single-image registry entries do) instead of every two-image row being a data error."""
+    from vlmtune.models.tiny.generic import generic_build
+
+    config, processor = generic_build("shieldgemma2")
+    assert not derive_spec(config, processor, model=meta_model(config)).multi_image
+    config, processor, model = built("qwen3_5")
+    assert derive_spec(config, processor, model=model).multi_image

@@ -8,7 +8,8 @@
   LoRA coverage, learning and save/reload are tested on it with its real chat template;
 - **derived**: its facts (parts, image token, end of turn, LoRA targets) are derived from the checkpoint
   when it loads (`models/derive.py`) and verified there, or the run is refused naming the missing fact;
-  not yet tested by vlmtune on a tiny model;
+  not tested with its real chat template; its reason adds what a tiny model of it with a stand-in
+  template measured (`models/measure.py`, read from `measured.json`);
 - **untested here**: as derived, but its image processor exists only for torchvision in the installed
   transformers, which cannot run beside this project's test machine's torch, so nothing here has built it;
 - **refused**: vlmtune cannot train it correctly, with the reason.
@@ -18,20 +19,33 @@ Everything here reads transformers' own auto mappings; nothing loads a model.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import transformers
 from transformers import CONFIG_MAPPING
-from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import logging
 
 from .registry import registered
 from .tiny import LEARNING_GAPS, RECIPES
+from .tiny.generic import image_processor_names
 
 TINY_TYPES = frozenset(recipe.config_cls.model_type for recipe in RECIPES.values())
+# What `python -m vlmtune.models.measure --write docs/models.md` found per architecture (beside the docs'
+# Measured section), read here so that the verdicts of derived architectures say it without measuring.
+MEASURED_FILE = Path(__file__).with_name("measured.json")
+DERIVED = "facts derived and verified when the checkpoint loads (packing refused)"
+# A derived architecture's measured outcome -> what its verdict adds.
+MEASURED_NOTES = {
+    "trains": "a tiny model with a stand-in chat template trains with exact labels and full LoRA coverage",
+    "refused": "on a tiny model derivation refuses it",
+    "not buildable here": "no tiny model of it could be built here",
+    "WRONG": "measured WRONG on a tiny model (a known bug)",
+}
 STATUSES = ("checked", "derived", "untested here", "refused")
 
 
@@ -45,16 +59,6 @@ class Architecture:
     image_processor: str | None  # the class a PIL-only machine would use, or the torchvision-only one
     status: str
     reason: str
-
-
-def _image_processors(model_type: str, processor_class: str | None) -> dict[str, str]:
-    """The image processor classes by backend; a type without its own entry shares its processor's."""
-    if model_type in IMAGE_PROCESSOR_MAPPING_NAMES:
-        return IMAGE_PROCESSOR_MAPPING_NAMES[model_type]
-    for other, name in PROCESSOR_MAPPING_NAMES.items():
-        if name == processor_class and other in IMAGE_PROCESSOR_MAPPING_NAMES:
-            return IMAGE_PROCESSOR_MAPPING_NAMES[other]
-    return {}
 
 
 def _encoder_decoder(model_type: str) -> bool:
@@ -91,7 +95,24 @@ def _verdict(model_type: str, processor_class: str | None, backends: dict[str, s
             f"its image processor ({backends['torchvision']}) needs torchvision in transformers "
             f"{transformers.__version__}; derivation is kept but untested"
         )
-    return "derived", "facts derived and verified when the checkpoint loads (packing refused); no tiny model yet"
+    return "derived", f"{DERIVED}; no tiny model yet"
+
+
+@cache
+def measured() -> dict[str, str]:
+    """model_type -> measured outcome, where the measurement was made on the installed transformers."""
+    if not MEASURED_FILE.is_file():
+        return {}
+    found = json.loads(MEASURED_FILE.read_text())
+    return found["outcomes"] if found.get("transformers") == transformers.__version__ else {}
+
+
+def _with_measurement(model_type: str, status: str, reason: str) -> str:
+    """A derived architecture's verdict with what its tiny model measured, where it was measured."""
+    outcome = measured().get(model_type)
+    if status != "derived" or outcome is None:
+        return reason
+    return f"{DERIVED}; {MEASURED_NOTES[outcome]} (docs/models.md, Measured)"
 
 
 @cache
@@ -100,8 +121,9 @@ def architectures() -> tuple[Architecture, ...]:
     out = []
     for model_type, model_class in sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.items()):
         processor_class = PROCESSOR_MAPPING_NAMES.get(model_type)
-        backends = _image_processors(model_type, processor_class)
+        backends = image_processor_names(model_type, processor_class)
         status, reason = _verdict(model_type, processor_class, backends)
+        reason = _with_measurement(model_type, status, reason)
         image_processor = backends.get("pil") or backends.get("torchvision")
         out.append(Architecture(model_type, model_class, processor_class, image_processor, status, reason))
     return tuple(out)

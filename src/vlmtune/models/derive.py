@@ -416,6 +416,7 @@ def describe(spec: FamilySpec, given: set[str] = frozenset()) -> str:
             f"  image token: {spec.image_token} (template writes {spec.image_placeholder or spec.image_token}; "
             f"around it: {', '.join(spec.image_extra_tokens) or 'nothing'})",
             f"  end of turn: {', '.join(spec.turn_end) or 'none in the template: EOS appended to each answer'}",
+            f"  images per sample: {'several' if spec.multi_image else 'one (the processor takes no more)'}",
             f"  packing: refused ({spec.packing_refusal})" if spec.packing_refusal else "  packing: allowed",
             "  LoRA: every linear layer of the language model except the output layer and MoE routers.",
         ]

@@ -43,10 +43,17 @@ class _NoVideoProcessor:
 class _DropsVideoProcessor(ProcessorMixin):
     """Sits between a processor class and `ProcessorMixin` in an image-only subclass's method order: a
     processor whose `__init__` passes ``video_processor=`` on to `ProcessorMixin.__init__` (Gemma 4's
-    does, even when it is None) would be refused there, since it is no longer one of the attributes."""
+    does, even when it is None) would be refused there, since it is no longer one of the attributes; one
+    that passes its parts positionally (Video-LLaVA's: image processor, video processor, tokenizer) would
+    shift the tokenizer into the video processor's place."""
+
+    _with_video: tuple[str, ...] = ()  # the processor class's own attributes, video processor included
 
     def __init__(self, *args, **kwargs):
         kwargs.pop("video_processor", None)
+        if len(args) > len(self.get_attributes()) and "video_processor" in self._with_video:
+            at = self._with_video.index("video_processor")
+            args = args[:at] + args[at + 1 :]
         super().__init__(*args, **kwargs)
 
 
@@ -63,10 +70,14 @@ def image_only(processor_cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     attributes = [a for a in processor_cls.get_attributes() if a != "video_processor"]
     namespace = {
         "get_attributes": classmethod(lambda cls: list(attributes)),
+        "_with_video": tuple(processor_cls.get_attributes()),
         "video_processor": _NoVideoProcessor(),
         "__module__": __name__,
     }
     namespace["save_pretrained"] = _save_with_image_processor_config(processor_cls.save_pretrained)
+    order = [n for n in inspect.signature(processor_cls.__init__).parameters if n in {*attributes, "video_processor"}]
+    if order[: len(attributes)] != attributes:  # the video processor sits between the parts `from_pretrained` passes
+        namespace["from_args_and_dict"] = classmethod(_in_init_order(processor_cls.from_args_and_dict.__func__, order))
     init = _video_optional_init(processor_cls.__init__)
     if init is not None:
         namespace["__init__"] = init
@@ -84,6 +95,18 @@ def _save_with_image_processor_config(save):
         return result
 
     return save_pretrained
+
+
+def _in_init_order(from_args_and_dict, order: list[str]):
+    """`from_args_and_dict` passing the loaded parts in the `__init__`'s order, None in the video
+    processor's place: `from_pretrained` passes them in the attributes' order, which without the video
+    processor no longer matches an `__init__` that names it between the others (Video-LLaVA's)."""
+
+    def in_order(cls, args, processor_dict, **kwargs):
+        named = dict(zip(cls.get_attributes(), args))
+        return from_args_and_dict(cls, [named.get(name) for name in order], processor_dict, **kwargs)
+
+    return in_order
 
 
 def _video_optional_init(init):

@@ -19,6 +19,10 @@ with a `RECIPES` dict, listed in `_LINEAGES` below. Its facts are derived from t
 (`models/derive.py`); a registry entry (`models/registry.py`) only where derivation gets one wrong, and a
 line in docs/models.md; the tests then build, train and reload it. A real template too long to inline
 lives in `templates/` (Qwen3.5's, Qwen3-VL-Instruct's, Gemma 4's, Mistral 3's).
+
+An architecture with no recipe gets a generic tiny model (`generic.py`: its default config shrunk by
+`shrink.py`, its real processor, a stand-in chat template), used by the measurement of every architecture
+(`models/measure.py`, docs/models.md's Measured section), not by `build_tiny_model`.
 """
 
 from __future__ import annotations
