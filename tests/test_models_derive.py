@@ -385,12 +385,34 @@ def test_an_image_only_processor_whose_init_passes_its_parts_positionally_keeps_
     assert ids.tolist().count(tokenizer.convert_tokens_to_ids("<image>")) > 1, "one image is several feature tokens"
 
 
-def test_a_processor_that_takes_one_image_per_sample_is_derived_single_image():
-    """ShieldGemma 2's processor refuses two images in a sample: derived, the family takes each sample's
-    first image (as single-image registry entries do) instead of every two-image row being a data error."""
+def test_shieldgemma2_a_classifier_whose_processor_writes_its_own_prompts_is_refused():
+    """The real ShieldGemma 2 processor (on the generic tiny model) replaces the conversation with its policy
+    prompts: refused by name before any weights load, never trained on prompts it does not see."""
     from vlmtune.models.tiny.generic import generic_build
 
     config, processor = generic_build("shieldgemma2")
-    assert not derive_spec(config, processor, model=meta_model(config)).multi_image
-    config, processor, model = built("qwen3_5")
-    assert derive_spec(config, processor, model=model).multi_image
+    with pytest.raises(UnsupportedModelError, match="shieldgemma2: vlmtune cannot fine-tune it: .*policy prompts"):
+        derive_spec(config, processor, model=meta_model(config))
+
+
+def test_glm4v_moe_lora_leaves_out_what_peft_would_rewrite_and_reloads_as_trained(tmp_path, caplog):
+    """PEFT 0.21 turns every gate/up/down_proj target of GLM-4.5V into its routed experts' fused weights, on
+    creating and on loading an adapter (huggingface/peft#3711): vlmtune says so, leaves those layers out
+    rather than train the experts unasked, and the saved adapter reloads in plain PEFT onto the same layers."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtune.models.tiny.generic import generic_build
+
+    config, processor = generic_build("glm4v_moe")
+    spec = family_for(config, processor)
+    with caplog.at_level("WARNING"):
+        tuned = apply_finetuning(AutoModelForImageTextToText.from_config(config), spec, FinetuneArguments())
+    assert "huggingface/peft#3711" in caplog.text and "layers.0.mlp.gate_proj" in caplog.text
+    adapted = {n for n, m in tuned.named_modules() if hasattr(m, "lora_A")}
+    leaves = {n.rsplit(".", 1)[-1] for n in adapted}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= leaves and not leaves & {"gate_proj", "up_proj", "down_proj"}
+    assert not tuned.peft_config["default"].target_parameters, "no routed experts adapted unasked"
+    tuned.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(AutoModelForImageTextToText.from_config(config), str(tmp_path))
+    assert {n for n, m in reloaded.named_modules() if hasattr(m, "lora_A")} == adapted

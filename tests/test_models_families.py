@@ -123,3 +123,43 @@ def test_models_docs_list_every_family_and_checkpoint():
     for family in BUILDERS:
         assert f"`{family}`" in docs, family
     assert "docs/models.md" in (Path(__file__).parents[1] / "README.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["mllama", "idefics3", "qwen2_vl"])
+def test_a_text_only_row_trains_in_a_batch_with_image_rows_as_it_would_alone(family, tiny_model_dir):
+    """Mixed data (some rows without an image) batches with per-row image inputs too (Mllama's pixel_values
+    and cross-attention mask, Idefics3's pixel_values): the text-only row's loss in the batch is its loss
+    alone, and the image rows' are theirs."""
+    base = load_model(tiny_model_dir(family))
+    model, collate = (
+        base.model.eval(),
+        VlmCollator(base.processor, Preparer(detect_schema(["messages", "images"]), base.spec.encoding)),
+    )
+    text_only = [{"role": "user", "content": [{"type": "text", "text": "Say red."}]}, _answer("red")]
+    rows = [
+        {"__index__": 0, "messages": PROMPT + [_answer("blue")], "images": [Image.new("RGB", (64, 64), "blue")]},
+        {"__index__": 1, "messages": text_only, "images": []},
+        {"__index__": 2, "messages": PROMPT + [_answer("green")], "images": [Image.new("RGB", (64, 64), "green")]},
+    ]
+
+    def losses(batch) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        return (per_token * (labels != -100)).sum(1) / (labels != -100).sum(1)
+
+    together = losses(collate(rows))
+    alone = torch.cat([losses(collate([row])) for row in rows])
+    if family == "mllama":
+        # Alone, a text-only row skips the cross-attention layers; in a batch with images they attend to the
+        # zero image of its row (transformers masks their MLP, not their attention, for such rows), as in any
+        # batch the processor itself pads. The image rows are exact; the text-only row trains, close to alone.
+        torch.testing.assert_close(together[[0, 2]], alone[[0, 2]], rtol=1e-4, atol=1e-4)
+        assert torch.isfinite(together[1]) and abs(together[1] - alone[1]) < 0.1 * alone[1]
+        return
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+
+
+def _answer(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}

@@ -36,8 +36,12 @@ def _stack(tensors: list[torch.Tensor], value: float | int = 0) -> torch.Tensor:
     return torch.cat([_pad_to(t, (t.shape[0], *shape[1:]), value) for t in tensors])
 
 
-def pad_rows(rows: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """A right-padded batch of encoded rows: `input_ids`, `labels`, the per-token masks and image inputs."""
+def pad_rows(rows: list[Encoded], pad_token_id: int, row_inputs: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A right-padded batch of encoded rows: `input_ids`, `labels`, the per-token masks and image inputs.
+
+    Image inputs are per image (concatenated for the rows that have images) except the `row_inputs` keys,
+    laid out one entry per row (Mllama's `pixel_values`: rows x images x tiles): there, and in the per-token
+    masks (Mllama's `cross_attention_mask`), a text-only row gets zeros, meaning no image to attend to."""
     length = max(row.length for row in rows)
     ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
@@ -46,16 +50,23 @@ def pad_rows(rows: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
         labels[i, : row.length] = torch.tensor(row.labels)
     batch = {"input_ids": ids}
     for key in dict.fromkeys(k for row in rows for k in row.inputs):
-        tensors = [row.inputs[key] for row in rows if key in row.inputs]
+        like = next(row.inputs[key] for row in rows if key in row.inputs)
         if key in SEQUENCE_KEYS:
+            tensors = [
+                row.inputs[key] if key in row.inputs else like.new_zeros((1, 1, *like.shape[2:])) for row in rows
+            ]
             batch[key] = torch.cat([_pad_to(t, (1, length, *t.shape[2:])) for t in tensors])
+        elif key in row_inputs:
+            batch[key] = _stack([row.inputs[key] if key in row.inputs else like.new_zeros(like.shape) for row in rows])
         else:
-            batch[key] = _stack(tensors)
+            batch[key] = _stack([row.inputs[key] for row in rows if key in row.inputs])
     batch["labels"] = labels
     return batch
 
 
-def pack_rows(packs: list[list[Encoded]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def pack_rows(
+    packs: list[list[Encoded]], pad_token_id: int, row_inputs: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
     """A batch of packed rows: each pack's samples concatenated into one row, then right-padded.
 
     The interface a model needs for padding-free training: no `attention_mask`, and `position_ids`
@@ -75,7 +86,7 @@ def pack_rows(packs: list[list[Encoded]], pad_token_id: int) -> dict[str, torch.
             tensors = [row.inputs[key] for row in pack if key in row.inputs]
             inputs[key] = torch.cat(tensors, dim=1) if key in SEQUENCE_KEYS else _stack(tensors)
         rows.append(Encoded(ids, labels, inputs))
-    batch = pad_rows(rows, pad_token_id)
+    batch = pad_rows(rows, pad_token_id, row_inputs)
     positions = torch.zeros_like(batch["input_ids"])
     for i, pack in enumerate(packs):
         start = 0
@@ -112,11 +123,11 @@ class VlmCollator:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         packs = packs_of(items)
         if packs is None:
-            return BatchFeature(pad_rows([self.encode(row) for row in items], pad))
+            return BatchFeature(pad_rows([self.encode(row) for row in items], pad, self.preparer.facts.row_inputs))
         encoded = [[self.encode(row) for row in pack] for pack in packs]
         if self.pack_capacity is not None and isinstance(items[0], Pack):  # a padding-free batch has no plan
             check_capacity(packs, encoded, self.pack_capacity)
-        return BatchFeature(pack_rows(encoded, pad))
+        return BatchFeature(pack_rows(encoded, pad, self.preparer.facts.row_inputs))
 
 
 def packs_of(items: list) -> list[tuple[dict, ...]] | None:

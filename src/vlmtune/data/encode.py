@@ -73,6 +73,8 @@ class EncodingFacts:
     turn_end: tuple[str, ...] = ()
     multi_image: bool = True
     prefix_suffix: bool = False
+    # Image inputs laid out one entry per row, not per image (Mllama's): zeros for a text-only row in a batch.
+    row_inputs: tuple[str, ...] = ()
 
 
 @dataclass

@@ -263,6 +263,7 @@ class PreferenceCollator:
         pairs = [self.encode_pair(row) for row in rows]
         tokenizer = self.processor.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        batch = pad_rows([c for c, _ in pairs] + [r for _, r in pairs], pad)
+        row_inputs = self.preparers["chosen"].facts.row_inputs
+        batch = pad_rows([c for c, _ in pairs] + [r for _, r in pairs], pad, row_inputs)
         batch["completion_mask"] = (batch.pop("labels") != IGNORE_INDEX).long()
         return BatchFeature(batch)

@@ -13,6 +13,8 @@ family, they are read off what the checkpoint already says, without loading weig
 - the image token: `processor.image_token`, checked against `config.image_token_id` and against what
   the processor emits for one tiny image; the placeholder the chat template writes per image, and the
   special tokens the processor puts around each image's features;
+- which image inputs are laid out per row rather than per image (Mllama's: a text-only row in a batch gets
+  zeros there), from the processor's output for one row of two images and two rows of one;
 - whether several images per sample work: the processor given two (ShieldGemma 2's refuses); and that the
   processor passes the prompt's text on at all (ShieldGemma 2's writes its own policy prompts: refused);
 - the end of an assistant turn: the chat template rendered with a sentinel answer shows what follows an
@@ -223,7 +225,12 @@ def image_tokens(processor, config: PretrainedConfig, given: str | None = None) 
     text = [{"type": "text", "text": SENTINEL}]
     with_image = _rendered(processor, _user([{"type": "image"}, *text]), add_generation_prompt=True)
     without = _rendered(processor, _user(text), add_generation_prompt=True)
-    ids = processor_inputs(processor, [with_image], [[Image.new("RGB", (64, 64), "red")]])["input_ids"][0].tolist()
+    try:
+        inputs = processor_inputs(processor, [with_image], [[Image.new("RGB", (64, 64), "red")]])
+    except ValueError as err:  # a placeholder count it disagrees with; GOT-OCR 2's takes no per-sample lists
+        why = f"the processor refuses the template's prompt with one image for one sample ({err})"
+        raise DerivationError(model_type, "image placeholder", why) from err
+    ids = inputs["input_ids"][0].tolist()
     if SENTINEL not in tokenizer.decode(ids):
         raise UnsupportedModelError(
             model_type,
@@ -254,6 +261,27 @@ def takes_several_images(processor) -> bool:
     except ValueError:  # what processors raise on an image count they do not take
         return False
     return True
+
+
+def row_image_inputs(processor) -> tuple[str, ...]:
+    """The processor's image inputs laid out one entry per row rather than per image (Mllama's
+    `pixel_values`: rows x images x tiles): given one row of two images, such a key has one entry; given two
+    rows of one image, two. A text-only row in a batch needs zeros there. Undecidable (and so none) for a
+    processor that takes one image per row."""
+    one = _rendered(processor, _user([{"type": "image"}, {"type": "text", "text": "Hi"}]))
+    two = _rendered(processor, _user([{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Hi"}]))
+    red, blue = (Image.new("RGB", (64, 64), colour) for colour in ("red", "blue"))
+    try:
+        together = processor_inputs(processor, [two], [[red, blue]])
+    except ValueError:
+        return ()
+    apart = processor_inputs(processor, [one, one], [[red], [blue]])
+    skip = {"input_ids", "labels", "attention_mask", "token_type_ids", "mm_token_type_ids", "cross_attention_mask"}
+    return tuple(
+        key
+        for key, value in together.items()
+        if key not in skip and isinstance(value, torch.Tensor) and len(value) == 1 and len(apart.get(key, ())) == 2
+    )
 
 
 # --- end of turn -----------------------------------------------------------------------------------
@@ -382,6 +410,7 @@ def derive_spec(
         image_extra_tokens=given.get("image_extra_tokens", images.extras),
         turn_end=turn_end(processor, model_type, declared, source),
         multi_image=given["multi_image"] if "multi_image" in given else takes_several_images(processor),
+        row_inputs=row_image_inputs(processor),
         packing_refusal=packing_refusal(config),
         derived=entry is None,
     )

@@ -53,16 +53,10 @@ OUTCOMES = ("trains", "refused", "not buildable here", "WRONG")
 # Architectures measured WRONG whose cause is not fixed yet: model_type -> the bug (tests/test_models_measured.py
 # holds each as a strict expected failure, so a fix shows; docs/models.md's table shows them as WRONG).
 KNOWN_WRONG: dict[str, str] = {
-    "glm4v_moe": "PEFT rewrites the default LoRA regex of MoE models it converts from transformers v4 (the "
-    "qwen2_moe pattern) into leaf names and moves gate/up/down_proj onto the fused expert parameters: the dense "
-    "MLPs and shared experts get no LoRA, the routed experts do",
-    "got_ocr2": "vlmtune hands the processor each sample's images as a nested list; GOT-OCR 2's processor "
-    "refuses nested images unless multi_page=True, so deriving its family crashes (a raw ValueError at load)",
-    "mllama": "a batch mixing text-only and image rows crashes: the collator stacks Mllama's per-sample "
-    "pixel_values and cross_attention_mask for the image rows only",
-    "shieldgemma2": "ShieldGemma 2's processor writes its own policy prompt around the image instead of the "
-    "conversation, so vlmtune's encoder finds no answer in its output (a template error on every row): "
-    "derivation should refuse it as not a chat model",
+    "glm4v_moe": "PEFT 0.21 rewrites every gate/up/down_proj LoRA target of MoE models it converts from "
+    "transformers v4's layout to the routed experts, on creating and on loading an adapter "
+    "(huggingface/peft#3711): vlmtune leaves the dense MLP and shared experts out, with a warning, so that the "
+    "adapter reloads as trained; full coverage waits for PEFT's fix",
 }
 VLMTUNE = str(Path(__file__).resolve().parents[1])
 
@@ -126,7 +120,7 @@ def encoded(collator: VlmCollator, data: list[dict]) -> tuple[list[dict], BatchF
         kept.append(row)
     tokenizer = collator.processor.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return kept, BatchFeature(pad_rows(encodings, pad)), notes
+    return kept, BatchFeature(pad_rows(encodings, pad, collator.preparer.facts.row_inputs)), notes
 
 
 def _answers(row: dict, last_only: bool) -> list[str]:

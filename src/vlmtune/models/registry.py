@@ -55,6 +55,8 @@ class FamilySpec:
     decoder_layers: tuple[str, ...] = ()
     vision_layer: str | None = None
     multi_image: bool = True
+    # Image inputs laid out one entry per row, not per image (Mllama's pixel_values: rows x images x tiles).
+    row_inputs: tuple[str, ...] = ()
     # Used when a checkpoint ships no chat template (PaliGemma's).
     default_chat_template: str | None = None
     # Not a chat model: the prompt is the processor's text and the answer its `suffix=` (PaliGemma).
@@ -81,6 +83,7 @@ class FamilySpec:
             turn_end=self.turn_end,
             multi_image=self.multi_image,
             prefix_suffix=self.prefix_suffix,
+            row_inputs=self.row_inputs,
         )
 
 
