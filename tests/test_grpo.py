@@ -247,3 +247,40 @@ def _alone(batch, i: int) -> dict:
         "num_images": [1],
         "mm_token_type_ids": torch.cat([marks[: len(keep)][keep], marks[len(keep) :]])[None],
     }
+
+
+LENGTH_REWARD = """
+def longer(completions, answers, prompts, **kwargs):
+    return [float(len(c)) for c in completions]
+"""
+
+
+def test_a_training_step_makes_answers_above_their_group_mean_more_likely(tiny_model_dir, tmp_path):
+    """What GRPO is for, through vlmtune's rows, rewards and processor: after one step on a batch, the answers
+    that scored above their group's mean (a user reward: the answer's length) gained log-probability against
+    those below it. A reward paired with the wrong completions, or an advantage of the wrong sign, fails this."""
+    files = write_shapes_dataset(tmp_path, n_train=4, n_eval=0, seed=0)
+    (tmp_path / "lengths.py").write_text(LENGTH_REWARD)
+    loaded = load_model(tiny_model_dir("qwen2_vl"))
+    model = apply_finetuning(loaded.model, loaded.spec, FinetuneArguments())
+    data = DataArguments(dataset_name=str(files["train"]), val_split_ratio=0.0)
+    splits = build_splits(data, loaded.spec.encoding, processor=loaded.processor)
+    out = str(tmp_path / "o")
+    training = VlmTrainingArguments(output_dir=out, use_cpu=True, report_to="none", per_device_train_batch_size=16)
+    config = grpo_config(training, GrpoArguments(num_generations=4, max_completion_length=6))
+    rewards = build_rewards([f"{tmp_path / 'lengths.py'}:longer"], [])
+    trainer = grpo_trainer(model, rewards, config, splits, loaded.processor, ModelArguments(), [])
+    rows = trainer.train_dataset
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions([rows[i] for i in range(4) for _ in range(4)])
+    advantages = batch["advantages"]
+    assert (advantages > 0).any() and (advantages < 0).any()
+    with torch.no_grad():
+        before = _completion_log_probs(trainer, batch).mul(batch["completion_mask"]).sum(1)
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop, which this step stands in for
+    trainer.compute_loss(model.train(), batch).backward()
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.grad is not None and p.grad.norm() > 0):  # a new LoRA: B only
+            p -= 0.05 * p.grad / p.grad.norm()
+        gained = _completion_log_probs(trainer, batch).mul(batch["completion_mask"]).sum(1) - before
+    assert gained[advantages > 0].mean() > gained[advantages < 0].mean()
