@@ -42,7 +42,7 @@ from ..data.schema import detect_schema
 from ..errors import DataError
 from .catalog import MEASURED_FILE
 from .derive import DerivationError, family_for
-from .loading import apply_finetuning, linear_modules, part_of, router_modules, with_chat_template
+from .loading import apply_finetuning, language_linears, part_of, with_chat_template
 from .registry import FamilySpec, default_chat_template
 from .tiny import RECIPES
 from .tiny.common import open_zero_paths
@@ -152,13 +152,7 @@ def label_problem(tokenizer, spec: FamilySpec, row: dict, labels: list[int]) -> 
 
 def lora_expected(model: torch.nn.Module, spec: FamilySpec) -> set[str]:
     """The linears default LoRA must adapt: the language model's, bar the output layer and MoE routers."""
-    output = model.get_output_embeddings()
-    skip = router_modules(model)
-    return {
-        n
-        for n in linear_modules(model, spec, "language_model")
-        if n not in skip and model.get_submodule(n) is not output
-    }
+    return set(language_linears(model, spec))
 
 
 def coverage_problem(expected: set[str], tuned: torch.nn.Module, spec: FamilySpec) -> str | None:
