@@ -20,7 +20,8 @@ from vlmtune.config import FinetuneArguments
 from vlmtune.data.collate import VlmCollator
 from vlmtune.data.prepare import Preparer
 from vlmtune.data.schema import detect_schema
-from vlmtune.models import catalog, measure
+from vlmtune.eval import measure
+from vlmtune.models import catalog
 from vlmtune.models.derive import family_for
 from vlmtune.models.loading import apply_finetuning
 from vlmtune.models.registry import OVERRIDES

@@ -9,7 +9,7 @@
 - **derived**: its facts (parts, image token, end of turn, LoRA targets) are derived from the checkpoint
   when it loads (`models/derive.py`) and verified there, or the run is refused naming the missing fact;
   not tested with its real chat template; its reason adds what a tiny model of it with a stand-in
-  template measured (`models/measure.py`, read from `measured.json`);
+  template measured (`eval/measure.py`, read from `measured.json`);
 - **untested here**: as derived, but its image processor exists only for torchvision in the installed
   transformers, which cannot run beside this project's test machine's torch, so nothing here has built it;
 - **refused**: vlmtune cannot train it correctly, with the reason.
@@ -35,7 +35,7 @@ from .tiny import LEARNING_GAPS, RECIPES
 from .tiny.generic import image_processor_names
 
 TINY_TYPES = frozenset(recipe.config_cls.model_type for recipe in RECIPES.values())
-# What `python -m vlmtune.models.measure --write docs/models.md` found per architecture (beside the docs'
+# What `python -m vlmtune.eval.measure --write docs/models.md` found per architecture (beside the docs'
 # Measured section), read here so that the verdicts of derived architectures say it without measuring.
 MEASURED_FILE = Path(__file__).with_name("measured.json")
 DERIVED = "facts derived and verified when the checkpoint loads (packing refused)"

@@ -273,9 +273,9 @@ def row_image_inputs(processor) -> tuple[str, ...]:
     red, blue = (Image.new("RGB", (64, 64), colour) for colour in ("red", "blue"))
     try:
         together = processor_inputs(processor, [two], [[red, blue]])
+        apart = processor_inputs(processor, [one, one], [[red], [blue]])
     except ValueError:
         return ()
-    apart = processor_inputs(processor, [one, one], [[red], [blue]])
     skip = {"input_ids", "labels", "attention_mask", "token_type_ids", "mm_token_type_ids", "cross_attention_mask"}
     return tuple(
         key

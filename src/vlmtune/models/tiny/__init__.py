@@ -22,7 +22,7 @@ lives in `templates/` (Qwen3.5's, Qwen3-VL-Instruct's, Gemma 4's, Mistral 3's).
 
 An architecture with no recipe gets a generic tiny model (`generic.py`: its default config shrunk by
 `shrink.py`, its real processor, a stand-in chat template), used by the measurement of every architecture
-(`models/measure.py`, docs/models.md's Measured section), not by `build_tiny_model`.
+(`eval/measure.py`, docs/models.md's Measured section), not by `build_tiny_model`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ a system prompt, text-only, several images where the family takes them), and che
 The outcome is `trains` (every check holds), `refused` (derivation refuses the family, with the reason),
 `not buildable here` (the tiny model cannot be made or run on this machine, with why) or `WRONG` (a check
 fails, or vlmtune's code crashes: what). Nothing here runs at training time; `main` writes docs/models.md's
-"Measured" section (`python -m vlmtune.models.measure --write docs/models.md`).
+"Measured" section (`python -m vlmtune.eval.measure --write docs/models.md`).
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ from ..data.encode import IGNORE_INDEX
 from ..data.prepare import Preparer
 from ..data.schema import detect_schema
 from ..errors import DataError
-from .catalog import MEASURED_FILE
-from .derive import DerivationError, family_for
-from .loading import apply_finetuning, language_linears, part_of, with_chat_template
-from .registry import FamilySpec, default_chat_template
-from .tiny import RECIPES
-from .tiny.common import open_zero_paths
-from .tiny.generic import NotBuildable, generic_build
+from ..models.catalog import MEASURED_FILE
+from ..models.derive import DerivationError, family_for
+from ..models.loading import apply_finetuning, language_linears, part_of, with_chat_template
+from ..models.registry import FamilySpec, default_chat_template
+from ..models.tiny import RECIPES
+from ..models.tiny.common import open_zero_paths
+from ..models.tiny.generic import NotBuildable, generic_build
 
 OUTCOMES = ("trains", "refused", "not buildable here", "WRONG")
 
@@ -293,7 +293,7 @@ def measure_all(types: list[str] | None = None, progress: Callable[[Measured], N
 
 
 BEGIN, END = "<!-- vlmtune measured: begin -->", "<!-- vlmtune measured: end -->"
-COMMAND = "python -m vlmtune.models.measure --write docs/models.md"
+COMMAND = "python -m vlmtune.eval.measure --write docs/models.md"
 
 
 def counts(found: list[Measured]) -> dict[str, int]:
@@ -337,8 +337,8 @@ def write_outcomes(found: list[Measured], path: Path = MEASURED_FILE) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m vlmtune.models.measure [--write docs/models.md] [model_type ...]`: print or write."""
-    parser = argparse.ArgumentParser(prog="python -m vlmtune.models.measure", description=__doc__.split("\n")[0])
+    """`python -m vlmtune.eval.measure [--write docs/models.md] [model_type ...]`: print or write."""
+    parser = argparse.ArgumentParser(prog="python -m vlmtune.eval.measure", description=__doc__.split("\n")[0])
     parser.add_argument("--write", type=Path, help="a docs page with the measured section's markers to rewrite")
     parser.add_argument("model_types", nargs="*", help="only these (default: every architecture of the mapping)")
     args = parser.parse_args(argv)
