@@ -30,9 +30,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import logging
 
+from .processors import image_processor_names
 from .registry import registered
 from .tiny import LEARNING_GAPS, RECIPES
-from .tiny.generic import image_processor_names
 
 TINY_TYPES = frozenset(recipe.config_cls.model_type for recipe in RECIPES.values())
 # What `python -m vlmtune.eval.measure --write docs/models.md` found per architecture (beside the docs'

@@ -13,10 +13,10 @@ family, they are read off what the checkpoint already says, without loading weig
 - the image token: `processor.image_token`, checked against `config.image_token_id` and against what
   the processor emits for one tiny image; the placeholder the chat template writes per image, and the
   special tokens the processor puts around each image's features;
-- which image inputs are laid out per row rather than per image (Mllama's: a text-only row in a batch gets
-  zeros there), from the processor's output for one row of two images and two rows of one;
-- whether several images per sample work: the processor given two (ShieldGemma 2's refuses); and that the
-  processor passes the prompt's text on at all (ShieldGemma 2's writes its own policy prompts: refused);
+- whether several images per sample work (ShieldGemma 2's processor refuses two), and which image inputs
+  are laid out per row rather than per image (Mllama's: a text-only row in a batch gets zeros there), from
+  the processor's output for one row of two images and two rows of one; and that the processor passes the
+  prompt's text on at all (ShieldGemma 2's writes its own policy prompts: refused);
 - the end of an assistant turn: the chat template rendered with a sentinel answer shows what follows an
   answer; the checkpoint's generation-config EOS tokens are cross-checked against it;
 - packing: refused unless a registry entry says how; hybrid language models (linear-attention or state
@@ -251,37 +251,31 @@ def image_tokens(processor, config: PretrainedConfig, given: str | None = None) 
     return ImageTokens(token=token, placeholder=placeholder, extras=tuple(extras))
 
 
-def takes_several_images(processor) -> bool:
-    """Whether the processor accepts two images in one sample; one that refuses (ShieldGemma 2's: "at most
-    one image per sample") gets one image per sample, the rest dropped with a warning, not a failing row."""
-    text = _rendered(processor, _user([{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Hi"}]))
-    pictures = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue")]
-    try:
-        processor_inputs(processor, [text], [pictures])
-    except ValueError:  # what processors raise on an image count they do not take
-        return False
-    return True
-
-
-def row_image_inputs(processor) -> tuple[str, ...]:
-    """The processor's image inputs laid out one entry per row rather than per image (Mllama's
-    `pixel_values`: rows x images x tiles): given one row of two images, such a key has one entry; given two
-    rows of one image, two. A text-only row in a batch needs zeros there. Undecidable (and so none) for a
-    processor that takes one image per row."""
+def image_layout(processor) -> tuple[bool, tuple[str, ...]]:
+    """Whether the processor takes two images in one sample, and which of its image inputs it lays out one
+    entry per row rather than per image (Mllama's `pixel_values`: rows x images x tiles), read off its
+    output for one row of two images and for two rows of one: a per-row key has one entry in the first and
+    two in the second, and a text-only row in a batch needs zeros there. A processor that refuses two images
+    (ShieldGemma 2's: "at most one image per sample") gets one image per sample, the rest dropped with a
+    warning, not a failing row; its layout cannot be told apart, and none is per row."""
     one = _rendered(processor, _user([{"type": "image"}, {"type": "text", "text": "Hi"}]))
     two = _rendered(processor, _user([{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Hi"}]))
     red, blue = (Image.new("RGB", (64, 64), colour) for colour in ("red", "blue"))
     try:
         together = processor_inputs(processor, [two], [[red, blue]])
+    except ValueError:  # what processors raise on an image count they do not take
+        return False, ()
+    try:
         apart = processor_inputs(processor, [one, one], [[red], [blue]])
     except ValueError:
-        return ()
+        return True, ()
     skip = {"input_ids", "labels", "attention_mask", "token_type_ids", "mm_token_type_ids", "cross_attention_mask"}
-    return tuple(
+    per_row = tuple(
         key
         for key, value in together.items()
         if key not in skip and isinstance(value, torch.Tensor) and len(value) == 1 and len(apart.get(key, ())) == 2
     )
+    return True, per_row
 
 
 # --- end of turn -----------------------------------------------------------------------------------
@@ -402,6 +396,7 @@ def derive_spec(
     marker = None if "turn_end" in given else template_turn_end(processor, model_type)
     declared = given.get("turn_end", (marker,) if marker else ())
     images = image_tokens(processor, config, given.get("image_token"))
+    several, row_inputs = image_layout(processor)
     spec = FamilySpec(
         model_type=model_type,
         **parts,
@@ -409,8 +404,8 @@ def derive_spec(
         image_placeholder=given.get("image_placeholder", images.placeholder),
         image_extra_tokens=given.get("image_extra_tokens", images.extras),
         turn_end=turn_end(processor, model_type, declared, source),
-        multi_image=given["multi_image"] if "multi_image" in given else takes_several_images(processor),
-        row_inputs=row_image_inputs(processor),
+        multi_image=given.get("multi_image", several),
+        row_inputs=row_inputs,
         packing_refusal=packing_refusal(config),
         derived=entry is None,
     )

@@ -286,16 +286,18 @@ def load_model(
     quantize_vision_tower: bool = False,
     processor_path: str | None = None,
     family: Mapping | None = None,
+    processing: tuple | None = None,
     **kwargs,
 ) -> Loaded:
     """Load model, processor and family spec; the processor comes from the same folder unless
     `processor_path` names another (an adapter's folder, which holds the processor it was trained with).
     `family`: the facts of a `--family_file` (`config.family.read_family_file`), replacing derived ones.
+    `processing`: the (processor, spec) `load_processing` already gave for these arguments, not derived again.
 
     With `load_in_4bit` / `load_in_8bit` the language model is quantised with bitsandbytes (QLoRA);
     the vision tower stays in full precision unless `quantize_vision_tower`.
     """
-    processor, spec = load_processing(model_name_or_path, processor_path, trust_remote_code, family)
+    processor, spec = processing or load_processing(model_name_or_path, processor_path, trust_remote_code, family)
     compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
     storage = kwargs.pop("bnb_4bit_quant_storage", None)
     quant = quantization_config(spec, load_in_4bit, load_in_8bit, compute_dtype, quantize_vision_tower, storage)

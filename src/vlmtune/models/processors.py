@@ -25,6 +25,8 @@ from pathlib import Path
 
 import transformers
 from transformers import AutoProcessor, ProcessorMixin
+from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +161,16 @@ def torchvision_free(cls_name: str) -> type[ProcessorMixin] | None:
         return getattr(importlib.import_module(module), cls_name)
     finally:
         del sys.modules[helper]
+
+
+def image_processor_names(model_type: str, processor_class: str | None) -> dict[str, str]:
+    """The image processor classes by backend; a type without its own entry shares its processor's."""
+    if model_type in IMAGE_PROCESSOR_MAPPING_NAMES:
+        return IMAGE_PROCESSOR_MAPPING_NAMES[model_type]
+    for other, name in PROCESSOR_MAPPING_NAMES.items():
+        if name == processor_class and other in IMAGE_PROCESSOR_MAPPING_NAMES:
+            return IMAGE_PROCESSOR_MAPPING_NAMES[other]
+    return {}
 
 
 def _processor_class_name(path: str) -> str | None:

@@ -97,7 +97,7 @@ def register(spec: FamilySpec) -> FamilySpec:
     return spec
 
 
-# Fields an entry may state: they replace derived facts (the first group is also what a family file states).
+# Fields an entry may state (what a family file may state among them is verified like a family file's facts).
 _FIELDS = frozenset(FamilySpec.__dataclass_fields__) - {"model_type", "derived"}
 
 

@@ -146,7 +146,7 @@ def _run(model_args, data_args, finetune_args, training_args, grpo_args, callbac
     splits = build_splits(data_args, spec.encoding, seed=training_args.seed, processor=processor)
     config = grpo_config(training_args, grpo_args)
     set_seed(training_args.seed)
-    loaded, model = load_policy(model_args, finetune_args, training_args)
+    loaded, model = load_policy(model_args, finetune_args, training_args, (processor, spec))
     stop_at_end_of_turn(model, stop_ids)
     default_fsdp_wrap(training_args, loaded.model, loaded.spec)
     if shards_parameters(training_args):  # ZeRO-3/FSDP: a text-only prompt must still run the vision tower

@@ -108,8 +108,9 @@ def check_supported(data_args, training_args) -> None:
             raise UsageError(f"vlmtune dpo: --{name} is not supported yet: {why}")
 
 
-def load_policy(model_args, finetune_args, training_args):
-    """The model to train: the SFT adapter to continue (`--adapter_name_or_path`), or a new LoRA/full one."""
+def load_policy(model_args, finetune_args, training_args, processing: tuple | None = None):
+    """The model to train: the SFT adapter to continue (`--adapter_name_or_path`), or a new LoRA/full one;
+    `processing`, the (processor, spec) the data was checked with, is reused rather than derived again."""
     loaded = load_model(
         model_args.model_name_or_path,
         dtype=_dtype(training_args),
@@ -117,6 +118,7 @@ def load_policy(model_args, finetune_args, training_args):
         trust_remote_code=model_args.trust_remote_code,
         processor_path=processor_source(model_args.adapter_name_or_path),
         family=model_args.family(),
+        processing=processing,
         **quantization_kwargs(finetune_args),
     )
     compat.check_model_type(model_args.model_type, loaded.model.config)
@@ -177,7 +179,7 @@ def _run(model_args, data_args, finetune_args, training_args, dpo_args, callback
     if splits.eval is None and training_args.eval_strategy != "no":
         raise UsageError("--eval_strategy needs evaluation pairs: add --eval_dataset_name or --val_split_ratio")
     set_seed(training_args.seed)
-    loaded, model = load_policy(model_args, finetune_args, training_args)
+    loaded, model = load_policy(model_args, finetune_args, training_args, (processor, spec))
     default_fsdp_wrap(training_args, loaded.model, loaded.spec)
     if shards_parameters(training_args):  # ZeRO-3/FSDP: a text-only batch must still run the vision tower
         run_vision_every_step(model, loaded.processor)

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 import transformers
 from transformers import CONFIG_MAPPING, PretrainedConfig, ProcessorMixin
 from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES
-from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
 
-from ..processors import image_only
+from ..processors import image_only, image_processor_names
 from ..tokenizer import build_tokenizer
 from .shrink import shrink
 
@@ -80,16 +79,6 @@ OVERRIDES: dict[str, Override] = {
     "paddleocr_vl": _VISION_MARKERS,
     **dict.fromkeys(("glm4v", "glm4v_moe", "glm46v", "glm5_next"), _GLM_MARKERS),
 }
-
-
-def image_processor_names(model_type: str, processor_class: str | None) -> dict[str, str]:
-    """The image processor classes by backend; a type without its own entry shares its processor's."""
-    if model_type in IMAGE_PROCESSOR_MAPPING_NAMES:
-        return IMAGE_PROCESSOR_MAPPING_NAMES[model_type]
-    for other, name in PROCESSOR_MAPPING_NAMES.items():
-        if name == processor_class and other in IMAGE_PROCESSOR_MAPPING_NAMES:
-            return IMAGE_PROCESSOR_MAPPING_NAMES[other]
-    return {}
 
 
 def _processor_class(model_type: str) -> type[ProcessorMixin]:
