@@ -27,8 +27,7 @@ from vlmtune.data.collate import VlmCollator
 from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.data.prepare import Preparer
 from vlmtune.data.schema import detect_schema
-from vlmtune.models.processors import load_processor
-from vlmtune.models.registry import get_family
+from vlmtune.models.loading import load_processing
 from vlmtune.models.tiny import build_tiny_model
 
 TURNS = [
@@ -92,11 +91,11 @@ def main() -> None:
     torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory() as folder:
-        processor = load_processor(str(build_tiny_model("qwen2_vl", folder)))
+        processor, spec = load_processing(str(build_tiny_model("qwen2_vl", folder)))
     # The real checkpoints' pixel range (Qwen/Qwen2-VL-*-Instruct), not the tiny model's.
     processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
     rows = make_rows(args.batch_size * 4, args.image_size)
-    ours = VlmCollator(processor, Preparer(detect_schema(["messages", "images"]), get_family("qwen2_vl").encoding))
+    ours = VlmCollator(processor, Preparer(detect_schema(["messages", "images"]), spec.encoding))
 
     base_s, base_batch = seconds_per_batch(RecipeCollator(processor), rows, args.batch_size, args.batches)
     ours_s, ours_batch = seconds_per_batch(ours, rows, args.batch_size, args.batches)

@@ -13,13 +13,12 @@ def sample_batch(model_dir: str, data_file: Path, n: int) -> dict:
     from vlmtune.data.collate import VlmCollator
     from vlmtune.data.prepare import Preparer
     from vlmtune.data.schema import detect_schema
-    from vlmtune.models.processors import load_processor
-    from vlmtune.models.registry import get_family
+    from vlmtune.models.loading import load_processing
 
-    processor = load_processor(model_dir)
+    processor, spec = load_processing(model_dir)
     rows = [dict(r, __index__=i) for i, r in enumerate(load_dataset("json", data_files=str(data_file))["train"])][:n]
     schema = detect_schema(["messages", "images"], source=str(data_file))
-    preparer = Preparer(schema, get_family("qwen2_vl").encoding)
+    preparer = Preparer(schema, spec.encoding)
     preparer.images.folders[str(data_file)] = data_file.parent
     for row in rows:
         row["__source__"] = str(data_file)
