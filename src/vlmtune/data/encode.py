@@ -421,9 +421,13 @@ def label_ids(processor, rendered: Rendered, input_ids: list[int], facts: Encodi
 
 
 def processor_inputs(processor, texts: list[str], images: list[list], add_special_tokens: bool = True, **kwargs):
-    """Call the processor on a batch; images nested per sample, omitted when the batch has none."""
+    """Call the processor on a batch; images nested per sample, omitted when the batch has none. A
+    processor that lists `mm_token_type_ids` among the model's inputs is asked for them: some (Cosmos 3
+    Edge's) name them but do not return them by default, and the model's 3-D positions need them."""
     if any(images):
         kwargs["images"] = images
+    if "mm_token_type_ids" in getattr(processor, "model_input_names", ()):
+        kwargs.setdefault("return_mm_token_type_ids", True)
     return processor(text=texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens, **kwargs)
 
 

@@ -75,6 +75,13 @@ OVERRIDES: dict[str, Override] = {
         image_processor=dict(size={"shortest_edge": 64, "longest_edge": 64}, do_image_splitting=False),
         config={"vision_config.image_size": 64, "vision_config.patch_size": 16},
     ),
+    # Its pixel shuffle halves each side of the patch grid, which the default 384-pixel SigLIP tower (27
+    # patches a side) cannot give: 364 pixels (26 patches), as Aya Vision's checkpoints have.
+    "aya_vision": Override(
+        reason="the default tower's 27-patch side cannot be halved by its pixel shuffle: 364 pixels instead",
+        image_processor=dict(size={"height": 364, "width": 364}),
+        config={"vision_config.image_size": 364},
+    ),
     "qwen3_vl_moe": _VISION_MARKERS,
     "paddleocr_vl": _VISION_MARKERS,
     **dict.fromkeys(("glm4v", "glm4v_moe", "glm46v", "glm5_next"), _GLM_MARKERS),
@@ -120,6 +127,8 @@ def _tower_sizes(model_type: str, image_processor) -> dict:
     `vision_config.image_size`), where the processor states a fixed size: a checkpoint's processor config
     agrees with its tower, the classes' defaults need not (LLaVA-style: 224-pixel crops, a 336 tower)."""
     side = getattr(getattr(_default_config(model_type), "vision_config", None), "image_size", None)
+    if isinstance(side, (list, tuple)) and len(set(side)) == 1:  # (448, 448): InternVL's square tiles
+        side = side[0]
     if not isinstance(side, int):
         return {}
     sizes = {}
@@ -265,6 +274,9 @@ def _same_patches(config: PretrainedConfig, processor) -> None:
     for name, source in (("patch_size", vision), ("vision_feature_select_strategy", config)):
         if hasattr(processor, name) and getattr(processor, name) is None:
             setattr(processor, name, getattr(source, name, None))
+    side, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if getattr(processor, "num_image_tokens", 0) is None and isinstance(side, int) and isinstance(patch, int):
+        processor.num_image_tokens = (side // patch) ** 2  # LLaVA-OneVision counts a base image's tokens so
     if getattr(config, "vision_feature_select_strategy", None) == "default" and hasattr(
         processor, "num_additional_image_tokens"
     ):

@@ -47,6 +47,7 @@ LAYER_INDICES = (
     "fullatt_block_indexes",
     "deepstack_visual_indexes",
     "vision_feature_layers",
+    "vision_feature_layer",
     "intermediate_layers_indices",
 )
 
@@ -54,9 +55,9 @@ LAYER_INDICES = (
 def _cut_indices(value, layers: int):
     if isinstance(value, int):
         return value if -layers <= value < layers else -1
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):  # VipLLaVA's five layers are a tuple
         kept = [i for i in value if isinstance(i, int) and -layers <= i < layers]
-        return kept or [layers - 1]
+        return type(value)(kept or [layers - 1])
     return value
 
 
@@ -80,6 +81,7 @@ def shrink(config: PretrainedConfig, overrides: dict | None = None) -> Pretraine
         for name in LAYER_INDICES:
             if hasattr(sub, name):
                 setattr(sub, name, _cut_indices(getattr(sub, name), layers))
+        _fit_mrope(sub)
     for path, value in (overrides or {}).items():
         *parents, leaf = path.split(".")
         target = config
@@ -87,6 +89,20 @@ def shrink(config: PretrainedConfig, overrides: dict | None = None) -> Pretraine
             target = getattr(target, parent)
         setattr(target, leaf, value)
     return config
+
+
+def _fit_mrope(config: PretrainedConfig) -> None:
+    """Multimodal rotary sections (time, height, width) that sum to the tiny head's rotary half: a config
+    that validates `mrope_section` (transformers' own flag for it) keeps the real split's proportions, 1 : 1.5
+    : 1.5 (Qwen-VL's 16/24/24, GLM-4V's 8/12/12), where the modeling code's default would not fit."""
+    rope = getattr(config, "rope_parameters", None)
+    if "mrope_section" not in getattr(config, "ignore_keys_at_rope_validation", ()) or not isinstance(rope, dict):
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    half = int(head_dim * rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))) // 2
+    time = max(1, half // 4)
+    height = (half - time + 1) // 2
+    config.rope_parameters = {**rope, "mrope_section": [time, height, half - time - height]}
 
 
 def _shortened(value: list, layers: int) -> list:
