@@ -79,6 +79,12 @@ def test_outcomes_users_rely_on(measured):
     assert measured["gemma3n"].outcome == "not buildable here" and "timm" in measured["gemma3n"].detail
     assert measured["idefics2"] == measure.Measured("idefics2", "trains", "stand-in", measured["idefics2"].detail)
     assert measured["blip-2"].outcome == "refused" and "image token" in measured["blip-2"].detail
+    # Families users fine-tune whose tiny models need the checkpoints' geometry (InternVL's and Aya's pixel
+    # shuffle, GLM's and ERNIE's rotary sections, OneVision's token count, VipLLaVA's five feature layers), and
+    # Cosmos 3 Edge, whose processor returns its 3-D position inputs only when asked: all train.
+    for model_type in ("internvl", "aya_vision", "glm4v", "ernie4_5_vl_moe", "llava_onevision", "vipllava",
+                       "cosmos3_edge"):
+        assert measured[model_type].outcome == "trains", (model_type, measured[model_type].detail)
 
 
 def _qwen2_vl():

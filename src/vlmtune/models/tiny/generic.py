@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import transformers
 from transformers import CONFIG_MAPPING, PretrainedConfig, ProcessorMixin
@@ -83,7 +83,21 @@ OVERRIDES: dict[str, Override] = {
         config={"vision_config.image_size": 364},
     ),
     "qwen3_vl_moe": _VISION_MARKERS,
-    "paddleocr_vl": _VISION_MARKERS,
+    # Its text config does not flag `mrope_section` (`shrink._fit_mrope`), yet its rotary reads it.
+    "paddleocr_vl": replace(
+        _VISION_MARKERS,
+        reason=_VISION_MARKERS.reason + "; its rotary sections must fit the tiny head",
+        config={"text_config.rope_parameters": {"rope_type": "default", "rope_theta": 5e5, "mrope_section": [3, 3, 2]}},
+    ),
+    "cosmos3_edge": _VISION_MARKERS,
+    "ernie4_5_vl_moe": Override(
+        reason="its rope index finds each image by the start marker the template writes before the pads",
+        placeholder="<|image_start|>@IMAGE@<|image_end|>",
+    ),
+    "hunyuan_vl": Override(
+        reason="its processor accepts an image token only between the image start and end tokens",
+        placeholder="<|image_start|>@IMAGE@<|image_end|>",
+    ),
     **dict.fromkeys(("glm4v", "glm4v_moe", "glm46v", "glm5_next"), _GLM_MARKERS),
 }
 
@@ -179,6 +193,11 @@ def _construct(cls: type[ProcessorMixin], model_type: str, tokens: dict, image_p
             if set(parts) <= names:
                 return cls(**parts)
             return cls(*parts.values())  # positionally, where the `__init__` names its parts differently
+        except KeyError as err:  # the vocabulary lacks a token the processor looks up (Fuyu's |SPEAKER|)
+            token = str(err.args[0])
+            if token in tokens.values():
+                raise
+            tokens = {**tokens, f"{re.sub(r'[^a-z]', '', token.lower())}_token": token}
         except (AttributeError, ValueError) as err:
             missing = _MISSING.search(str(err))
             if missing is None:

@@ -71,6 +71,8 @@ def shrink(config: PretrainedConfig, overrides: dict | None = None) -> Pretraine
                 setattr(sub, name, tiny)
             elif isinstance(getattr(sub, name, None), float) and name == "initializer_range":
                 setattr(sub, name, tiny)
+        if "head_dim" in vars(sub) and sub.head_dim is None:  # HunYuan-VL's default: None, read as a size
+            sub.head_dim = HEAD_DIM  # = HIDDEN // NUM_HEADS, what "derive it" would give
         layers = next(
             (getattr(sub, n) for n in ("num_hidden_layers", "num_layers", "depth") if hasattr(sub, n)), LAYERS
         )
@@ -92,17 +94,32 @@ def shrink(config: PretrainedConfig, overrides: dict | None = None) -> Pretraine
 
 
 def _fit_mrope(config: PretrainedConfig) -> None:
-    """Multimodal rotary sections (time, height, width) that sum to the tiny head's rotary half: a config
-    that validates `mrope_section` (transformers' own flag for it) keeps the real split's proportions, 1 : 1.5
-    : 1.5 (Qwen-VL's 16/24/24, GLM-4V's 8/12/12), where the modeling code's default would not fit."""
+    """Multimodal rotary sections that sum to the tiny head's rotary half, for a config that validates
+    `mrope_section` (transformers' own flag for it), where the modeling code's default would not fit."""
     rope = getattr(config, "rope_parameters", None)
     if "mrope_section" not in getattr(config, "ignore_keys_at_rope_validation", ()) or not isinstance(rope, dict):
         return
+    if rope and all(isinstance(v, dict) for v in rope.values()):  # one per layer type (Cohere's)
+        config.rope_parameters = {kind: _mrope(config, params) for kind, params in rope.items()}
+    elif "rope_type" in rope:
+        config.rope_parameters = _mrope(config, rope)
+
+
+def _mrope(config: PretrainedConfig, rope: dict) -> dict:
+    """`rope` with sections summing to the rotary half: a stated split keeps which sections are equal
+    (HunYuan's 12/10/10: 4/2/2); else two equal sections first and the rest last (3/3/2), which fits both
+    Qwen's (time, height, width: any split) and ERNIE's (height, width, time: height = width)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     half = int(head_dim * rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))) // 2
-    time = max(1, half // 4)
-    height = (half - time + 1) // 2
-    config.rope_parameters = {**rope, "mrope_section": [time, height, half - time - height]}
+    stated = rope.get("mrope_section")
+    if isinstance(stated, list) and len(stated) == 3 and len(set(stated)) == 2:
+        pair = next(v for v in stated if stated.count(v) == 2)
+        each = max(1, pair * half // sum(stated))
+        sections = [each if v == pair else half - 2 * each for v in stated]
+    else:
+        each = (3 * half + 7) // 8
+        sections = [each, each, half - 2 * each]
+    return {**rope, "mrope_section": sections}
 
 
 def _shortened(value: list, layers: int) -> list:
