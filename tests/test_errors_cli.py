@@ -7,6 +7,7 @@ before a model loads.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 import pytest
@@ -155,6 +156,16 @@ CASES = {
         ["--trust_remote_code true"],
         {"model/config.json": '{"model_type": "acme_vl", "auto_map": {"AutoConfig": "conf_acme.AcmeConfig"}}'},
     ),
+    "model: its processor needs torchvision": Case(  # Llama 4's image processor exists only for torchvision
+        TRAIN,
+        RUNTIME,
+        ["--model_name_or_path", "needs torchvision, which is not installed here", "pip install torchvision"],
+        {
+            "model/config.json": '{"model_type": "llama4"}',
+            "model/preprocessor_config.json": '{"image_processor_type": "Llama4ImageProcessor", '
+            '"processor_class": "Llama4Processor"}',
+        },
+    ),
     "adapter: no such folder": Case(
         ["predict", "--adapter", "{tmp}/nope", "--prompt", "hi"], RUNTIME, ["--adapter", "nope: no such folder"]
     ),
@@ -259,3 +270,22 @@ def test_help_shows_each_options_allowed_values(capsys):
     main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "LoRA rank. [at least 1]" in text and "[in [0, 1)]" in text and "[one of error, skip]" in text
+
+
+def test_a_tower_that_needs_a_missing_library_is_one_message(tmp_path, capsys):
+    """Gemma 3n's vision tower is a timm model: without timm, deriving its facts (a weightless model is
+    built) fails, and the user reads which library to install, not a traceback."""
+    from vlmtune.models.tiny.generic import generic_build
+
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed here")
+    config, processor = generic_build("gemma3n")
+    config.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    (tmp_path / "d.csv").write_text("image_path,prompt,response\n")
+    argv = [part.replace("{tmp}", str(tmp_path)) for part in TRAIN]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == RUNTIME and "Traceback" not in err
+    assert "needs timm, which is not installed here: pip install timm" in err

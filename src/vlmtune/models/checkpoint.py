@@ -250,6 +250,8 @@ def _explain(name: str, flag: str, err: Exception) -> str | None:
         )
     if "does not recognize this architecture" in text or "Unrecognized model" in text:
         return _unknown_model_type(name, flag, text)
+    if missing := re.search(r"Missing optional dependencies: (\w+)|requires the (\w+) library", text):
+        return _missing_library(name, flag, (missing[1] or missing[2]).lower())
     if "Unrecognized configuration class" in text:
         return f"{flag} {name} is not a vision-language model that vlmtune can fine-tune; `vlmtune models` lists them"
     fix = ADAPTER_FIX if flag == "--adapter" else f"download it again (hf download {name} --force-download)"
@@ -272,6 +274,15 @@ def _explain(name: str, flag: str, err: Exception) -> str | None:
         f"{flag} {name}: not found on the Hugging Face hub (check the spelling; a private or gated model "
         "needs `hf auth login`), and no such local folder"
     )
+
+
+def _missing_library(name: str, flag: str, library: str) -> str:
+    """A checkpoint whose processor or model needs a library this environment lacks (Llama 4's and LFM2-VL's
+    image processors exist only for torchvision in transformers 5.24; Gemma 3n's tower needs timm)."""
+    fix = f"pip install {library}"
+    if library == "torchvision":
+        fix += f" (the build matching torch {metadata.version('torch')}: torchvision's install table pairs them)"
+    return f"{flag} {name} needs {library}, which is not installed here: {fix}, then run again"
 
 
 def supported_range(package: str) -> str:
@@ -307,7 +318,7 @@ def model_errors(name: str, flag: str = "--model_name_or_path") -> Iterator[None
         yield
     except VlmtuneError:
         raise
-    except (OSError, ValueError, SafetensorError) as err:
+    except (OSError, ValueError, ImportError, SafetensorError) as err:
         message = _explain(name, flag, err)
         if message is None:
             raise

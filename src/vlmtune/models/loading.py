@@ -330,7 +330,8 @@ def load_processing(
     processor = with_chat_template(processor, default_chat_template(config.model_type))
     if family and "chat_template" in family:
         processor.chat_template = family["chat_template"]
-    return processor, family_for(config, processor, model_name_or_path, given=family)
+    with model_errors(model_name_or_path):  # (a weightless model is built: its tower may need a library, timm)
+        return processor, family_for(config, processor, model_name_or_path, given=family)
 
 
 def read_config(model_name_or_path: str, trust_remote_code: bool = False):

@@ -41,7 +41,7 @@ SIZES: dict[str, int] = {
     **dict.fromkeys(("max_position_embeddings",), 2048),
 }
 # Fields that list one entry per layer: cut to the tiny layer count.
-PER_LAYER = ("layer_types", "mlp_layer_types", "block_types", "layers_block_type")
+PER_LAYER = ("layer_types", "mlp_layer_types", "block_types", "layers_block_type", "activation_sparsity_pattern")
 # Fields that index layers (which layers feed the projector, take full attention...): kept inside the stack.
 LAYER_INDICES = (
     "fullatt_block_indexes",
@@ -80,6 +80,10 @@ def shrink(config: PretrainedConfig, overrides: dict | None = None) -> Pretraine
             value = getattr(sub, name, None)
             if isinstance(value, list) and len(value) > layers:
                 setattr(sub, name, _shortened(value, layers))
+        for name, tiny in SIZES.items():  # a size given per layer (Gemma 3n's intermediate_size): one per tiny layer
+            value = getattr(sub, name, None)
+            if isinstance(value, list) and len(value) > layers and all(isinstance(v, int) for v in value):
+                setattr(sub, name, [tiny] * layers)
         for name in LAYER_INDICES:
             if hasattr(sub, name):
                 setattr(sub, name, _cut_indices(getattr(sub, name), layers))
