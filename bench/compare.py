@@ -62,9 +62,10 @@ def tokens_per_sample(model_dir: str, data_file: Path, n: int) -> dict[str, dict
     out = {}
     for name, side in SIDES.items():
         batch = side.sample_batch(model_dir, data_file, n)
+        rows = len(batch["attention_mask"])  # (fewer than n where the data file is shorter)
         out[name] = {
-            "tokens": float(batch["attention_mask"].sum()) / n,
-            "trained": float((batch["labels"][:, 1:] != -100).sum()) / n,
+            "tokens": float(batch["attention_mask"].sum()) / rows,
+            "trained": float((batch["labels"][:, 1:] != -100).sum()) / rows,
         }
     return out
 

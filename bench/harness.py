@@ -57,6 +57,9 @@ def step_timer(warmup: int, steps: int):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
                 self.cuda_at_start = torch.cuda.memory_allocated()
+            if warmup == 0:  # (no step ends at step 0: time from here)
+                self._sync()
+                self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == warmup:

@@ -6,6 +6,8 @@ or divided the wrong way would publish a wrong speedup.
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import harness  # noqa: E402
+import workload  # noqa: E402
 
 
 def _result(seconds: float, peak: float, start: float = 0.0) -> dict:
@@ -51,3 +54,26 @@ def test_measure_reads_a_worker_result_or_reports_its_failure(tmp_path):
     bad.write_text("import sys; print('CUDA out of memory'); sys.exit(3)")
     error = harness.measure([sys.executable, str(bad)], "vlmtune")["error"]
     assert "vlmtune failed (exit 3)" in error and "CUDA out of memory" in error
+
+
+@pytest.mark.parametrize("script", ["compare", "dpo_compare"])
+def test_each_benchmark_runs_both_sides_on_a_tiny_model(script, tiny_model_dir, tmp_path):
+    """Both sides of bench/compare.py and bench/dpo_compare.py run their timed steps on today's vlmtune,
+    TRL and transformers (bench/RESULTS.md quotes them; a side that stopped running would go unnoticed until
+    someone measures), and the SFT bench's token counts say what each side trains."""
+    module = importlib.import_module(script)
+    rows = 2
+    writer = workload.write_data if script == "compare" else workload.write_preference_data
+    data = writer(tmp_path / "data", rows, 64)
+    args = argparse.Namespace(
+        model_dir=tiny_model_dir("qwen2_vl"), data_file=str(data), device="cpu", batch=1, steps=1, warmup=1,
+        lora_r=4, learning_rate=1e-5, trl_lora_targets="all-linear", threads=1, vlmtune_args=[],
+    )  # fmt: skip
+    for name, side in module.SIDES.items():
+        timer = harness.step_timer(args.warmup, args.steps)
+        side.run(args, timer, str(tmp_path / name))
+        assert timer.end > timer.start, name
+    if script == "compare":
+        tokens = module.tokens_per_sample(args.model_dir, data, 8)
+        assert tokens["recipe"]["tokens"] == tokens["vlmtune"]["tokens"]  # the same rows, encoded alike
+        assert tokens["recipe"]["trained"] > tokens["vlmtune"]["trained"] > 0  # the recipe trains the prompt too
