@@ -82,6 +82,20 @@ OVERRIDES: dict[str, Override] = {
         image_processor=dict(size={"height": 364, "width": 364}),
         config={"vision_config.image_size": 364},
     ),
+    # Its processor counts 576 image tokens (a 384-pixel SigLIP, as the checkpoints have); the default tower
+    # is 224 pixels (196 patches).
+    "deepseek_vl": Override(
+        reason="the processor's 576 image tokens are a 384-pixel tower's patches: that tower, not the 224 default",
+        image_processor=dict(size={"height": 384, "width": 384}),
+        config={"vision_config.image_size": 384},
+    ),
+    # Its projector takes 1,225 or 4,900 patches (490 or 980 pixels of 14-pixel patches, as the checkpoints'
+    # tower); the default tower has 32-pixel patches.
+    "aria": Override(
+        reason="its projector takes a 490- or 980-pixel tower's 14-pixel patches: a 490-pixel one",
+        image_processor=dict(max_image_size=490),
+        config={"vision_config.image_size": 490, "vision_config.patch_size": 14},
+    ),
     "qwen3_vl_moe": _VISION_MARKERS,
     # Its text config does not flag `mrope_section` (`shrink._fit_mrope`), yet its rotary reads it.
     "paddleocr_vl": replace(

@@ -65,12 +65,15 @@ def shrink(config: PretrainedConfig, overrides: dict | None = None) -> Pretraine
     """Shrink `config` and every config inside it in place (see the module docstring); `overrides` maps a
     dotted field path (``"vision_config.patch_size"``) to the value an architecture needs instead."""
     for sub in _configs(config):
+        multi_head = _heads(sub, "num_key_value_heads") == _heads(sub, "num_attention_heads") is not None
         for name, tiny in SIZES.items():
             value = getattr(sub, name, None)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:  # 0: "derive it", kept
                 setattr(sub, name, tiny)
             elif isinstance(getattr(sub, name, None), float) and name == "initializer_range":
                 setattr(sub, name, tiny)
+        if multi_head:  # as many key-value heads as heads (MLA's GLM-5): kept so, not grouped
+            sub.num_key_value_heads = sub.num_attention_heads
         if "head_dim" in vars(sub) and sub.head_dim is None:  # HunYuan-VL's default: None, read as a size
             sub.head_dim = HEAD_DIM  # = HIDDEN // NUM_HEADS, what "derive it" would give
         layers = next(
@@ -95,6 +98,11 @@ def shrink(config: PretrainedConfig, overrides: dict | None = None) -> Pretraine
             target = getattr(target, parent)
         setattr(target, leaf, value)
     return config
+
+
+def _heads(config: PretrainedConfig, name: str) -> int | None:
+    value = vars(config).get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _fit_mrope(config: PretrainedConfig) -> None:
@@ -128,13 +136,14 @@ def _mrope(config: PretrainedConfig, rope: dict) -> dict:
 
 def _shortened(value: list, layers: int) -> list:
     """The first `layers` entries, keeping every kind of layer the full list has (a hybrid model's
-    linear-attention layers must stay in the tiny one)."""
+    linear-attention layers must stay in the tiny one); with more kinds than layers, the first kinds
+    (LFM3's convolution and full attention, not two convolutions: its cache needs an attention layer)."""
     kinds = list(dict.fromkeys(value))
     if len(kinds) <= layers:
         head = value[:layers]
         missing = [k for k in kinds if k not in head]
         return head[: layers - len(missing)] + missing
-    return value[:layers]
+    return kinds[:layers]
 
 
 def _configs(config: PretrainedConfig) -> list[PretrainedConfig]:
