@@ -33,10 +33,13 @@ logger = logging.getLogger(__name__)
 
 class _NoVideoProcessor:
     """Stands in for the missing video processor where a processor reads its settings (SmolVLM's chat
-    template reads ``num_frames`` and ``fps``); there are never videos to process."""
+    template reads ``num_frames`` and ``fps``, MiniCPM-V 4.6's `__init__` ``slice_mode`` and
+    ``downsample_mode``): every setting reads as None; there are never videos to process."""
 
-    num_frames = None
-    fps = None
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
 
     def __bool__(self) -> bool:
         return False

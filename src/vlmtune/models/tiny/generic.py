@@ -201,7 +201,7 @@ _MISSING = re.compile(r"has no attribute '?(\w+?_token)(?:_id)?'?\b|missing requ
 def _construct(cls: type[ProcessorMixin], model_type: str, tokens: dict, image_processor) -> ProcessorMixin:
     """`cls` from fresh parts, adding each named token the processor turns out to read off the tokenizer."""
     names = set(inspect.signature(cls.__init__).parameters)
-    for _ in range(8):
+    for _ in range(16):  # (MiniCPM-V 4.6 reads ten)
         parts = {name: _part(name, model_type, tokens, image_processor) for name in cls.get_attributes()}
         try:
             if set(parts) <= names:
