@@ -96,6 +96,18 @@ OVERRIDES: dict[str, Override] = {
         image_processor=dict(max_image_size=490),
         config={"vision_config.image_size": 490, "vision_config.patch_size": 14},
     ),
+    # Its full-attention layers always build the QSA token indexer, whose sizes the default config leaves unset.
+    "qwen4_exp": replace(
+        _VISION_MARKERS,
+        reason=_VISION_MARKERS.reason + "; its default config leaves the QSA indexer's sizes unset",
+        config={
+            "text_config.indexer_n_heads": 4,
+            "text_config.indexer_kv_heads": 1,
+            "text_config.indexer_head_dim": 16,
+            "text_config.indexer_budget": 64,
+            "text_config.indexer_compress_ratio": 4,
+        },
+    ),
     "qwen3_vl_moe": _VISION_MARKERS,
     # Its text config does not flag `mrope_section` (`shrink._fit_mrope`), yet its rotary reads it.
     "paddleocr_vl": replace(
