@@ -23,7 +23,7 @@ from transformers import CONFIG_MAPPING, PretrainedConfig, ProcessorMixin
 from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
 
-from ..processors import image_only, image_processor_names
+from ..processors import image_only, image_processor_names, torchvision_free
 from ..tokenizer import build_tokenizer
 from .shrink import shrink
 
@@ -120,6 +120,10 @@ OVERRIDES: dict[str, Override] = {
         reason="its rope index finds each image by the start marker the template writes before the pads",
         placeholder="<|image_start|>@IMAGE@<|image_end|>",
     ),
+    "hy_v4_vl": Override(
+        reason="its rope index reads each run of image tokens as one image: images are kept apart by a newline",
+        placeholder="@IMAGE@\n",
+    ),
     "hunyuan_vl": Override(
         reason="its processor accepts an image token only between the image start and end tokens",
         placeholder="<|image_start|>@IMAGE@<|image_end|>",
@@ -134,8 +138,13 @@ def _processor_class(model_type: str) -> type[ProcessorMixin]:
         raise NotBuildable("transformers has no multimodal processor for it")
     try:
         cls = processor_class_from_name(name)
+        if hasattr(cls, "_backends"):  # transformers' stand-in for a class whose backend is missing: raise now
+            cls.get_attributes()
     except ImportError as err:
-        raise NotBuildable(f"its processor {name} {_needs(err)}: untested here (vlmtune's code path is kept)") from err
+        cls = torchvision_free(name)  # as loading does (Mistral Large 4's PixtralProcessor)
+        if cls is None:
+            needs = f"its processor {name} {_needs(err)}"
+            raise NotBuildable(f"{needs}: untested here (vlmtune's code path is kept)") from err
     if cls is None:
         raise NotBuildable(f"its processor class {name} is not importable here")
     return cls
@@ -327,6 +336,12 @@ def _same_patches(config: PretrainedConfig, processor) -> None:
     ):
         processor.num_additional_image_tokens = 1  # the CLS token the "default" strategy drops
     image_processor = processor.image_processor
+    merge = getattr(config, "spatial_merge_size", None)
+    if isinstance(getattr(processor, "spatial_merge_size", None), int) and isinstance(merge, int):
+        # Pixtral-style processors count rows of merged patches themselves (Mistral Large 4's)
+        processor.spatial_merge_size, processor.patch_size = merge, patch
+        if isinstance(getattr(image_processor, "patch_size", None), dict):
+            image_processor.patch_size = {"height": patch, "width": patch}
     for setting, field_name in PATCH_FIELDS.items():
         value = getattr(vision, field_name, None)
         if isinstance(value, int) and isinstance(getattr(image_processor, setting, None), int):

@@ -66,6 +66,7 @@ def shrink(config: PretrainedConfig, overrides: dict | None = None) -> Pretraine
     dotted field path (``"vision_config.patch_size"``) to the value an architecture needs instead."""
     for sub in _configs(config):
         multi_head = _heads(sub, "num_key_value_heads") == _heads(sub, "num_attention_heads") is not None
+        rope_head = _heads(sub, "head_dim") == _heads(sub, "qk_rope_head_dim") is not None  # MLA's rotary size
         for name, tiny in SIZES.items():
             value = getattr(sub, name, None)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:  # 0: "derive it", kept
@@ -74,6 +75,8 @@ def shrink(config: PretrainedConfig, overrides: dict | None = None) -> Pretraine
                 setattr(sub, name, tiny)
         if multi_head:  # as many key-value heads as heads (MLA's GLM-5): kept so, not grouped
             sub.num_key_value_heads = sub.num_attention_heads
+        if rope_head:  # DeepSeek-style MLA sizes its rotary by head_dim = qk_rope_head_dim (Mistral Large 3/4)
+            sub.head_dim = sub.qk_rope_head_dim
         if "head_dim" in vars(sub) and sub.head_dim is None:  # HunYuan-VL's default: None, read as a size
             sub.head_dim = HEAD_DIM  # = HIDDEN // NUM_HEADS, what "derive it" would give
         layers = next(
