@@ -25,14 +25,13 @@ from ..data.kto import KtoCollator, KtoSplits, build_kto_splits, desirable
 from ..data.preference import SIDES, PreferenceCollator
 from ..errors import UsageError
 from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
-from ..models.checkpoint import check_adapter_path
 from ..models.generation import full_parameters_for_generation
-from ..models.loading import adapter_base_path, load_processing, processor_source, trainable_table
+from ..models.loading import load_processing, processor_source, trainable_table
 from .checkpoints import CompleteCheckpoints, remove_deletion_leftovers, resolve_resume
 from .distributed import shards_parameters
 from .fsdp import default_fsdp_wrap
 from .guard import NonFiniteGuard, StopOnSignal, parse_signals
-from .preference import load_policy, load_reference, preference_accuracy, save_outputs
+from .preference import check_model_and_output, load_policy, load_reference, preference_accuracy, save_outputs
 from .reference import ReferenceAdapter
 from .run import check_output_dir, start_job
 from .vision_step import run_vision_every_step
@@ -120,17 +119,7 @@ def run_kto(model_args, data_args, finetune_args, training_args, kto_args, callb
     """Train on labelled completions as the arguments say; save the adapter (or model), processor, metrics and
     plots in `--output_dir`; return the final metrics."""
     check_supported(data_args, training_args, kto_args)
-    if model_args.adapter_name_or_path:
-        check_adapter_path(model_args.adapter_name_or_path)
-        if not model_args.model_name_or_path:  # the base model the adapter records, as `vlmtune predict` does
-            model_args.model_name_or_path = adapter_base_path(model_args.adapter_name_or_path)
-    if not model_args.model_name_or_path:
-        raise UsageError(
-            "vlmtune kto: --model_name_or_path is required (the base model), or --adapter_name_or_path an adapter "
-            "that records its base"
-        )
-    if not training_args.output_dir:
-        raise UsageError("vlmtune kto: --output_dir is required (the folder for the adapter, processor and logs)")
+    check_model_and_output(model_args, training_args, "kto")
     out = check_output_dir(training_args)
     signals = parse_signals(training_args.save_on_signal)
     _, holding = start_job(training_args, out, signals)
@@ -213,6 +202,8 @@ def _answer_desirable_rows(trainer, loaded, splits: KtoSplits, finetune_args, tr
     else:
         label = splits.preparer.schema.label_column
         preparer, rows = splits.preparer, splits.eval.filter(lambda row: desirable(row[label], "eval", label))
+        if not len(rows):
+            return {}
     with full_parameters_for_generation(trainer):
         result = evaluate_generation(
             trainer.model,
