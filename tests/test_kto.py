@@ -72,6 +72,23 @@ def test_kto_after_sft_moves_held_out_preferences_the_right_way(runs):
     assert (runs["kto"] / "adapter_model.safetensors").is_file() and not (runs["kto"] / "ref").exists()
 
 
+def test_adapter_reloads_in_plain_peft_with_the_reported_preferences(runs, tiny_model_dir, pairs):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtune.data.preference import PreferenceCollator, build_preference_splits
+    from vlmtune.train.preference import preference_accuracy
+
+    out = runs["kto"]
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir("qwen2_vl"))
+    plain = PeftModel.from_pretrained(base, str(out)).eval()
+    processor, spec = load_processing(tiny_model_dir("qwen2_vl"), str(out))
+    data = DataArguments(dataset_name=str(pairs["validation"]), val_split_ratio=0.0)
+    splits = build_preference_splits(data, spec.encoding, processor)
+    accuracy = preference_accuracy(plain, PreferenceCollator(processor, splits.preparers), splits.train)
+    assert accuracy == pytest.approx(_results(out)["eval_preference_accuracy"])
+
+
 @pytest.mark.parametrize(
     ("reference", "loss_type"),
     [
@@ -207,6 +224,40 @@ def test_trl_scores_exactly_the_completions_with_their_images(unpaired, tiny_mod
     assert logged["eval_logps/rejected"] == pytest.approx(float(ours[~desirable].mean()), rel=1e-5)
     assert torch.allclose(kl, ours_kl, rtol=1e-5) and not torch.allclose(ours_kl, ours, rtol=1e-3)
     assert not torch.allclose(blank, ours, rtol=1e-3)
+
+
+def test_a_text_only_row_beside_image_rows_is_scored_without_an_image(unpaired, tiny_model_dir, tmp_path):
+    """A batch mixing rows with and without an image: each image goes to its own row's two sequences only, and
+    TRL's scores are still vlmtune's own."""
+    processor, spec, splits, rows, _ = unpaired
+    messages = []
+    for i, row in enumerate(sorted(rows, key=lambda row: row["__index__"])):
+        image = [] if i == 1 else [{"type": "image"}]
+        messages.append(
+            {
+                "images": [] if i == 1 else [row["image_path"]],
+                "prompt": [{"role": "user", "content": [*image, {"type": "text", "text": row["prompt"]}]}],
+                "completion": row["completion"],
+                "label": row["label"] == "true",
+            }
+        )
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in messages))
+    data = DataArguments(dataset_name=str(path), val_split_ratio=0.0)
+    mixed = build_kto_splits(data, spec.encoding, processor, KtoArguments(), seed=0)
+    batch = KtoCollator(processor, mixed.preparer)(list(mixed.train))
+    image_id = processor.tokenizer.convert_tokens_to_ids(spec.encoding.image_token)
+    with_image = [bool((ids == image_id).any()) for ids in batch["input_ids"]]
+    assert with_image.count(False) == 1 and batch["image_grid_thw"].shape[0] == 3
+    assert [bool((ids == image_id).any()) for ids in batch["KL_input_ids"]] == with_image
+    loaded = load_model(tiny_model_dir("qwen2_vl"))
+    policy = apply_finetuning(loaded.model, loaded.spec, FinetuneArguments(lora_dropout=0.0)).eval()
+    loss, logged, kl = _scored(_trainer(policy, processor, mixed, tmp_path), policy, batch)
+    with torch.no_grad():
+        ours, ours_kl = _log_probs(policy, batch), _log_probs(policy, batch, "KL_")
+    assert loss == pytest.approx(HALF, abs=1e-6)
+    assert logged["eval_logps/chosen"] == pytest.approx(float(ours[batch["label"]].mean()), rel=1e-5)
+    assert torch.allclose(kl, ours_kl, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", list(RECIPES))
