@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText, TrainerCallback
 
 from tests.helpers import cli_error, train_args
 from vlmtune.cli import main
@@ -22,11 +23,13 @@ from vlmtune.config import DataArguments, FinetuneArguments, KtoArguments, VlmTr
 from vlmtune.data.collate import SEQUENCE_KEYS
 from vlmtune.data.encode import IGNORE_INDEX, token_ids
 from vlmtune.data.kto import KtoCollator, build_kto_splits
+from vlmtune.data.preference import PreferenceCollator, build_preference_splits
 from vlmtune.data.synthetic import write_preference_dataset
 from vlmtune.models.loading import apply_finetuning, load_model, load_processing
 from vlmtune.models.loss import labelled_nll_per_row
 from vlmtune.models.tiny import RECIPES
 from vlmtune.train.kto import VlmKtoTrainer, kto_config, run_kto
+from vlmtune.train.preference import preference_accuracy
 
 RUN = ["--use_cpu", "--seed", "0", "--report_to", "none", "--save_strategy", "no", "--max_new_tokens", "4"]
 BATCH = ["--per_device_train_batch_size", "8", "--logging_steps", "5", "--logging_first_step"]
@@ -74,12 +77,6 @@ def test_kto_after_sft_moves_held_out_preferences_the_right_way(runs):
 
 
 def test_adapter_reloads_in_plain_peft_with_the_reported_preferences(runs, tiny_model_dir, pairs):
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
-
-    from vlmtune.data.preference import PreferenceCollator, build_preference_splits
-    from vlmtune.train.preference import preference_accuracy
-
     out = runs["kto"]
     base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir("qwen2_vl"))
     plain = PeftModel.from_pretrained(base, str(out)).eval()
