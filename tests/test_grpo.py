@@ -19,7 +19,7 @@ from vlmtune.cli import main
 from vlmtune.config import DataArguments, FinetuneArguments, GrpoArguments, ModelArguments, VlmTrainingArguments
 from vlmtune.data.prompts import prompt_rows
 from vlmtune.data.splits import build_splits
-from vlmtune.data.synthetic import QUESTIONS, write_shapes_dataset
+from vlmtune.data.synthetic import QUESTIONS, SENTENCE, write_shapes_dataset
 from vlmtune.eval.evaluate import evaluate_generation
 from vlmtune.eval.rewards import build_rewards
 from vlmtune.models.generation import end_of_turn_ids
@@ -72,6 +72,49 @@ def test_grpo_after_sft_raises_the_mean_reward_and_reports_held_out_accuracy(run
     sft, grpo = _results(runs["sft"]), _results(runs["grpo"])
     assert grpo["eval_exact_match_before"] == pytest.approx(sft["eval_exact_match"])
     assert 0 <= grpo["eval_exact_match"] <= 1 and grpo["eval_samples"] == sft["eval_samples"]
+
+
+def _sentence_answers(folder) -> float:
+    """Share of the held-out predictions (`predictions.jsonl`) that are a sentence, not the bare answer."""
+    lines = (folder / "predictions.jsonl").read_text().splitlines()
+    opening = SENTENCE.split("{}")[0].split()[0]
+    return sum(json.loads(line)["prediction"].startswith(opening) for line in lines) / len(lines)
+
+
+def test_grpo_exact_match_reward_teaches_bare_answers_that_sft_data_mixed_with_sentences(tiny_model_dir, tmp_path):
+    """Issue 19's proof, as a user meets it: half of the SFT answers are sentences ("The answer is red.")
+    though the question asks for one word, and the held-out references are bare. The SFT model answers
+    most held-out rows with a sentence, so its exact match is low; GRPO with the exact-match reward rewards
+    the bare right answers it samples, and held-out greedy exact match rises (data, SFT and GRPO seed 0
+    here; seeds 1 and 2 rose as much: docs/preference.md), with fewer sentences among the answers."""
+    files = write_shapes_dataset(tmp_path / "data", n_train=300, n_eval=100, seed=0, sentence_share=0.5)
+    data = ["--dataset_name", str(files["train"]), "--eval_dataset_name", str(files["validation"])]
+    common = ["--model_name_or_path", tiny_model_dir("qwen2_vl"), *data, *RUN]
+    sft = ["--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--max_steps", "150"]
+    main(["train", *common, *sft, "--output_dir", str(tmp_path / "sft")])
+    batch = ["--per_device_train_batch_size", "32", "--num_generations", "8", "--max_completion_length", "4"]
+    grpo = [*batch, "--temperature", "0.7", "--learning_rate", "3e-4", "--max_steps", "30"]
+    main(["grpo", *common, *grpo, "--adapter_name_or_path", str(tmp_path / "sft"), "--output_dir", str(tmp_path / "g")])
+    results = _results(tmp_path / "g")
+    assert results["eval_samples"] == 100
+    assert results["eval_exact_match"] > results["eval_exact_match_before"] + 0.1
+    assert _sentence_answers(tmp_path / "g") < _sentence_answers(tmp_path / "sft") - 0.25
+
+
+def test_sentence_share_writes_sentences_in_training_answers_only(tmp_path):
+    """The data of the test above: the same images, questions and colours as the plain shapes data, about
+    half of the training answers (and no held-out one) written as a sentence."""
+    plain = write_shapes_dataset(tmp_path / "plain", n_train=200, n_eval=40, seed=0)
+    mixed = write_shapes_dataset(tmp_path / "mixed", n_train=200, n_eval=40, seed=0, sentence_share=0.5)
+    train, plain_train = _rows(mixed["train"]), _rows(plain["train"])
+    sentences = [r for r, p in zip(train, plain_train) if r["response"] == SENTENCE.format(p["response"])]
+    assert 0.4 < len(sentences) / len(train) < 0.6
+    assert all(r["response"] in (p["response"], SENTENCE.format(p["response"])) for r, p in zip(train, plain_train))
+    assert [r["image_path"] for r in train] == [r["image_path"] for r in plain_train]
+    assert _rows(mixed["validation"]) == _rows(plain["validation"])
+    assert (tmp_path / "mixed" / train[-1]["image_path"]).read_bytes() == (
+        tmp_path / "plain" / train[-1]["image_path"]
+    ).read_bytes()
 
 
 def test_adapter_reloads_in_plain_peft_and_answers_as_reported(runs, tiny_model_dir, shapes_data):

@@ -34,6 +34,7 @@ Fine-tune vision-language models on your own image+text data.
 commands:
   train        fine-tune a model (LoRA by default) on a dataset; `vlmtune train --help`
   dpo          align a model (after train) with preference pairs: image, prompt, chosen, rejected; `vlmtune dpo --help`
+  kto          align a model (after train) with completions labelled desirable or not (or pairs); `vlmtune kto --help`
   grpo         reinforce a model (after train) with rewards on its sampled answers; `vlmtune grpo --help`
   eval         generate answers for a dataset and score them: metrics.json, predictions.jsonl, report.html
   predict      answer a prompt about one or more images (or a JSONL of requests) with a model and optional adapter
@@ -106,36 +107,41 @@ def cmd_train(argv: list[str]) -> None:
         print(f"  {key}: {result.metrics[key]}")
 
 
-def cmd_dpo(argv: list[str]) -> None:
-    from .config import TRAINING_ARGUMENTS, DpoArguments, make_parser
-    from .train.preference import run_dpo
+def _run_aligning(argv: list[str], command: str, own_arguments, run) -> None:
+    """`vlmtune dpo|kto|grpo`: the training arguments plus the command's own, run, and the result printed."""
+    from .config import TRAINING_ARGUMENTS, make_parser
 
-    classes = (*TRAINING_ARGUMENTS, DpoArguments)
+    classes = (*TRAINING_ARGUMENTS, own_arguments)
     if any(a in ("-h", "--help") for a in argv):
-        make_parser(classes, prog="vlmtune dpo").print_help()
+        make_parser(classes, prog=f"vlmtune {command}").print_help()
         return
-    result = run_dpo(*parse_args(argv, classes, prog="vlmtune dpo"))
-    if not result.trainer.is_world_process_zero():
+    result = run(*parse_args(argv, classes, prog=f"vlmtune {command}"))
+    if not result.trainer.is_world_process_zero():  # under torchrun / accelerate, one process reports
         return
     print(f"Saved to {result.output_dir}")
     for key in sorted(result.metrics):
         print(f"  {key}: {result.metrics[key]}")
+
+
+def cmd_dpo(argv: list[str]) -> None:
+    from .config import DpoArguments
+    from .train.preference import run_dpo
+
+    _run_aligning(argv, "dpo", DpoArguments, run_dpo)
+
+
+def cmd_kto(argv: list[str]) -> None:
+    from .config import KtoArguments
+    from .train.kto import run_kto
+
+    _run_aligning(argv, "kto", KtoArguments, run_kto)
 
 
 def cmd_grpo(argv: list[str]) -> None:
-    from .config import TRAINING_ARGUMENTS, GrpoArguments, make_parser
+    from .config import GrpoArguments
     from .train.grpo import run_grpo
 
-    classes = (*TRAINING_ARGUMENTS, GrpoArguments)
-    if any(a in ("-h", "--help") for a in argv):
-        make_parser(classes, prog="vlmtune grpo").print_help()
-        return
-    result = run_grpo(*parse_args(argv, classes, prog="vlmtune grpo"))
-    if not result.trainer.is_world_process_zero():
-        return
-    print(f"Saved to {result.output_dir}")
-    for key in sorted(result.metrics):
-        print(f"  {key}: {result.metrics[key]}")
+    _run_aligning(argv, "grpo", GrpoArguments, run_grpo)
 
 
 def cmd_tiny_model(argv: list[str]) -> None:
@@ -269,6 +275,7 @@ def cmd_push(argv: list[str]) -> None:
 COMMANDS = {
     "train": cmd_train,
     "dpo": cmd_dpo,
+    "kto": cmd_kto,
     "grpo": cmd_grpo,
     "eval": cmd_eval,
     "predict": cmd_predict,

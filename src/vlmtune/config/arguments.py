@@ -304,9 +304,8 @@ DPO_OTHER_METHODS = {
         "--loss_type sigmoid sft (RPO: DPO plus the chosen answers' NLL)"
     ),
     "kto": (
-        "KTO is TRL's KTOTrainer, a separate trainer on unpaired rows (prompt, one completion, a "
-        "desirable/undesirable label) that vlmtune does not run yet; on preference pairs use --loss_type sigmoid "
-        "(DPO) or sigmoid sft (RPO)"
+        "KTO is TRL's KTOTrainer, a trainer of its own on unpaired rows (a prompt, one completion, desirable or "
+        "not); run `vlmtune kto` with the same data (pairs are split into a desirable and an undesirable row)"
     ),
 }
 
@@ -333,6 +332,34 @@ class DpoArguments:
     )
     loss_weights: list[float] | None = arg(None, "Weights of the --loss_type losses, one per loss (default 1 each).")
     label_smoothing: float = arg(0.0, "Share of pairs assumed mislabelled (robust and exo_pair losses; cDPO).")
+
+
+# TRL's KTOTrainer losses (trl 1.16, `KTOConfig.loss_type`).
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+@dataclass
+class KtoArguments:
+    """`vlmtune kto`'s own options (the model, data, LoRA/full and Trainer ones are `vlmtune train`'s)."""
+
+    _argument_group_name = "preference (KTO)"
+
+    completion_column: str | None = arg(None, "Column with the completion of an unpaired row; `completion` if omitted.")
+    label_column: str | None = arg(
+        None, "Column saying whether the completion is desirable (true/false, 1/0); `label` if omitted."
+    )
+    chosen_column: str | None = arg(None, "With preference pairs: the preferred answer's column (`chosen`).")
+    rejected_column: str | None = arg(None, "With preference pairs: the dispreferred answer's column (`rejected`).")
+    ref_model: str | None = arg(
+        None,
+        "Reference model (a folder or hub id). Default: none loaded, as for vlmtune dpo: the policy with the new "
+        "LoRA disabled, or a frozen copy of --adapter_name_or_path (the SFT model); full fine-tuning without it "
+        "loads a second copy of --model_name_or_path.",
+    )
+    beta: float = arg(0.1, "KTO's beta: how far the policy may move from the reference (higher: less far).")
+    loss_type: str = arg("kto", f"TRL's KTO loss: {', '.join(KTO_LOSS_TYPES)} (APO-zero, no KL estimate).")
+    desirable_weight: float = arg(1.0, "Weight of the desirable rows' losses (raise it when they are fewer).")
+    undesirable_weight: float = arg(1.0, "Weight of the undesirable rows' losses.")
 
 
 # TRL's GRPOTrainer loss variants (trl 1.16, `GRPOConfig.loss_type`); GSPO is `--importance_sampling_level sequence`.

@@ -16,8 +16,10 @@ from .arguments import (
     DPO_OTHER_METHODS,
     DPO_SMOOTHED_LOSSES,
     GRPO_LOSS_TYPES,
+    KTO_LOSS_TYPES,
     DpoArguments,
     GrpoArguments,
+    KtoArguments,
 )
 from .suggest import did_you_mean
 
@@ -113,6 +115,11 @@ CHECKS: dict[str, Check] = {
 # A command's own values for an option another command also has (`vlmtune dpo`'s --beta must be above 0,
 # GRPO's may be 0; their --loss_type choices differ): these win over `CHECKS` for that class's fields.
 COMMAND_CHECKS: dict[type, dict[str, Check]] = {
+    KtoArguments: {
+        "loss_type": one_of(*KTO_LOSS_TYPES),
+        "desirable_weight": above(0),
+        "undesirable_weight": above(0),
+    },
     GrpoArguments: {
         "beta": at_least(0),
         "loss_type": one_of(*GRPO_LOSS_TYPES),

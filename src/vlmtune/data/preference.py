@@ -205,12 +205,9 @@ def _sides(data_args, rows: Rows, facts: EncodingFacts, chosen: str | None, reje
     return sides
 
 
-def build_preference_splits(
-    data_args, facts: EncodingFacts, processor, chosen_column=None, rejected_column=None, seed: int = 42
-) -> PreferenceSplits:
-    """Load the pairs `data_args` names, hold out eval pairs when there are none (seeded), apply the sample
-    limits and check every pair's both sides before training (template, images, placeholders), each
-    mistake naming file, row and field (or, with ``--on_bad_sample skip``, the pair dropped)."""
+def load_preference_rows(data_args, seed: int):
+    """The sources `data_args` names, the train and eval rows (eval held out when there is none, seeded),
+    with the sample limits applied, and the image options: what pairs and unpaired rows share."""
     sources = load_sources(
         data_args.dataset_name,
         eval_dataset=data_args.eval_dataset_name,
@@ -221,20 +218,37 @@ def build_preference_splits(
     train, eval_rows = _hold_out(sources.train, sources.eval, data_args, seed)
     train = _limit(train, data_args.max_train_samples)
     eval_rows = _limit(eval_rows, data_args.max_eval_samples)
-    sides = _sides(data_args, sources.first(), facts, chosen_column, rejected_column)
     root = _image_root(data_args)
     images = ImageOptions(root, data_args.image_max_pixels, data_args.image_min_pixels, sources.folders)
-    preparers = {side: Preparer(schema=schema, facts=facts, images=images) for side, schema in sides.items()}
+    return sources, {"train": train, "eval": eval_rows}, images
+
+
+def check_sides(splits: dict, preparers: dict[str, Preparer], processor, on_bad_sample: str):
+    """Every row of each split checked through every side's preparer (a row is kept when all its sides are),
+    each mistake naming file, row and field; the checked rows and the reports."""
     checked, reports = {}, {}
-    for split, rows in (("train", train), ("eval", eval_rows)):
+    for split, rows in splits.items():
         if rows is None:
             continue
-        for side, preparer in preparers.items():  # a pair is kept when both of its sides are
-            checker = Checker(preparer, processor, None, data_args.on_bad_sample)
+        for side, preparer in preparers.items():
+            checker = Checker(preparer, processor, None, on_bad_sample)
             if LENGTH in rows.column_names:  # the first side's token counts; the second side measures its own
                 rows = rows.remove_columns(LENGTH)
             rows, reports[f"{split} ({side})"] = check_rows(rows, checker, f"{split} ({side})")
         checked[split] = rows
+    return checked, reports
+
+
+def build_preference_splits(
+    data_args, facts: EncodingFacts, processor, chosen_column=None, rejected_column=None, seed: int = 42
+) -> PreferenceSplits:
+    """Load the pairs `data_args` names, hold out eval pairs when there are none (seeded), apply the sample
+    limits and check every pair's both sides before training (template, images, placeholders), each
+    mistake naming file, row and field (or, with ``--on_bad_sample skip``, the pair dropped)."""
+    sources, splits, images = load_preference_rows(data_args, seed)
+    sides = _sides(data_args, sources.first(), facts, chosen_column, rejected_column)
+    preparers = {side: Preparer(schema=schema, facts=facts, images=images) for side, schema in sides.items()}
+    checked, reports = check_sides(splits, preparers, processor, data_args.on_bad_sample)
     return PreferenceSplits(checked.get("train"), checked.get("eval"), preparers, reports)
 
 

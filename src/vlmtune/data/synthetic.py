@@ -3,6 +3,8 @@
 Used by `vlmtune demo` and by the learning tests. Each row asks either the colour or the shape of the
 one figure drawn on a plain background, so a model that ignores the image scores near chance;
 `write_preference_dataset` makes preference pairs of it (the right answer chosen, a wrong one rejected).
+With `sentence_share`, part of the training answers are full sentences ("The answer is red.") although the
+question asks for one word, as hand-written SFT data often is, while the held-out answers stay bare.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ QUESTIONS = {
     "colour": "What colour is the shape? Answer with one word.",
     "shape": "What shape is shown? Answer with one word.",
 }
+SENTENCE = "The answer is {}."
 
 
 def draw_shape(colour: str, shape: str, size: int = 64, rng: random.Random | None = None) -> Image.Image:
@@ -47,15 +50,23 @@ def draw_shape(colour: str, shape: str, size: int = 64, rng: random.Random | Non
 
 
 def write_shapes_dataset(
-    folder: str | Path, n_train: int = 300, n_eval: int = 60, seed: int = 0, questions: tuple[str, ...] = ("colour",)
+    folder: str | Path,
+    n_train: int = 300,
+    n_eval: int = 60,
+    seed: int = 0,
+    questions: tuple[str, ...] = ("colour",),
+    sentence_share: float = 0.0,
 ) -> dict[str, Path]:
     """Write PNGs and `train.csv` / `validation.csv` (columns image_path, prompt, response).
 
-    Image paths in the CSVs are relative to `folder`, as users' own data usually is.
+    Image paths in the CSVs are relative to `folder`, as users' own data usually is. `sentence_share` of the
+    training answers (drawn by their own seeded generator, so images and questions are those of
+    `sentence_share=0`) are written as a sentence (`SENTENCE`): data whose answers are partly verbose, scored
+    against bare held-out answers, where `vlmtune grpo`'s exact-match reward asks for what the user wants.
     """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
+    rng, verbose = random.Random(seed), random.Random(seed + 2)
     files = {}
     for split, n in (("train", n_train), ("validation", n_eval)):
         path = folder / f"{split}.csv"
@@ -67,7 +78,10 @@ def write_shapes_dataset(
                 kind = rng.choice(questions)
                 name = f"images/{split}_{i:04d}.png"
                 draw_shape(colour, shape, rng=rng).save(folder / name)
-                writer.writerow([name, QUESTIONS[kind], colour if kind == "colour" else shape])
+                answer = colour if kind == "colour" else shape
+                if split == "train" and verbose.random() < sentence_share:
+                    answer = SENTENCE.format(answer)
+                writer.writerow([name, QUESTIONS[kind], answer])
         files[split] = path
     return files
 

@@ -139,21 +139,29 @@ def load_reference(dpo_args, training_args):
     return reference.eval()
 
 
+def check_model_and_output(model_args, training_args, command: str) -> None:
+    """The base model (or the one `--adapter_name_or_path` records, as `vlmtune predict` takes it) and the
+    output folder are given; said with the command's name before anything loads."""
+    if model_args.adapter_name_or_path:
+        check_adapter_path(model_args.adapter_name_or_path)
+        if not model_args.model_name_or_path:
+            model_args.model_name_or_path = adapter_base_path(model_args.adapter_name_or_path)
+    if not model_args.model_name_or_path:
+        raise UsageError(
+            f"vlmtune {command}: --model_name_or_path is required (the base model), or --adapter_name_or_path an "
+            "adapter that records its base"
+        )
+    if not training_args.output_dir:
+        raise UsageError(
+            f"vlmtune {command}: --output_dir is required (the folder for the adapter, processor and logs)"
+        )
+
+
 def run_dpo(model_args, data_args, finetune_args, training_args, dpo_args, callbacks=None) -> DpoResult:
     """Train on preference pairs as the arguments say; save the adapter (or model), processor, metrics and
     plots in `--output_dir`; return the final metrics."""
     check_supported(data_args, training_args)
-    if model_args.adapter_name_or_path:
-        check_adapter_path(model_args.adapter_name_or_path)
-        if not model_args.model_name_or_path:  # the base model the adapter records, as `vlmtune predict` does
-            model_args.model_name_or_path = adapter_base_path(model_args.adapter_name_or_path)
-    if not model_args.model_name_or_path:
-        raise UsageError(
-            "vlmtune dpo: --model_name_or_path is required (the base model), or --adapter_name_or_path an adapter "
-            "that records its base"
-        )
-    if not training_args.output_dir:
-        raise UsageError("vlmtune dpo: --output_dir is required (the folder for the adapter, processor and logs)")
+    check_model_and_output(model_args, training_args, "dpo")
     out = check_output_dir(training_args)
     signals = parse_signals(training_args.save_on_signal)
     _, holding = start_job(training_args, out, signals)
