@@ -39,6 +39,7 @@ REAL = {
     "llava_siglip": ("llava_1_5", " ", "</s>", False),
     "llava_next": ("llava_v1_6_mistral", "", "</s>", False),
     "mistral3": ("mistral3", "", "</s>", False),
+    "internvl": ("internvl", "", "<|im_end|>", False),
     "gemma3": ("gemma3", "", "<end_of_turn>", True),
     "mllama": ("mllama", "", "<|eot_id|>", False),
     "idefics3": ("idefics3", " ", "<end_of_utterance>", False),

@@ -131,6 +131,14 @@ EXPECTED = {
         decoder_layers=("MistralDecoderLayer",),
         vision_layer="PixtralAttentionLayer",
     ),
+    "internvl": _LLAVA
+    | dict(
+        image_token="<IMG_CONTEXT>",
+        image_extra_tokens={"<img>", "</img>"},
+        turn_end=("<|im_end|>",),
+        decoder_layers=("Qwen2DecoderLayer",),
+        vision_layer="InternVLVisionLayer",
+    ),
     "idefics3": _IDEFICS | dict(vision_layer="Idefics3EncoderLayer"),
     "smolvlm": _IDEFICS | dict(vision_layer="SmolVLMEncoderLayer"),
 }
@@ -338,6 +346,25 @@ def test_mistral3_processor_loads_and_expands_an_image_without_torchvision(tiny_
     text = loaded(text=["[IMG]look"], images=[[Image.new("RGB", (64, 64), "red")]])["input_ids"][0]
     row = ["[IMG]"] * 4
     assert loaded.tokenizer.convert_ids_to_tokens(text)[:20] == [*row, "[IMG_BREAK]"] * 3 + [*row, "[IMG_END]"]
+
+
+def test_internvl_writes_its_context_tokens_per_tile_and_the_model_fills_each(tiny_model_dir):
+    """InternVL's processor cuts an image into tiles (a wide one: two and a thumbnail) and writes
+    `image_seq_length` <IMG_CONTEXT> per tile between <img> and </img>; pixel shuffle must give the model
+    exactly that many features per tile, or the forward refuses the batch."""
+    from transformers import AutoModelForImageTextToText
+
+    folder = tiny_model_dir("internvl")
+    processor = load_processor(folder)
+    images = [[Image.new("RGB", (64, 64), "red")], [Image.new("RGB", (96, 64), "blue")]]
+    batch = processor(text=["<IMG_CONTEXT>\nA", "<IMG_CONTEXT>\nB"], images=images, padding=True, return_tensors="pt")
+    assert batch["pixel_values"].shape[0] == 1 + 3
+    for row, tiles in zip(batch["input_ids"].tolist(), (1, 3), strict=True):
+        tokens = processor.tokenizer.convert_ids_to_tokens(row)
+        start = tokens.index("<img>")
+        assert tokens[start : start + 2 + 16 * tiles] == ["<img>", *["<IMG_CONTEXT>"] * 16 * tiles, "</img>"]
+    logits = AutoModelForImageTextToText.from_pretrained(folder)(**batch).logits
+    assert logits.shape[:2] == batch["input_ids"].shape
 
 
 def test_gemma4_vision_lora_reaches_the_linears_inside_its_clipping_wrappers(tiny_model_dir):

@@ -26,6 +26,7 @@ MARKERS = {
     "llava_next": (" [/INST]", "</s>"),
     # Mistral Small 3.1's real template: the answer follows [/INST] directly and ends with </s>.
     "mistral3": ("[/INST]", "</s>"),
+    "internvl": ("<|im_start|>assistant\n", "<|im_end|>"),
     "gemma3": ("<start_of_turn>model\n", "<end_of_turn>"),
     "mllama": ("<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
     "idefics3": ("Assistant:", "<end_of_utterance>"),

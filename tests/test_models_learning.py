@@ -19,11 +19,15 @@ GEMMA4 = pytest.param("gemma4", {}, marks=pytest.mark.xfail(strict=True, reason=
 # thinking template with a hybrid linear-attention language model (Qwen3.5), a mixture of experts without
 # shared experts, whose MLPs LoRA reaches only through --lora_target_experts (Qwen3-VL-MoE), and Gemma 4
 # (thinking channel, per-layer input embeddings, pooled vision tower); Mistral 3 (Pixtral tower, 2-D rotary
-# image positions, patch-merging projector) on Mistral Small 3.1's template. Qwen2-VL's run is in test_train.py.
+# image positions, patch-merging projector) on Mistral Small 3.1's template; InternVL (image tiles, pixel
+# shuffle) on its -hf checkpoints' template. Qwen2-VL's run is in test_train.py.
 @pytest.mark.parametrize(
     ("family", "settings"),
     [
-        *[(family, {}) for family in ("llava_siglip", "gemma3", "mllama", "paligemma", "qwen3_5", "mistral3")],
+        *[
+            (family, {})
+            for family in ("llava_siglip", "gemma3", "mllama", "paligemma", "qwen3_5", "mistral3", "internvl")
+        ],
         ("qwen3_vl_moe", {"lora_target_experts": True}),
         GEMMA4,
     ],

@@ -205,6 +205,13 @@ _entry(
     packing_positions="text",
 )
 _entry(
+    "internvl",
+    "packing: positions restart per sample and causal attention keeps samples apart; each tile's features "
+    "are its own (parity-tested)",
+    ("OpenGVLab/InternVL3-1B-hf", "OpenGVLab/InternVL3-2B-hf", "OpenGVLab/InternVL3-8B-hf"),
+    packing_positions="text",
+)
+_entry(
     "paligemma",
     "not a chat model: its checkpoints ship no chat template, the prompt is the processor's prefix and the "
     f"answer its suffix; {_ONE_IMAGE}; packing: the prefix attends both ways, so vlmtune builds the packed "
