@@ -139,6 +139,14 @@ EXPECTED = {
         decoder_layers=("Qwen2DecoderLayer",),
         vision_layer="InternVLVisionLayer",
     ),
+    "glm4v": _QWEN
+    | dict(
+        image_token="<|image|>",
+        image_extra_tokens={"<|begin_of_image|>", "<|end_of_image|>"},
+        turn_end=(),  # the template closes no turn; the generation config's stop tokens are added on loading
+        decoder_layers=("Glm4vTextDecoderLayer",),
+        vision_layer="Glm4vVisionBlock",
+    ),
     "idefics3": _IDEFICS | dict(vision_layer="Idefics3EncoderLayer"),
     "smolvlm": _IDEFICS | dict(vision_layer="SmolVLMEncoderLayer"),
 }

@@ -20,13 +20,14 @@ GEMMA4 = pytest.param("gemma4", {}, marks=pytest.mark.xfail(strict=True, reason=
 # shared experts, whose MLPs LoRA reaches only through --lora_target_experts (Qwen3-VL-MoE), and Gemma 4
 # (thinking channel, per-layer input embeddings, pooled vision tower); Mistral 3 (Pixtral tower, 2-D rotary
 # image positions, patch-merging projector) on Mistral Small 3.1's template; InternVL (image tiles, pixel
-# shuffle) on its -hf checkpoints' template. Qwen2-VL's run is in test_train.py.
+# shuffle) on its -hf checkpoints' template; GLM-4.1V (Qwen2-VL-like tower, partial multimodal rotary
+# positions, fused gate_up_proj) on its own template. Qwen2-VL's run is in test_train.py.
 @pytest.mark.parametrize(
     ("family", "settings"),
     [
         *[
             (family, {})
-            for family in ("llava_siglip", "gemma3", "mllama", "paligemma", "qwen3_5", "mistral3", "internvl")
+            for family in ("llava_siglip", "gemma3", "mllama", "paligemma", "qwen3_5", "mistral3", "internvl", "glm4v")
         ],
         ("qwen3_vl_moe", {"lora_target_experts": True}),
         GEMMA4,

@@ -212,6 +212,13 @@ _entry(
     packing_positions="text",
 )
 _entry(
+    "glm4v",
+    "packing: GLM-4.1V's 3-D rotary positions are computed per packed sample by the model's own rope-index "
+    "function, as Qwen's (parity-tested)",
+    ("zai-org/GLM-4.1V-9B-Thinking",),
+    packing_positions="mrope",
+)
+_entry(
     "paligemma",
     "not a chat model: its checkpoints ship no chat template, the prompt is the processor's prefix and the "
     f"answer its suffix; {_ONE_IMAGE}; packing: the prefix attends both ways, so vlmtune builds the packed "
