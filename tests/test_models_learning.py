@@ -11,6 +11,8 @@ from vlmtune.train.run import run_training
 # A family whose tiny model does not reach the bar with the default settings for a cause not yet found:
 # recorded as a known failure, strict so that a fix shows (and `vlmtune models` says it).
 GEMMA4 = pytest.param("gemma4", {}, marks=pytest.mark.xfail(strict=True, reason=LEARNING_GAPS["gemma4"]))
+# GLM-4.5V's LoRA is attention-only while PEFT rewrites its MLP targets (huggingface/peft#3711): below the bar.
+GLM4V_MOE = pytest.param("glm4v_moe", {}, marks=pytest.mark.xfail(strict=True, reason=LEARNING_GAPS["glm4v_moe"]))
 
 
 # Four different routes from image to answer: a projector into the prompt (LLaVA with SigLIP), pooled
@@ -31,6 +33,7 @@ GEMMA4 = pytest.param("gemma4", {}, marks=pytest.mark.xfail(strict=True, reason=
         ],
         ("qwen3_vl_moe", {"lora_target_experts": True}),
         GEMMA4,
+        GLM4V_MOE,
     ],
 )
 def test_lora_learns_the_colour_from_the_image(family, settings, tiny_model_dir, shapes_data, tmp_path):

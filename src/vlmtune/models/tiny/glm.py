@@ -5,9 +5,10 @@ patch merger and a GLM-4 language model with multimodal RoPE; `[gMASK]<sop>`, th
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from transformers import Glm4vConfig, Glm4vImageProcessorPil, Glm4vProcessor
+from transformers import Glm4vConfig, Glm4vImageProcessorPil, Glm4vMoeConfig, Glm4vProcessor
 
 from .common import HEAD_DIM, HIDDEN, INIT_RANGE, TinyRecipe
 from .qwen import image_processor_kwargs
@@ -63,3 +64,19 @@ RECIPES = {
         stop_tokens=("<|user|>", "<|observation|>"),
     ),
 }
+
+# GLM-4.5V: the same with a sparse language model (a dense first layer, then routed experts as fused 3-D
+# parameters, a router and a shared expert). Its own template was not found in any public copy here, so the
+# tiny model ships GLM-4.1V's (the same turn and image markers; see tests/fixtures/chat_templates).
+RECIPES["glm4v_moe"] = replace(
+    RECIPES["glm4v"],
+    config_cls=Glm4vMoeConfig,
+    text_config=dict(
+        rope_parameters=_ROPE,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+    ),
+)
