@@ -75,15 +75,14 @@ def router_logits_off(model: torch.nn.Module) -> Iterator[None]:
     Generation needs no load-balancing loss, and GLM-4.5V's (transformers 5.24) fails on every cached step
     with it: its one new token per row is weighed against the whole attention mask."""
     text = unwrap(model).config.get_text_config()
-    was = getattr(text, "output_router_logits", False)
-    if not was:  # a dense model, or the router loss off: nothing to change
-        yield
-        return
-    text.output_router_logits = False
+    on = getattr(text, "output_router_logits", False)  # False too for a dense model: nothing to change
+    if on:
+        text.output_router_logits = False
     try:
         yield
     finally:
-        text.output_router_logits = was
+        if on:
+            text.output_router_logits = True
 
 
 def with_router_aux_loss(model, loss: torch.Tensor, outputs) -> torch.Tensor:
