@@ -383,6 +383,23 @@ def test_internvl_writes_its_context_tokens_per_tile_and_the_model_fills_each(ti
     assert logits.shape[:2] == batch["input_ids"].shape
 
 
+def test_internvl_3_5_with_a_qwen3_language_model_gets_its_own_blocks_and_full_lora():
+    """InternVL3.5's -HF checkpoints hold Qwen3 language models (the tiny model is InternVL3's Qwen2): the
+    decoder blocks are read off the checkpoint, and LoRA still covers every language-model linear."""
+    from dataclasses import replace
+
+    from vlmtune.models.tiny.common import HEAD_DIM
+
+    recipe = replace(RECIPES["internvl"], text_config=dict(model_type="qwen3", head_dim=HEAD_DIM))
+    config, processor = recipe.build()
+    model = meta_model(config)
+    spec = family_for(config, processor, model=model)
+    assert spec.decoder_layers == ("Qwen3DecoderLayer",) and spec.image_token == "<IMG_CONTEXT>"
+    pattern = language_lora_targets(model, spec)
+    adapted = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(pattern, n)}
+    assert adapted == set(linear_modules(model, spec, "language_model")) - {"lm_head"}
+
+
 def test_gemma4_vision_lora_reaches_the_linears_inside_its_clipping_wrappers(tiny_model_dir):
     """Gemma 4's vision projections are `Gemma4ClippableLinear` modules holding the `nn.Linear` as
     ``.linear``: --train_vision_lora must adapt those inner linears (PEFT cannot wrap the wrapper), and the
