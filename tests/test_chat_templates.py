@@ -28,7 +28,8 @@ from vlmtune.models.tokenizer import build_tokenizer
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
 
 # Per tiny family: the real template, what the trained text starts with after the generation prompt,
-# what closes each trained answer, and whether the template trims answers (Gemma 3's does).
+# what closes each trained answer (a pair where an answer a user turn follows closes differently from the
+# last one), and whether the template trims answers (Gemma 3's does).
 REAL = {
     "qwen2_vl": ("qwen2_vl", "", "<|im_end|>", False),
     "qwen2_5_vl": ("qwen2_vl", "", "<|im_end|>", False),
@@ -39,6 +40,11 @@ REAL = {
     "llava_siglip": ("llava_1_5", " ", "</s>", False),
     "llava_next": ("llava_v1_6_mistral", "", "</s>", False),
     "mistral3": ("mistral3", "", "</s>", False),
+    "internvl": ("internvl", "", "<|im_end|>", False),
+    # GLM-4.1V's template closes no turn: the next <|user|> closes an answer, EOS is appended to the last.
+    "glm4v": ("glm4v", "", ("<|user|>", "<|endoftext|>"), False),
+    # GLM-4.5V's own template was not found (fixtures README): its tiny model is checked on GLM-4.1V's.
+    "glm4v_moe": ("glm4v", "", ("<|user|>", "<|endoftext|>"), False),
     "gemma3": ("gemma3", "", "<end_of_turn>", True),
     "mllama": ("mllama", "", "<|eot_id|>", False),
     "idefics3": ("idefics3", " ", "<end_of_utterance>", False),
@@ -53,10 +59,11 @@ IMAGE = "<image_soft_token>"
 ANSWERS = ("a red square  ", "two\nlines\n", "done")
 
 
-def facts_of(family: str):
-    """The tiny family's spec: its registry entry, or derived from its config and processor."""
+def facts_of(family: str, source: str | None = None):
+    """The tiny family's spec: its registry entry, or derived from its config and processor; with `source`
+    (the saved tiny model), its generation config's stop tokens end turns too, as on loading."""
     config, processor = BUILDERS[family]()
-    return family_for(config, processor)
+    return family_for(config, processor, source)
 
 
 def _text(role: str, text: str) -> dict:
@@ -105,7 +112,9 @@ def trained_text(processor, encoded) -> str:
 
 def expected_trained(family: str) -> str:
     _, lead, end, trims = REAL[family]
-    return "".join(lead + (a.strip() if trims else a) + end for a in ANSWERS)
+    between, last = end if isinstance(end, tuple) else (end, end)
+    ends = [between] * (len(ANSWERS) - 1) + [last]
+    return "".join(lead + (a.strip() if trims else a) + close for a, close in zip(ANSWERS, ends, strict=True))
 
 
 def _cases(family: str) -> list[tuple[bool, int]]:
@@ -117,9 +126,9 @@ def _cases(family: str) -> list[tuple[bool, int]]:
 
 
 @pytest.mark.parametrize("family", sorted(REAL))
-def test_real_templates_train_each_answer_as_written_then_its_turn_end(family):
+def test_real_templates_train_each_answer_as_written_then_its_turn_end(family, tiny_model_dir):
     processor = real_processor(family)
-    facts = facts_of(family).encoding
+    facts = facts_of(family, tiny_model_dir(family)).encoding
     eos_id = processor.tokenizer.eos_token_id
     for system, images in _cases(family):
         conv, pictures = conversation(family, system, images)
@@ -167,6 +176,21 @@ def test_gemma4_trains_each_answer_after_the_empty_thought_channel_its_generatio
     assert "it is red" not in encoded.rendered.text
     assert encoded.rendered.text.count(f"<|turn>model\n{empty}") == 2
     assert prompt_text(processor, turns[:1]).endswith(f"<|turn>model\n{empty}")
+
+
+def test_glm4v_trains_reasoning_as_written_in_every_turn_its_template_keeps_it(tiny_model_dir):
+    """GLM-4.1V-Thinking's template writes each answer as given, in every turn, and its generation prompt ends
+    with ``<|assistant|>\n``: an answer without reasoning trains exactly that answer (nothing is inserted to
+    train or not), an answer holding ``<think>...</think><answer>...</answer>`` trains it all, earlier turns
+    included (this template drops no reasoning, so the model sees and learns it there too)."""
+    processor = real_processor("glm4v")
+    facts = facts_of("glm4v", tiny_model_dir("glm4v")).encoding
+    thought = "<think>it is red</think><answer>red</answer>"
+    turns = [_text("user", "Colour?"), _text("assistant", thought), _text("user", "And?"), _text("assistant", "blue")]
+    encoded = encode(processor, Conversation(turns), [], facts)
+    assert trained_text(processor, encoded) == f"{thought}<|user|>blue<|endoftext|>"
+    assert encoded.rendered.text.endswith("<|assistant|>\nblue<|endoftext|>")
+    assert prompt_text(processor, turns[:1]).endswith("Colour?<|assistant|>\n")
 
 
 def test_llava_answer_keeps_its_trailing_whitespace_before_the_appended_eos():

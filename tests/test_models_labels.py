@@ -15,7 +15,8 @@ from vlmtune.models.processors import load_processor
 from vlmtune.models.tiny import BUILDERS
 
 # Per tiny family: the text that opens an assistant turn in the family's real chat format, and the
-# token that closes it (trained, so the model learns to stop).
+# token that closes it (trained, so the model learns to stop); a pair where an answer a user turn follows
+# closes differently from the last one.
 MARKERS = {
     "qwen2_vl": ("<|im_start|>assistant\n", "<|im_end|>"),
     "qwen2_5_vl": ("<|im_start|>assistant\n", "<|im_end|>"),
@@ -26,6 +27,11 @@ MARKERS = {
     "llava_next": (" [/INST]", "</s>"),
     # Mistral Small 3.1's real template: the answer follows [/INST] directly and ends with </s>.
     "mistral3": ("[/INST]", "</s>"),
+    "internvl": ("<|im_start|>assistant\n", "<|im_end|>"),
+    # GLM-4.1V's real template closes no turn: the next turn's <|user|> closes an answer (the generation
+    # config stops on it), the tokenizer's EOS is appended to the last.
+    "glm4v": ("<|assistant|>\n", ("<|user|>", "<|endoftext|>")),
+    "glm4v_moe": ("<|assistant|>\n", ("<|user|>", "<|endoftext|>")),  # ships GLM-4.1V's template (see the recipe)
     "gemma3": ("<start_of_turn>model\n", "<end_of_turn>"),
     "mllama": ("<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
     "idefics3": ("Assistant:", "<end_of_utterance>"),
@@ -54,10 +60,16 @@ SINGLE_TURN = [
 ]
 
 
+def _closers(family: str) -> tuple[str, str]:
+    """(what closes an answer a user turn follows, what closes the last answer)."""
+    closer = MARKERS[family][1]
+    return closer if isinstance(closer, tuple) else (closer, closer)
+
+
 def expected_labels(tokenizer, ids: list[int], family: str, last_only: bool) -> list[int]:
     """Mark the tokens after each assistant opener up to and including the closing token."""
     opener = tokenizer(MARKERS[family][0], add_special_tokens=False)["input_ids"]
-    closer = tokenizer.convert_tokens_to_ids(MARKERS[family][1])
+    closers = {tokenizer.convert_tokens_to_ids(t) for t in _closers(family)}
     skip = tokenizer(MARKERS[family][2], add_special_tokens=False)["input_ids"] if len(MARKERS[family]) > 2 else []
     labels, inside, turns, skipping = [IGNORE_INDEX] * len(ids), False, [], 0
     for i, tok in enumerate(ids):
@@ -68,7 +80,7 @@ def expected_labels(tokenizer, ids: list[int], family: str, last_only: bool) -> 
         elif inside:
             labels[i] = tok
             turns[-1].append(i)
-            inside = tok != closer
+            inside = tok not in closers
         elif ids[max(0, i - len(opener) + 1) : i + 1] == opener:
             inside = True
             turns.append([])
@@ -109,8 +121,8 @@ def test_labels_cover_exactly_the_answers(tiny_model_dir, family):
         assert ids.count(image_id) >= (1 if family == "mllama" else 4)
         assert all(lab == IGNORE_INDEX for tok, lab in zip(ids, labels) if tok == image_id)
     trained = [tokenizer.decode([t for t in batch["labels"][i].tolist() if t != IGNORE_INDEX]) for i in range(2)]
-    eos = MARKERS[family][1]
-    first = "" if last_only else f"red{eos}"
+    between, eos = _closers(family)
+    first = "" if last_only else f"red{between}"
     assert trained[0].replace(" ", "") == f"{first}abluecircle{eos}"
     assert trained[1].strip() == f"square{eos}"
 

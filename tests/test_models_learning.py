@@ -11,6 +11,8 @@ from vlmtune.train.run import run_training
 # A family whose tiny model does not reach the bar with the default settings for a cause not yet found:
 # recorded as a known failure, strict so that a fix shows (and `vlmtune models` says it).
 GEMMA4 = pytest.param("gemma4", {}, marks=pytest.mark.xfail(strict=True, reason=LEARNING_GAPS["gemma4"]))
+# GLM-4.5V's LoRA is attention-only while PEFT rewrites its MLP targets (huggingface/peft#3711): below the bar.
+GLM4V_MOE = pytest.param("glm4v_moe", {}, marks=pytest.mark.xfail(strict=True, reason=LEARNING_GAPS["glm4v_moe"]))
 
 
 # Four different routes from image to answer: a projector into the prompt (LLaVA with SigLIP), pooled
@@ -19,13 +21,19 @@ GEMMA4 = pytest.param("gemma4", {}, marks=pytest.mark.xfail(strict=True, reason=
 # thinking template with a hybrid linear-attention language model (Qwen3.5), a mixture of experts without
 # shared experts, whose MLPs LoRA reaches only through --lora_target_experts (Qwen3-VL-MoE), and Gemma 4
 # (thinking channel, per-layer input embeddings, pooled vision tower); Mistral 3 (Pixtral tower, 2-D rotary
-# image positions, patch-merging projector) on Mistral Small 3.1's template. Qwen2-VL's run is in test_train.py.
+# image positions, patch-merging projector) on Mistral Small 3.1's template; InternVL (image tiles, pixel
+# shuffle) on its -hf checkpoints' template; GLM-4.1V (Qwen2-VL-like tower, partial multimodal rotary
+# positions, fused gate_up_proj) on its own template. Qwen2-VL's run is in test_train.py.
 @pytest.mark.parametrize(
     ("family", "settings"),
     [
-        *[(family, {}) for family in ("llava_siglip", "gemma3", "mllama", "paligemma", "qwen3_5", "mistral3")],
+        *[
+            (family, {})
+            for family in ("llava_siglip", "gemma3", "mllama", "paligemma", "qwen3_5", "mistral3", "internvl", "glm4v")
+        ],
         ("qwen3_vl_moe", {"lora_target_experts": True}),
         GEMMA4,
+        GLM4V_MOE,
     ],
 )
 def test_lora_learns_the_colour_from_the_image(family, settings, tiny_model_dir, shapes_data, tmp_path):

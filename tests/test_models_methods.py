@@ -24,6 +24,7 @@ from vlmtune.config import FinetuneArguments
 from vlmtune.errors import UsageError
 from vlmtune.models.loading import (
     apply_finetuning,
+    expert_parameters,
     load_model,
     part_of,
     resolve_attn_implementation,
@@ -342,7 +343,7 @@ def expert_lora(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n and "lora_B" in n}
 
 
-@pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_vl_moe"])
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_vl_moe", "glm4v_moe"])
 def test_lora_target_experts_adapts_the_fused_expert_weights_and_trains(tiny_model_dir, shapes_data, tmp_path, family):
     model_dir = tiny_model_dir(family)
     loaded = load_model(model_dir)
@@ -351,11 +352,13 @@ def test_lora_target_experts_adapts_the_fused_expert_weights_and_trains(tiny_mod
     result = short_run(model_dir, shapes_data, tmp_path / "out", lora_target_experts=True, learning_rate=1e-2)
     model = result.trainer.model
     adapted = [strip_peft_prefix(n).split(".lora_B")[0] for n in expert_lora(model)]
-    # gate_up_proj and down_proj of each layer's experts: one LoRA each (PEFT nests the second).
-    assert sorted(adapted) == [f"model.language_model.layers.{i}.mlp.experts" for i in (0, 0, 1, 1)]
+    # gate_up_proj and down_proj of each sparse layer's experts (GLM-4.5V's first layer is dense): one LoRA
+    # each (PEFT nests the second).
+    fused = expert_parameters(loaded.model, loaded.spec)
+    assert fused and sorted(adapted) == sorted(p.rsplit(".", 1)[0] for p in fused)
     assert all(b.abs().sum() > 0 for b in expert_lora(model).values()), "B starts at zero: trained"
     saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    assert len(saved["target_parameters"]) == 4
+    assert len(saved["target_parameters"]) == len(fused)
 
 
 def test_lora_target_experts_on_a_dense_model_is_refused(tiny_model_dir):

@@ -134,8 +134,9 @@ def moe_batch(loaded, shapes_data, n: int = 3) -> dict:
     return dict(VlmCollator(loaded.processor, preparer)(rows))
 
 
-# Qwen3.5-MoE (routers beside a gated shared expert) and Qwen3-VL-MoE (routers only, no shared expert).
-MOE = ["qwen3_5_moe", "qwen3_vl_moe"]
+# Qwen3.5-MoE (routers beside a gated shared expert), Qwen3-VL-MoE (routers only, no shared expert) and
+# GLM-4.5V (a dense first layer, then routers beside a shared expert).
+MOE = ["qwen3_5_moe", "qwen3_vl_moe", "glm4v_moe"]
 
 
 @pytest.mark.parametrize("family", MOE)
@@ -161,6 +162,23 @@ def test_moe_training_loss_logged_includes_coef_times_router_loss(tiny_model_dir
     aux = first[1.0] - first[0.0]  # step 1 runs before any update: the same LM loss and router loss
     assert aux > 0.1
     assert first[2.0] - first[0.0] == pytest.approx(2 * aux, abs=1e-3)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_moe_models_trained_with_the_router_loss_still_generate(tiny_model_dir, family):
+    """Generation runs without router logits (GLM-4.5V's fail on cached steps in transformers 5.24), and the
+    training setting is back afterwards."""
+    from PIL import Image
+
+    from vlmtune.data.conversation import Conversation
+    from vlmtune.eval.generate import generate_answers
+
+    loaded = load_model(tiny_model_dir(family))
+    assert use_router_aux_loss(loaded.model, None) > 0
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
+    convs, images = [Conversation(messages=prompt, images=["x"])] * 2, [[Image.new("RGB", (64, 64))]] * 2
+    answers = generate_answers(loaded.model, loaded.processor, convs, images, max_new_tokens=3, min_new_tokens=3)
+    assert len(answers) == 2 and loaded.model.config.text_config.output_router_logits
 
 
 def test_router_aux_loss_coef_on_a_dense_model_is_refused(tiny_model_dir):

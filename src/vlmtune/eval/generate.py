@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from ..data.conversation import Conversation
 from ..data.encode import processor_inputs, prompt_text
+from ..models.loss import router_logits_off
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -47,7 +48,8 @@ def generate_answers(
             inputs = processor_inputs(
                 processor, texts, [imgs for _, imgs in batch], not (bos and texts[0].startswith(bos))
             ).to(model.device)
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+            with router_logits_off(model):
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
             new = out[:, inputs["input_ids"].shape[1] :]
             answers += [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)]
             bar.update(len(batch))

@@ -15,6 +15,8 @@ config's `router_aux_loss_coef`, as transformers adds it when given labels. Trai
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -65,6 +67,22 @@ def use_router_aux_loss(model: torch.nn.Module, coef: float | None) -> float:
     coef = getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef
     text.router_aux_loss_coef, text.output_router_logits = coef, coef != 0
     return coef
+
+
+@contextmanager
+def router_logits_off(model: torch.nn.Module) -> Iterator[None]:
+    """Within: the model returns no router logits (`use_router_aux_loss` turned them on for training).
+    Generation needs no load-balancing loss, and GLM-4.5V's (transformers 5.24) fails on every cached step
+    with it: its one new token per row is weighed against the whole attention mask."""
+    text = unwrap(model).config.get_text_config()
+    on = getattr(text, "output_router_logits", False)  # False too for a dense model: nothing to change
+    if on:
+        text.output_router_logits = False
+    try:
+        yield
+    finally:
+        if on:
+            text.output_router_logits = True
 
 
 def with_router_aux_loss(model, loss: torch.Tensor, outputs) -> torch.Tensor:

@@ -205,6 +205,20 @@ _entry(
     packing_positions="text",
 )
 _entry(
+    "internvl",
+    "packing: positions restart per sample and causal attention keeps samples apart; each tile's features "
+    "are its own (parity-tested)",
+    ("OpenGVLab/InternVL3-1B-hf", "OpenGVLab/InternVL3-2B-hf", "OpenGVLab/InternVL3-8B-hf"),
+    packing_positions="text",
+)
+_entry(
+    "glm4v",
+    "packing: GLM-4.1V's 3-D rotary positions are computed per packed sample by the model's own rope-index "
+    "function, as Qwen's (parity-tested)",
+    ("zai-org/GLM-4.1V-9B-Thinking",),
+    packing_positions="mrope",
+)
+_entry(
     "paligemma",
     "not a chat model: its checkpoints ship no chat template, the prompt is the processor's prefix and the "
     f"answer its suffix; {_ONE_IMAGE}; packing: the prefix attends both ways, so vlmtune builds the packed "

@@ -43,6 +43,7 @@ from ..models.loading import (
     trainable_table,
 )
 from ..models.loss import labelled_nll_per_row
+from ..models.packing import unwrap
 from .checkpoints import CompleteCheckpoints, no_space_errors, remove_deletion_leftovers, resolve_resume
 from .distributed import shards_parameters
 from .fsdp import default_fsdp_wrap
@@ -79,10 +80,24 @@ class VlmDpoTrainer(ReferenceAdapter, NonFiniteGuard, CompleteCheckpoints, DPOTr
     """TRL's `DPOTrainer` fed vlmtune's batches; one reference adapter at most (`ReferenceAdapter`), and it
     stops on non-finite steps and marks each checkpoint complete, as `vlmtune train` does."""
 
+    def __init__(self, *args, **kwargs):
+        _name_experts_for_trl(kwargs["model"] if "model" in kwargs else args[0])
+        super().__init__(*args, **kwargs)
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Rows stay raw: `PreferenceCollator` encodes each pair per batch (TRL would tokenize the text
         columns with its own template rendering)."""
         return dataset
+
+
+def _name_experts_for_trl(model: torch.nn.Module) -> None:
+    """TRL (1.16) adds a mixture of experts' router loss reading the expert count as `num_experts`; GLM-4.5V's
+    text config calls it `n_routed_experts` (`num_local_experts` by alias), and TRL fails on it with an
+    AttributeError (as it did for GPT-OSS, trl#5754). The config gets the name TRL reads."""
+    text = unwrap(model).config.get_text_config()
+    routed = hasattr(text, "output_router_logits") and hasattr(text, "num_local_experts")
+    if routed and not hasattr(text, "num_experts"):
+        text.num_experts = text.num_local_experts
 
 
 def dpo_config(training_args, dpo_args) -> DpoConfig:
