@@ -8,9 +8,6 @@ from tests.helpers import train_args
 from vlmtune.models.tiny import LEARNING_GAPS
 from vlmtune.train.run import run_training
 
-# A family whose tiny model does not reach the bar with the default settings for a cause not yet found:
-# recorded as a known failure, strict so that a fix shows (and `vlmtune models` says it).
-GEMMA4 = pytest.param("gemma4", {}, marks=pytest.mark.xfail(strict=True, reason=LEARNING_GAPS["gemma4"]))
 # GLM-4.5V's LoRA is attention-only while PEFT rewrites its MLP targets (huggingface/peft#3711): below the bar.
 GLM4V_MOE = pytest.param("glm4v_moe", {}, marks=pytest.mark.xfail(strict=True, reason=LEARNING_GAPS["glm4v_moe"]))
 
@@ -29,10 +26,12 @@ GLM4V_MOE = pytest.param("glm4v_moe", {}, marks=pytest.mark.xfail(strict=True, r
     [
         *[
             (family, {})
-            for family in ("llava_siglip", "gemma3", "mllama", "paligemma", "qwen3_5", "mistral3", "internvl", "glm4v")
+            for family in (
+                *("llava_siglip", "gemma3", "mllama", "paligemma", "qwen3_5", "mistral3", "internvl", "glm4v"),
+                "gemma4",
+            )
         ],
         ("qwen3_vl_moe", {"lora_target_experts": True}),
-        GEMMA4,
         GLM4V_MOE,
     ],
 )

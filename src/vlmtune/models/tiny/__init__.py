@@ -50,8 +50,6 @@ assert len(RECIPES) == sum(len(lineage.RECIPES) for lineage in _LINEAGES), "a fa
 # from its default LoRA (attention only), and the test proves it learns with its experts adapted instead;
 # GLM-4.5V's from PEFT's rewrite of its MLP targets (held as a strict expected failure too).
 LEARNING_GAPS: dict[str, str] = {
-    "gemma4": "the tiny Gemma 4 learns the shapes task only to ~36% held-out accuracy (labels and contexts "
-    "checked; cause not found yet)",
     "qwen3_vl_moe": "with the default LoRA (attention only: no shared expert, routed experts fused) the tiny "
     "Qwen3-VL-MoE learns the shapes task to ~68% held-out accuracy; with --lora_target_experts to ~83%",
     "glm4v_moe": "PEFT 0.21 leaves the tiny GLM-4.5V's dense MLP and shared experts unadapted "
