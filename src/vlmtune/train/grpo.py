@@ -36,7 +36,7 @@ from .checkpoints import CompleteCheckpoints, remove_deletion_leftovers, resolve
 from .distributed import shards_parameters
 from .fsdp import default_fsdp_wrap
 from .guard import NonFiniteGuard, StopOnSignal, parse_signals
-from .preference import load_policy, save_outputs
+from .preference import ExpertCountForTrl, load_policy, save_outputs
 from .reference import ReferenceAdapter
 from .run import check_output_dir, start_job
 from .vision_step import run_vision_every_step
@@ -77,7 +77,7 @@ class GrpoResult:
     trainer: GRPOTrainer
 
 
-class VlmGrpoTrainer(ReferenceAdapter, NonFiniteGuard, CompleteCheckpoints, GRPOTrainer):
+class VlmGrpoTrainer(ExpertCountForTrl, ReferenceAdapter, NonFiniteGuard, CompleteCheckpoints, GRPOTrainer):
     """TRL's `GRPOTrainer`; it stops on non-finite steps, marks each checkpoint complete, and keeps one
     adapter (no copy for a new LoRA's reference, none saved), as `vlmtune train` and `vlmtune dpo` do."""
 

@@ -31,7 +31,14 @@ from .checkpoints import CompleteCheckpoints, remove_deletion_leftovers, resolve
 from .distributed import shards_parameters
 from .fsdp import default_fsdp_wrap
 from .guard import NonFiniteGuard, StopOnSignal, parse_signals
-from .preference import check_model_and_output, load_policy, load_reference, preference_accuracy, save_outputs
+from .preference import (
+    ExpertCountForTrl,
+    check_model_and_output,
+    load_policy,
+    load_reference,
+    preference_accuracy,
+    save_outputs,
+)
 from .reference import ReferenceAdapter
 from .run import check_output_dir, start_job
 from .vision_step import run_vision_every_step
@@ -61,7 +68,7 @@ class KtoResult:
     trainer: KTOTrainer
 
 
-class VlmKtoTrainer(ReferenceAdapter, NonFiniteGuard, CompleteCheckpoints, KTOTrainer):
+class VlmKtoTrainer(ExpertCountForTrl, ReferenceAdapter, NonFiniteGuard, CompleteCheckpoints, KTOTrainer):
     """TRL's `KTOTrainer` fed vlmtune's batches; one reference adapter at most, and it stops on non-finite steps
     and marks each checkpoint complete, as `vlmtune dpo` does."""
 

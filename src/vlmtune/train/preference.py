@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import set_seed
+from transformers import PreTrainedModel, set_seed
 from trl import DPOConfig, DPOTrainer
 
 from .. import compat
@@ -76,28 +76,32 @@ class DpoResult:
     trainer: DPOTrainer
 
 
-class VlmDpoTrainer(ReferenceAdapter, NonFiniteGuard, CompleteCheckpoints, DPOTrainer):
-    """TRL's `DPOTrainer` fed vlmtune's batches; one reference adapter at most (`ReferenceAdapter`), and it
-    stops on non-finite steps and marks each checkpoint complete, as `vlmtune train` does."""
+class ExpertCountForTrl:
+    """Trainer mixin (before TRL's trainer in the bases of dpo's, kto's and grpo's): TRL (1.16) adds a
+    mixture of experts' router loss reading the expert count as `num_experts`; GLM-4.5V's text config calls
+    it `n_routed_experts` (`num_local_experts` by alias), and TRL fails on it with an AttributeError (as it
+    did for GPT-OSS, trl#5754). The model's config gets the name TRL reads."""
 
     def __init__(self, *args, **kwargs):
-        _name_experts_for_trl(kwargs["model"] if "model" in kwargs else args[0])
+        _name_experts_for_trl(unwrap(kwargs["model"] if "model" in kwargs else args[0]))
         super().__init__(*args, **kwargs)
+
+
+def _name_experts_for_trl(model: PreTrainedModel) -> None:
+    text = model.config.get_text_config()
+    routed = hasattr(text, "output_router_logits") and hasattr(text, "num_local_experts")
+    if routed and not hasattr(text, "num_experts"):
+        text.num_experts = text.num_local_experts
+
+
+class VlmDpoTrainer(ExpertCountForTrl, ReferenceAdapter, NonFiniteGuard, CompleteCheckpoints, DPOTrainer):
+    """TRL's `DPOTrainer` fed vlmtune's batches; one reference adapter at most (`ReferenceAdapter`), and it
+    stops on non-finite steps and marks each checkpoint complete, as `vlmtune train` does."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Rows stay raw: `PreferenceCollator` encodes each pair per batch (TRL would tokenize the text
         columns with its own template rendering)."""
         return dataset
-
-
-def _name_experts_for_trl(model: torch.nn.Module) -> None:
-    """TRL (1.16) adds a mixture of experts' router loss reading the expert count as `num_experts`; GLM-4.5V's
-    text config calls it `n_routed_experts` (`num_local_experts` by alias), and TRL fails on it with an
-    AttributeError (as it did for GPT-OSS, trl#5754). The config gets the name TRL reads."""
-    text = unwrap(model).config.get_text_config()
-    routed = hasattr(text, "output_router_logits") and hasattr(text, "num_local_experts")
-    if routed and not hasattr(text, "num_experts"):
-        text.num_experts = text.num_local_experts
 
 
 def dpo_config(training_args, dpo_args) -> DpoConfig:
