@@ -466,3 +466,33 @@ def test_image_typed_in_a_text_prompt_is_where_the_image_goes(family, tiny_model
     rows[0]["prompt"] = "<image> and <image>: what colour?"
     with pytest.raises(DataError, match=r"rlhf2.jsonl, row 0, field 'prompt': 2 image placeholder\(s\) but 1 image"):
         build_preference_splits(_pairs_file(tmp_path, "rlhf2.jsonl", rows), spec.encoding, processor)
+
+
+# --- the common behaviour of dpo, kto and grpo ----------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["dpo", "kto", "grpo"])
+def test_a_config_file_in_other_tools_names_runs_and_the_command_line_overrides_it(
+    command, tiny_model_dir, pairs, shapes_data, tmp_path, caplog
+):
+    """`vlmtune dpo|kto|grpo run.yaml --beta 0.3`, the file written with Axolotl's and VizSage's names (as
+    `vlmtune train` takes them): each foreign name is said once with ours, the command's own option in the file
+    is overridden by the flag, and the resolved settings are saved with the result."""
+    model = tiny_model_dir("qwen2_vl")
+    data = str(shapes_data["train"] if command == "grpo" else pairs["train"])
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"base_model: {model}\ntraining_data_path: {data}\nmicro_batch_size: 4\nlr: 0.001\nbeta: 0.2\n"
+        "max_steps: 2\nmax_train_samples: 8\nval_split_ratio: 0\nuse_cpu: true\nreport_to: none\nsave_strategy: 'no'\n"
+    )
+    own = ["--num_generations", "2", "--max_completion_length", "4"] if command == "grpo" else []
+    with caplog.at_level("WARNING"):
+        main([command, str(config), "--beta", "0.3", *own, "--output_dir", str(tmp_path / "out")])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "`--lr` (VizSage) is `--learning_rate` in vlmtune" in warnings
+    assert "`--base_model` (Axolotl) is `--model_name_or_path` in vlmtune" in warnings
+    resolved = json.loads((tmp_path / "out" / "vlmtune_config.json").read_text())
+    assert (resolved["model_name_or_path"], resolved["dataset_name"]) == (model, data)
+    assert (resolved["per_device_train_batch_size"], resolved["learning_rate"], resolved["beta"]) == (4, 1e-3, 0.3)
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and (tmp_path / "out" / "adapter_model.safetensors").is_file()
