@@ -35,6 +35,7 @@ from vlmtune.data.encode import token_ids
 from vlmtune.data.preference import PreferenceCollator, build_preference_splits
 from vlmtune.data.synthetic import write_preference_dataset
 from vlmtune.errors import DataError
+from vlmtune.eval.plots import REWARD_PLOT, TRAINING_PLOT
 from vlmtune.models.loading import apply_finetuning, load_model, load_processing
 from vlmtune.models.tiny import RECIPES
 from vlmtune.train.kto import run_kto
@@ -87,12 +88,15 @@ def test_dpo_after_sft_raises_held_out_accuracy(runs):
 
 def test_reference_is_the_sft_adapter_and_metrics_are_logged(runs):
     """Continuing an SFT adapter, the reference is that adapter as the run found it: at step 1 policy and
-    reference agree exactly (rewards 0; against the base model they would not)."""
+    reference agree exactly (rewards 0; against the base model they would not). Rewards and margins are logged
+    and plotted."""
     log = json.loads((runs["dpo"] / "trainer_state.json").read_text())["log_history"]
     first, trained = log[0], [e for e in log[1:] if "rewards/accuracies" in e]
     assert first["step"] == 1 and first["rewards/chosen"] == first["rewards/rejected"] == 0.0
     assert trained and all("rewards/margins" in e and "logps/rejected" in e for e in trained)
     assert trained[-1]["rewards/margins"] > 0 and trained[-1]["rewards/accuracies"] > 0.5
+    # Plotted as `vlmtune train` plots its runs: loss and learning rate, and the rewards TRL logged.
+    assert all((runs["dpo"] / name).is_file() for name in (TRAINING_PLOT, REWARD_PLOT))
 
 
 @pytest.mark.parametrize("reference", ["new LoRA disabled", "--ref_model", "SFT adapter copy", "full: a second copy"])

@@ -25,6 +25,7 @@ from vlmtune.data.encode import IGNORE_INDEX, token_ids
 from vlmtune.data.kto import KtoCollator, build_kto_splits
 from vlmtune.data.preference import PreferenceCollator, build_preference_splits
 from vlmtune.data.synthetic import write_preference_dataset
+from vlmtune.eval.plots import REWARD_PLOT, TRAINING_PLOT
 from vlmtune.models.loading import apply_finetuning, load_model, load_processing
 from vlmtune.models.loss import labelled_nll_per_row
 from vlmtune.models.tiny import RECIPES
@@ -74,6 +75,7 @@ def test_kto_after_sft_moves_held_out_preferences_the_right_way(runs):
     assert first["step"] == 1 and first["loss"] == pytest.approx(HALF, abs=1e-6)
     assert first["rewards/chosen"] == first["rewards/rejected"] == first["kl"] == 0.0
     assert (runs["kto"] / "adapter_model.safetensors").is_file() and not (runs["kto"] / "ref").exists()
+    assert all((runs["kto"] / name).is_file() for name in (TRAINING_PLOT, REWARD_PLOT))  # as train plots its runs
 
 
 def test_adapter_reloads_in_plain_peft_with_the_reported_preferences(runs, tiny_model_dir, pairs):
