@@ -38,6 +38,7 @@ from vlmtune.errors import DataError
 from vlmtune.eval.plots import REWARD_PLOT, TRAINING_PLOT
 from vlmtune.models.loading import apply_finetuning, load_model, load_processing
 from vlmtune.models.tiny import RECIPES
+from vlmtune.train.grpo import run_grpo
 from vlmtune.train.kto import run_kto
 from vlmtune.train.preference import VlmDpoTrainer, dpo_config, pair_log_probs, preference_accuracy, run_dpo
 
@@ -152,6 +153,8 @@ def test_loss_type_and_weights_change_the_first_step_loss(
 # `vlmtune kto` runs on the same policy, reference and outputs (`train/preference.py`): its step-0 loss where the
 # reference equals the policy is 1 - sigmoid(0) = 1/2 (tests/test_kto.py).
 COMMANDS = {"dpo": (run_dpo, DpoArguments, LN2), "kto": (run_kto, KtoArguments, 0.5)}
+# `vlmtune grpo`, at its cheapest: 2 answers of at most 4 tokens to each of 2 prompts a step.
+GRPO_CHEAPEST = dict(num_generations=2, max_completion_length=4)
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -379,28 +382,6 @@ def test_bad_dpo_options_are_usage_errors(tiny_model_dir, pairs, tmp_path, capsy
     assert code == 2 and says in err
 
 
-class _CountSteps(TrainerCallback):
-    def __init__(self):
-        self.steps = 0
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.steps += 1
-
-
-def test_dpo_resumes_from_its_latest_checkpoint(tiny_model_dir, pairs, tmp_path):
-    model, data = tiny_model_dir("qwen2_vl"), str(pairs["train"])
-    args = dict(max_train_samples=8, per_device_train_batch_size=4, val_split_ratio=0.0, report_to="none")
-    args.update(save_strategy="steps", save_steps=1, max_steps=2, logging_steps=1)
-    run_dpo(*train_args(model, data, str(tmp_path), **args), DpoArguments())
-    assert (tmp_path / "checkpoint-2" / "adapter_model.safetensors").is_file()
-    assert not (tmp_path / "checkpoint-2" / "ref").exists()
-    counter = _CountSteps()
-    again = train_args(model, data, str(tmp_path), **dict(args, max_steps=3, resume_from_checkpoint="latest"))
-    result = run_dpo(*again, DpoArguments(), callbacks=[counter])
-    steps = [entry["step"] for entry in result.trainer.state.log_history if "loss" in entry]
-    assert counter.steps == 1 and steps == [1, 2, 3]  # one more step, on top of the checkpoint's two
-
-
 @pytest.mark.parametrize("family", list(RECIPES))
 def test_every_family_scores_only_the_answers_on_the_same_image_inputs(family, tiny_model_dir, pairs, tmp_path):
     """For each family: the trained tokens are the answer and its end of turn, never an image token; every
@@ -530,3 +511,32 @@ def test_the_shipped_example_config_parses_in_our_own_names(command, arguments, 
         *_, training, parsed = parse_args([str(EXAMPLES / f"{command}.yaml")], (*TRAINING_ARGUMENTS, arguments))
     assert not [r for r in caplog.records if r.name == aliases.logger.name], "examples use vlmtune's own names"
     assert {name: getattr(parsed, name) for name in own} == own and training.output_dir
+
+
+class _CountSteps(TrainerCallback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("command", ["dpo", "kto", "grpo"])
+def test_resumes_from_its_latest_checkpoint(command, tiny_model_dir, pairs, shapes_data, tmp_path):
+    """Two steps with a checkpoint at each, then `--resume_from_checkpoint latest --max_steps 3`: one more step
+    on top of the checkpoint's two, and no reference copy in the checkpoint (one adapter)."""
+    if command == "grpo":
+        run, own, data = run_grpo, GrpoArguments(**GRPO_CHEAPEST), str(shapes_data["train"])
+    else:
+        run, own, data = COMMANDS[command][0], COMMANDS[command][1](), str(pairs["train"])
+    model = tiny_model_dir("qwen2_vl")
+    args = dict(max_train_samples=8, per_device_train_batch_size=4, val_split_ratio=0.0, report_to="none")
+    args.update(save_strategy="steps", save_steps=1, max_steps=2, logging_steps=1, eval_accuracy=False)
+    run(*train_args(model, data, str(tmp_path), **args), own)
+    assert (tmp_path / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "checkpoint-2" / "ref").exists()
+    counter = _CountSteps()
+    again = train_args(model, data, str(tmp_path), **dict(args, max_steps=3, resume_from_checkpoint="latest"))
+    result = run(*again, own, callbacks=[counter])
+    steps = [entry["step"] for entry in result.trainer.state.log_history if "loss" in entry]
+    assert counter.steps == 1 and steps == [1, 2, 3]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForImageTextToText, TrainerCallback
+from transformers import AutoModelForImageTextToText
 
 from tests.helpers import cli_error, train_args
 from vlmtune.cli import main
@@ -408,23 +408,4 @@ def test_dpo_loss_type_kto_points_to_vlmtune_kto(tiny_model_dir, pairs, tmp_path
     assert code == 2 and "--loss_type kto is not supported" in err and "run `vlmtune kto` with the same data" in err
 
 
-class _CountSteps(TrainerCallback):
-    def __init__(self):
-        self.steps = 0
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.steps += 1
-
-
-def test_kto_resumes_from_its_latest_checkpoint(tiny_model_dir, pairs, tmp_path):
-    model, data = tiny_model_dir("qwen2_vl"), str(pairs["train"])
-    args = dict(max_train_samples=8, per_device_train_batch_size=4, val_split_ratio=0.0, report_to="none")
-    args.update(save_strategy="steps", save_steps=1, max_steps=2, logging_steps=1)
-    run_kto(*train_args(model, data, str(tmp_path), **args), KtoArguments())
-    assert (tmp_path / "checkpoint-2" / "adapter_model.safetensors").is_file()
-    assert not (tmp_path / "checkpoint-2" / "ref").exists()
-    counter = _CountSteps()
-    again = train_args(model, data, str(tmp_path), **dict(args, max_steps=3, resume_from_checkpoint="latest"))
-    result = run_kto(*again, KtoArguments(), callbacks=[counter])
-    steps = [entry["step"] for entry in result.trainer.state.log_history if "loss" in entry]
-    assert counter.steps == 1 and steps == [1, 2, 3]  # one more step, on top of the checkpoint's two
+# Checkpoint/resume, QLoRA and a config file in other tools' names: tests/test_dpo.py, parametrized over dpo and kto.
