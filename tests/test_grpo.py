@@ -15,6 +15,7 @@ from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 from trl.trainer.grpo_trainer import shuffle_sequence_dict, split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
+from tests.helpers import cli_error
 from vlmtune.cli import main
 from vlmtune.config import DataArguments, FinetuneArguments, GrpoArguments, ModelArguments, VlmTrainingArguments
 from vlmtune.data.prompts import prompt_rows
@@ -24,6 +25,7 @@ from vlmtune.eval.evaluate import evaluate_generation
 from vlmtune.eval.rewards import build_rewards
 from vlmtune.models.generation import end_of_turn_ids
 from vlmtune.models.loading import apply_finetuning, load_model, load_processing
+from vlmtune.models.tiny import RECIPES
 from vlmtune.train.grpo import grpo_config, grpo_trainer
 
 RUN = ["--use_cpu", "--seed", "0", "--report_to", "none", "--save_strategy", "no", "--max_new_tokens", "4"]
@@ -263,11 +265,26 @@ def test_image_token_marks_line_up_with_left_padded_prompts_of_different_lengths
             assert torch.allclose(batched[j], alone[0], atol=1e-5)
 
 
+# The image inputs of TRL's batches (trl 1.16, `GRPOTrainer._generate_and_score_completions`' output).
+IMAGE_INPUTS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "num_tiles",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
 def _completion_log_probs(trainer, batch) -> torch.Tensor:
     """TRL's per-token log-probabilities of a batch's completions (its own training forward)."""
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "num_images", "mm_token_type_ids")}
+    images = {k: batch[k] for k in IMAGE_INPUTS if k in batch}
     logps, _, _ = trainer._get_per_token_logps_and_entropies(
         trainer.model, ids, mask, batch["completion_ids"].size(1), batch_size=len(ids), **images
     )
@@ -327,3 +344,38 @@ def test_a_training_step_makes_answers_above_their_group_mean_more_likely(tiny_m
             p -= 0.05 * p.grad / p.grad.norm()
         gained = _completion_log_probs(trainer, batch).mul(batch["completion_mask"]).sum(1) - before
     assert gained[advantages > 0].mean() > gained[advantages < 0].mean()
+
+
+@pytest.mark.parametrize("family", list(RECIPES))
+def test_every_family_samples_answers_and_trains_on_them_with_the_images(family, tiny_model_dir, tmp_path, capsys):
+    """For each family: TRL samples answers to prompts with images, and its training forward scores them with
+    those images (other pixels change the answers' log-probabilities) to a finite loss. A family whose processor
+    returns inputs TRL's GRPO drops before that forward (Mllama's aspect ratios and cross-attention mask) is
+    refused with the reason before its weights load, not failed after the first generation."""
+    files = write_shapes_dataset(tmp_path, n_train=4, n_eval=0, seed=0)
+    if family == "mllama":
+        argv = ["grpo", "--model_name_or_path", tiny_model_dir(family), "--dataset_name", str(files["train"]), *RUN]
+        code, err = cli_error([*argv, *GRPO, "--output_dir", str(tmp_path / "o")], capsys)
+        assert code == 2 and "returns aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask" in err
+        assert "vlmtune dpo and vlmtune kto can" in err and not (tmp_path / "o" / "adapter_model.safetensors").exists()
+        return
+    loaded = load_model(tiny_model_dir(family))
+    model = apply_finetuning(loaded.model, loaded.spec, FinetuneArguments(lora_dropout=0.0))
+    data = DataArguments(dataset_name=str(files["train"]), val_split_ratio=0.0)
+    splits = build_splits(data, loaded.spec.encoding, processor=loaded.processor)
+    training = VlmTrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
+    config = grpo_config(training, GrpoArguments(num_generations=2, max_completion_length=3))
+    trainer = grpo_trainer(
+        model, build_rewards(["exact_match"], []), config, splits, loaded.processor, ModelArguments(), []
+    )
+    rows = trainer.train_dataset
+    batch = trainer._generate_and_score_completions([rows[0], rows[0], rows[1], rows[1]])
+    assert batch["completion_ids"].shape[0] == 4 and batch["pixel_values"].shape[0] > 0
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop, which this stands in for
+    with torch.no_grad():
+        assert torch.isfinite(trainer.compute_loss(model.train(), batch))
+        model.eval()
+        scored = _completion_log_probs(trainer, batch) * batch["completion_mask"]
+        # Other pictures: every pixel shifted (zeros would read as padding images to Idefics3 and SmolVLM).
+        other = _completion_log_probs(trainer, dict(batch, pixel_values=batch["pixel_values"] + 1))
+    assert not torch.allclose(scored, other * batch["completion_mask"], atol=1e-4)
