@@ -187,10 +187,32 @@ def test_raising_reward_names_the_function_and_row(tiny_model_dir, tmp_path, cap
     assert "Traceback" not in err
 
 
-def test_exact_match_reward_scores_a_right_completion_1_and_a_wrong_one_0():
-    (reward,) = build_rewards(["exact_match"], end_of_turn_ids=[])
-    completions = [[{"role": "assistant", "content": " Red."}], [{"role": "assistant", "content": "blue"}]]
-    assert reward(prompts=["q", "q"], completions=completions, references=[["red"], ["red"]]) == [1.0, 0.0]
+@pytest.mark.parametrize(
+    ("name", "completions", "reference", "scores"),
+    [
+        ("exact_match", [" Red.", "blue"], "red", [1.0, 0.0]),  # normalised: case, punctuation, spaces
+        ("relaxed_accuracy", ["10.3", "12"], "10", [1.0, 0.0]),  # ChartQA: a number within 5%
+        ("anls", ["rex", "blue"], "red", [pytest.approx(2 / 3), 0.0]),  # 1 - edit distance / length, 0 below 0.5
+        ("f1", ["red circle", "blue"], "red square", [0.5, 0.0]),  # SQuAD token F1
+    ],
+)
+def test_built_in_rewards_score_completions_as_vlmtune_eval_does(name, completions, reference, scores):
+    (reward,) = build_rewards([name], end_of_turn_ids=[])
+    messages = [[{"role": "assistant", "content": text}] for text in completions]
+    assert reward(prompts=["q", "q"], completions=messages, references=[[reference], [reference]]) == scores
+
+
+def test_sampling_loss_and_reward_options_reach_trls_config(tmp_path):
+    """What `vlmtune grpo` passes to TRL's GRPOConfig under TRL's names: GSPO is `--loss_type grpo
+    --importance_sampling_level sequence`, Dr. GRPO `--loss_type dr_grpo --scale_rewards none`."""
+    options = dict(num_generations=4, max_completion_length=12, temperature=0.7, top_p=0.9, beta=0.04)
+    options |= dict(loss_type="grpo", importance_sampling_level="sequence", scale_rewards="none", epsilon=0.3)
+    options |= dict(reward=["exact_match", "format"], reward_weights=[1.0, 0.2], num_iterations=2)
+    training = VlmTrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=8)
+    config = grpo_config(training, GrpoArguments(**options))
+    assert {name: getattr(config, name) for name in options if name != "reward"} == {
+        name: value for name, value in options.items() if name != "reward"
+    }
 
 
 def test_format_reward_is_1_only_for_a_completion_that_ends_its_turn(tiny_model_dir):
