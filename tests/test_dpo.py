@@ -17,7 +17,7 @@ from peft import PeftModel
 from transformers import AutoModelForImageTextToText, TrainerCallback
 
 from tests.data_files import png, png_bytes, write_rows
-from tests.helpers import cli_error, short_run, train_args
+from tests.helpers import MODELS_IN_MEMORY, cli_error, models_in_memory, short_run, train_args
 from vlmtune.cli import main
 from vlmtune.config import (
     TRAINING_ARGUMENTS,
@@ -122,6 +122,7 @@ def test_step_zero_loss_is_ln2(tiny_model_dir, pairs, tmp_path, request, referen
     assert first["loss"] == pytest.approx(LN2, abs=1e-6)
     assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0
     assert not (tmp_path / "ref").exists()  # one adapter in the output, no reference copy
+    assert models_in_memory(result.trainer) == MODELS_IN_MEMORY[reference]
 
 
 @pytest.mark.parametrize(

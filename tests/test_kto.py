@@ -17,7 +17,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 
-from tests.helpers import cli_error, train_args
+from tests.helpers import MODELS_IN_MEMORY, cli_error, models_in_memory, train_args
 from vlmtune.cli import main
 from vlmtune.config import DataArguments, FinetuneArguments, KtoArguments, VlmTrainingArguments
 from vlmtune.data.collate import SEQUENCE_KEYS
@@ -123,6 +123,7 @@ def test_step_zero_loss_is_one_half(tiny_model_dir, pairs, tmp_path, request, re
     assert first["loss"] == pytest.approx(HALF, abs=1e-6)
     assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0
     assert not (tmp_path / "ref").exists()
+    assert models_in_memory(result.trainer) == MODELS_IN_MEMORY[reference]
 
 
 # --- what is scored --------------------------------------------------------------------------------
