@@ -7,6 +7,7 @@ continuing its adapter, both through the command line as a user runs them.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -32,6 +33,7 @@ from vlmtune.config import (
 )
 from vlmtune.data.collate import SEQUENCE_KEYS
 from vlmtune.data.encode import token_ids
+from vlmtune.data.kto import KtoCollator, build_kto_splits
 from vlmtune.data.preference import PreferenceCollator, build_preference_splits
 from vlmtune.data.synthetic import write_preference_dataset
 from vlmtune.errors import DataError
@@ -541,3 +543,47 @@ def test_resumes_from_its_latest_checkpoint(command, tiny_model_dir, pairs, shap
     result = run(*again, own, callbacks=[counter])
     steps = [entry["step"] for entry in result.trainer.state.log_history if "loss" in entry]
     assert counter.steps == 1 and steps == [1, 2, 3]
+
+
+def _renamed_pairs(folder: Path, pairs_file: Path, n: int) -> Path:
+    """The first `n` shapes pairs under other column names: picture, question_text, good, bad."""
+    with open(pairs_file, newline="") as f:
+        rows = list(csv.DictReader(f))[:n]
+    renamed = [
+        {"picture": str((pairs_file.parent / r["image_path"]).resolve()), "question_text": r["prompt"]}
+        | {"good": r["chosen"], "bad": r["rejected"]}
+        for r in rows
+    ]
+    return write_rows(folder / "renamed.csv", renamed)
+
+
+@pytest.mark.parametrize("command", ["dpo", "kto"])
+def test_renamed_columns_and_image_size_options_apply_as_for_train(command, tiny_model_dir, pairs, tmp_path):
+    """`--image_column`, `--prompt_column`, `--chosen_column`, `--rejected_column` name the columns, and
+    `--image_min_pixels` enlarges the images before the processor sees them (more image tokens), as in training."""
+    path = _renamed_pairs(tmp_path, Path(pairs["train"]), 2)
+    processor, spec = load_processing(tiny_model_dir("qwen2_vl"))
+    image_id = processor.tokenizer.convert_tokens_to_ids(spec.encoding.image_token)
+
+    def batch(**image_options):
+        columns = dict(image_column="picture", prompt_column="question_text")
+        data = DataArguments(dataset_name=str(path), val_split_ratio=0.0, **columns, **image_options)
+        if command == "dpo":
+            splits = build_preference_splits(data, spec.encoding, processor, "good", "bad")
+            return splits.train[0], PreferenceCollator(processor, splits.preparers)([splits.train[0]])
+        splits = build_kto_splits(
+            data, spec.encoding, processor, KtoArguments(chosen_column="good", rejected_column="bad")
+        )
+        return splits.train[0], KtoCollator(processor, splits.preparer)([splits.train[0]])
+
+    row, full = batch()
+    answers = [
+        processor.tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(full["input_ids"], full["completion_mask"])
+    ]
+    with open(path, newline="") as f:
+        table = list(csv.DictReader(f))[row["__index__"]]
+    expected = [table["good"], table["bad"]] if command == "dpo" else [table["good" if row["label"] else "bad"]]
+    assert answers == [f"{answer}<|im_end|>" for answer in expected]
+    assert "What" in processor.tokenizer.decode(full["input_ids"][0])  # the question_text column is the prompt
+    _, large = batch(image_min_pixels=128 * 128)  # the 64x64 shapes enlarged: 4 times the image tokens
+    assert (large["input_ids"][0] == image_id).sum() == 4 * (full["input_ids"][0] == image_id).sum()
