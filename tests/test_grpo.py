@@ -62,12 +62,16 @@ def _results(folder) -> dict:
 
 def test_grpo_after_sft_raises_the_mean_reward_and_reports_held_out_accuracy(runs):
     """The sampled answers' mean exact-match reward rises across training (first and last three logging
-    steps). Held-out greedy exact match is measured before and after (on this tiny model it does not reliably
-    rise within a test's budget: docs/preference.md); the "before" is the SFT model's own score."""
+    steps), and they end their turn. Held-out greedy exact match is measured before and after (on this tiny
+    model it does not reliably rise within a test's budget: docs/preference.md); the "before" is the SFT model's
+    own score."""
     log = json.loads((runs["grpo"] / "trainer_state.json").read_text())["log_history"]
     steps = [e for e in log if "reward" in e]
     assert [e["step"] for e in steps] == list(range(2, 17, 2))
     assert all("rewards/exact_match/mean" in e and "completions/mean_length" in e for e in steps)
+    # Sampling stops at the end of the turn: most answers are a colour and <|im_end|>, not cut at 4 tokens.
+    assert sum(e["completions/clipped_ratio"] for e in steps[-3:]) / 3 < 0.5
+    assert all(0 < e["completions/mean_terminated_length"] < 4 for e in steps)
     first, last = (sum(e["reward"] for e in part) / 3 for part in (steps[:3], steps[-3:]))
     assert last >= first + 0.03
     assert (runs["grpo"] / "reward_curves.png").is_file()
