@@ -15,7 +15,7 @@ from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 from trl.trainer.grpo_trainer import shuffle_sequence_dict, split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
-from tests.helpers import cli_error
+from tests.helpers import cli_error, short_run
 from vlmtune.cli import main
 from vlmtune.config import DataArguments, FinetuneArguments, GrpoArguments, ModelArguments, VlmTrainingArguments
 from vlmtune.data.prompts import prompt_rows
@@ -405,3 +405,14 @@ def test_every_family_samples_answers_and_trains_on_them_with_the_images(family,
         # Other pictures: every pixel shifted (zeros would read as padding images to Idefics3 and SmolVLM).
         other = _completion_log_probs(trainer, dict(batch, pixel_values=batch["pixel_values"] + 1))
     assert not torch.allclose(scored, other * batch["completion_mask"], atol=1e-4)
+
+
+def test_continuing_an_adapter_reads_the_base_model_it_records(tiny_model_dir, shapes_data, tmp_path):
+    """`vlmtune grpo --adapter_name_or_path SFT` without `--model_name_or_path`, as `vlmtune dpo`, `kto` and
+    `predict` take it: the base model is the one the adapter was trained on."""
+    sft = short_run(tiny_model_dir("qwen2_vl"), shapes_data, tmp_path / "sft", max_steps=1).output_dir
+    args = ["--dataset_name", str(shapes_data["train"]), *RUN, *GRPO, "--max_steps", "1", "--max_train_samples", "4"]
+    main(["grpo", "--adapter_name_or_path", str(sft), *args, "--output_dir", str(tmp_path / "g")])
+    resolved = json.loads((tmp_path / "g" / "vlmtune_config.json").read_text())
+    assert resolved["model_name_or_path"] == tiny_model_dir("qwen2_vl")
+    assert (tmp_path / "g" / "adapter_model.safetensors").is_file()

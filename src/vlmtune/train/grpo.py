@@ -37,7 +37,7 @@ from .checkpoints import CompleteCheckpoints, remove_deletion_leftovers, resolve
 from .distributed import shards_parameters
 from .fsdp import default_fsdp_wrap
 from .guard import NonFiniteGuard, StopOnSignal, parse_signals
-from .preference import load_policy, save_outputs
+from .preference import check_model_and_output, load_policy, save_outputs
 from .reference import ReferenceAdapter
 from .run import check_output_dir, start_job
 from .vision_step import run_vision_every_step
@@ -137,8 +137,7 @@ def run_grpo(model_args, data_args, finetune_args, training_args, grpo_args, cal
     """Train with rewards as the arguments say; save the adapter (or model), processor, metrics and plots in
     `--output_dir`; return the final metrics (held-out exact match before and after among them)."""
     check_supported(data_args, training_args, grpo_args)
-    if not model_args.model_name_or_path:
-        raise UsageError("vlmtune grpo: --model_name_or_path is required (the base model)")
+    check_model_and_output(model_args, training_args, "grpo")
     out = check_output_dir(training_args)
     signals = parse_signals(training_args.save_on_signal)
     _, holding = start_job(training_args, out, signals)
