@@ -590,3 +590,39 @@ def test_renamed_columns_and_image_size_options_apply_as_for_train(command, tiny
     assert "What" in processor.tokenizer.decode(full["input_ids"][0])  # the question_text column is the prompt
     _, large = batch(image_min_pixels=128 * 128)  # the 64x64 shapes enlarged: 4 times the image tokens
     assert (large["input_ids"][0] == image_id).sum() == 4 * (full["input_ids"][0] == image_id).sum()
+
+
+def _saved_pairs(folder: Path) -> Path:
+    """Pairs as a hub download saved with `save_to_disk`: an Image feature, named train and validation splits."""
+    import datasets
+    from PIL import Image
+
+    text = datasets.Value("string")
+    features = datasets.Features({"image": datasets.Image(), "question": text, "chosen": text, "rejected": text})
+
+    def split(colour: str, wrong: str, n: int) -> datasets.Dataset:
+        rows = {"image": [Image.new("RGB", (64, 64), colour)] * n, "question": ["What colour?"] * n}
+        return datasets.Dataset.from_dict(rows | {"chosen": [colour] * n, "rejected": [wrong] * n}, features=features)
+
+    datasets.DatasetDict({"train": split("red", "blue", 3), "validation": split("blue", "red", 2)}).save_to_disk(
+        str(folder)
+    )
+    return folder
+
+
+@pytest.mark.parametrize("source", ["folder of split files", "save_to_disk folder"])
+@pytest.mark.parametrize("command", ["dpo", "kto"])
+def test_data_sources_other_than_one_file_load_as_for_train(command, source, tiny_model_dir, pairs, tmp_path):
+    """A folder holding train/validation files (`write_preference_dataset`'s) and a `save_to_disk` folder with an
+    Image feature: their train and validation splits are the training and held-out pairs, images read from them."""
+    folder = Path(pairs["train"]).parent if source.startswith("folder") else _saved_pairs(tmp_path / "saved")
+    sizes = (200, 40) if source.startswith("folder") else (3, 2)
+    processor, spec = load_processing(tiny_model_dir("qwen2_vl"))
+    data = DataArguments(dataset_name=str(folder))
+    if command == "dpo":
+        splits = build_preference_splits(data, spec.encoding, processor)
+        batch = PreferenceCollator(processor, splits.preparers)([splits.eval[0]])
+    else:  # each pair two rows
+        splits = build_kto_splits(data, spec.encoding, processor, KtoArguments())
+        batch, sizes = KtoCollator(processor, splits.preparer)([splits.eval[0]]), tuple(2 * n for n in sizes)
+    assert (len(splits.train), len(splits.eval)) == sizes and batch["pixel_values"].shape[0] > 0
