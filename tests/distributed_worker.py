@@ -1,4 +1,4 @@
-"""`vlmtune train` (or `dpo`, `grpo`: the first argument) as one process of a multi-process test job, with a
+"""`vlmtune train` (or `dpo`, `kto`, `grpo`: the first argument) as one process of a multi-process test job, with a
 check that the ranks stay in step.
 
 Run by tests/test_distributed.py under torchrun or with RANK/WORLD_SIZE set by hand. The command line is
@@ -20,11 +20,17 @@ from accelerate.utils import gather_object
 from transformers import Trainer, TrainerCallback
 
 import vlmtune.train.grpo as grpo_module
+import vlmtune.train.kto as kto_module
 import vlmtune.train.preference as dpo_module
 import vlmtune.train.run as run_module
 from vlmtune.cli import main
 
-COMMANDS = {"train": (run_module, "run_training"), "dpo": (dpo_module, "run_dpo"), "grpo": (grpo_module, "run_grpo")}
+COMMANDS = {
+    "train": (run_module, "run_training"),
+    "dpo": (dpo_module, "run_dpo"),
+    "kto": (kto_module, "run_kto"),
+    "grpo": (grpo_module, "run_grpo"),
+}
 
 
 class RanksInStep(TrainerCallback):

@@ -44,6 +44,21 @@ def short_run(model_dir: str, shapes_data, out, eval_data: bool = False, callbac
     return run_training(*args, callbacks=callbacks)
 
 
+# `vlmtune dpo|kto`'s references (tests' names for them) -> (a second model loaded, the adapters on the policy).
+# `ref` is TRL's frozen copy of a continued adapter: adapter-sized, the SFT model the run starts from.
+MODELS_IN_MEMORY = {
+    "new LoRA disabled": (False, {"default"}),
+    "--ref_model": (True, {"default"}),
+    "SFT adapter copy": (False, {"default", "ref"}),
+    "full: a second copy": (True, set()),
+}
+
+
+def models_in_memory(trainer) -> tuple[bool, set[str]]:
+    """What a preference trainer holds besides the policy: whether a reference model, and which adapters."""
+    return trainer.ref_model is not None, set(getattr(trainer.model, "peft_config", {}))
+
+
 def cli_error(argv: list[str], capsys) -> tuple[int, str]:
     """Run the real command line on `argv`, expecting it to refuse: (exit code, the one error message).
 

@@ -24,10 +24,11 @@ from safetensors.torch import load_file
 from tests.data_files import png, write_rows
 from tests.helpers import train_args
 from vlmtune.cli import main
-from vlmtune.config import parse_args
+from vlmtune.config import DataArguments, KtoArguments, parse_args
 from vlmtune.config.launch import config_path, resolve_launch_shortcuts
+from vlmtune.data.kto import build_kto_splits
 from vlmtune.errors import RunError
-from vlmtune.models.loading import load_model
+from vlmtune.models.loading import load_model, load_processing
 from vlmtune.train.checkpoints import complete_checkpoints
 from vlmtune.train.distributed import sharded_quantization_kwargs
 from vlmtune.train.fsdp import default_fsdp_wrap
@@ -405,17 +406,18 @@ def test_sigterm_to_the_launcher_alone_checkpoints_every_rank(tiny_model_dir, sh
     _stopped_together(out, err, "SIGTERM")
 
 
-# --- dpo and grpo: a text-only batch on one rank, images on the other --------------------------------
+# --- dpo, kto and grpo: a text-only batch on one rank, images on the other --------------------------------
 
 
-def _mixed_rows(folder: Path, n: int, answer_columns: dict) -> list[dict]:
-    """`n` conversational rows: even rows ask about a coloured image, odd ones are text-only (no image).
-    Read in order, the even rows are rank 0's batches and the odd ones rank 1's."""
+def _mixed_rows(folder: Path, n: int, answer_columns: dict, with_image=lambda i: i % 2 == 0) -> list[dict]:
+    """`n` conversational rows: those `with_image` says (by default the even ones) ask about a coloured image,
+    the others are text-only (no image). Read in order, the even rows are rank 0's batches of one row and the
+    odd ones rank 1's."""
     colours = ["red", "green", "blue"]
     rows = []
     for i in range(n):
         colour = colours[i % 3]
-        if i % 2 == 0:
+        if with_image(i):
             png(folder / f"img{i}.png", colour)
             content = [{"type": "image"}, {"type": "text", "text": "What colour?"}]
             rows.append({"images": [str(folder / f"img{i}.png")], "prompt": [{"role": "user", "content": content}]})
@@ -472,6 +474,33 @@ def test_dpo_on_two_processes_with_a_text_only_batch_on_one_rank_finishes_in_ste
     _one_adapter_written(done, out, 4)
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and any("rewards/accuracies" in entry for entry in state["log_history"])
+
+
+def test_kto_on_two_processes_with_a_text_only_batch_on_one_rank_finishes_in_step(tiny_model_dir, tmp_path):
+    """KTO reads its rows in one seeded shuffled order (`data/kto.py`), 2 rows per rank and step (its KL
+    estimate pairs neighbours, and TRL gathers it across the ranks every step): the rows the shuffle puts in
+    rank 0's batches have images, rank 1's none, one desirable and one undesirable row in each batch."""
+    model, steps = tiny_model_dir("qwen2_vl"), 3
+    n = steps * 2 * 2
+    answers = {"completion": lambda colour: colour, "label": lambda colour: True}
+    first = write_rows(tmp_path / "first.jsonl", _mixed_rows(tmp_path, n, answers))
+    processor, spec = load_processing(model)
+    data_args = DataArguments(dataset_name=str(first), val_split_ratio=0.0)
+    shuffled = build_kto_splits(data_args, spec.encoding, processor, KtoArguments(), seed=0).train
+    position = {row["__index__"]: p for p, row in enumerate(shuffled)}  # the order depends on n and the seed only
+    rows = _mixed_rows(tmp_path, n, answers, with_image=lambda i: position[i] // 2 % 2 == 0)
+    for i, row in enumerate(rows):
+        row["label"] = position[i] % 2 == 0
+    data = write_rows(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "kto"
+    flags = _train_flags(
+        model, {"train": data}, out, per_device_train_batch_size=2, max_steps=steps, val_split_ratio=0, seed=0,
+        eval_accuracy="false",
+    )  # fmt: skip
+    done = _job("kto", flags)
+    _one_adapter_written(done, out, steps)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == steps and any("kl" in entry for entry in state["log_history"])
 
 
 def test_grpo_on_two_processes_with_a_text_only_prompt_on_one_rank_finishes_in_step(tiny_model_dir, tmp_path):

@@ -15,6 +15,7 @@ from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 from trl.trainer.grpo_trainer import shuffle_sequence_dict, split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
+from tests.helpers import cli_error, short_run
 from vlmtune.cli import main
 from vlmtune.config import DataArguments, FinetuneArguments, GrpoArguments, ModelArguments, VlmTrainingArguments
 from vlmtune.data.prompts import prompt_rows
@@ -24,6 +25,7 @@ from vlmtune.eval.evaluate import evaluate_generation
 from vlmtune.eval.rewards import build_rewards
 from vlmtune.models.generation import end_of_turn_ids
 from vlmtune.models.loading import apply_finetuning, load_model, load_processing
+from vlmtune.models.tiny import RECIPES
 from vlmtune.train.grpo import grpo_config, grpo_trainer
 
 RUN = ["--use_cpu", "--seed", "0", "--report_to", "none", "--save_strategy", "no", "--max_new_tokens", "4"]
@@ -60,12 +62,16 @@ def _results(folder) -> dict:
 
 def test_grpo_after_sft_raises_the_mean_reward_and_reports_held_out_accuracy(runs):
     """The sampled answers' mean exact-match reward rises across training (first and last three logging
-    steps). Held-out greedy exact match is measured before and after (on this tiny model it does not reliably
-    rise within a test's budget: docs/preference.md); the "before" is the SFT model's own score."""
+    steps), and they end their turn. Held-out greedy exact match is measured before and after (on this tiny
+    model it does not reliably rise within a test's budget: docs/preference.md); the "before" is the SFT model's
+    own score."""
     log = json.loads((runs["grpo"] / "trainer_state.json").read_text())["log_history"]
     steps = [e for e in log if "reward" in e]
     assert [e["step"] for e in steps] == list(range(2, 17, 2))
     assert all("rewards/exact_match/mean" in e and "completions/mean_length" in e for e in steps)
+    # Sampling stops at the end of the turn: most answers are a colour and <|im_end|>, not cut at 4 tokens.
+    assert sum(e["completions/clipped_ratio"] for e in steps[-3:]) / 3 < 0.5
+    assert all(0 < e["completions/mean_terminated_length"] < 4 for e in steps)
     first, last = (sum(e["reward"] for e in part) / 3 for part in (steps[:3], steps[-3:]))
     assert last >= first + 0.03
     assert (runs["grpo"] / "reward_curves.png").is_file()
@@ -185,10 +191,32 @@ def test_raising_reward_names_the_function_and_row(tiny_model_dir, tmp_path, cap
     assert "Traceback" not in err
 
 
-def test_exact_match_reward_scores_a_right_completion_1_and_a_wrong_one_0():
-    (reward,) = build_rewards(["exact_match"], end_of_turn_ids=[])
-    completions = [[{"role": "assistant", "content": " Red."}], [{"role": "assistant", "content": "blue"}]]
-    assert reward(prompts=["q", "q"], completions=completions, references=[["red"], ["red"]]) == [1.0, 0.0]
+@pytest.mark.parametrize(
+    ("name", "completions", "reference", "scores"),
+    [
+        ("exact_match", [" Red.", "blue"], "red", [1.0, 0.0]),  # normalised: case, punctuation, spaces
+        ("relaxed_accuracy", ["10.3", "12"], "10", [1.0, 0.0]),  # ChartQA: a number within 5%
+        ("anls", ["rex", "blue"], "red", [pytest.approx(2 / 3), 0.0]),  # 1 - edit distance / length, 0 below 0.5
+        ("f1", ["red circle", "blue"], "red square", [0.5, 0.0]),  # SQuAD token F1
+    ],
+)
+def test_built_in_rewards_score_completions_as_vlmtune_eval_does(name, completions, reference, scores):
+    (reward,) = build_rewards([name], end_of_turn_ids=[])
+    messages = [[{"role": "assistant", "content": text}] for text in completions]
+    assert reward(prompts=["q", "q"], completions=messages, references=[[reference], [reference]]) == scores
+
+
+def test_sampling_loss_and_reward_options_reach_trls_config(tmp_path):
+    """What `vlmtune grpo` passes to TRL's GRPOConfig under TRL's names: GSPO is `--loss_type grpo
+    --importance_sampling_level sequence`, Dr. GRPO `--loss_type dr_grpo --scale_rewards none`."""
+    options = dict(num_generations=4, max_completion_length=12, temperature=0.7, top_p=0.9, beta=0.04)
+    options |= dict(loss_type="grpo", importance_sampling_level="sequence", scale_rewards="none", epsilon=0.3)
+    options |= dict(reward=["exact_match", "format"], reward_weights=[1.0, 0.2], num_iterations=2)
+    training = VlmTrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=8)
+    config = grpo_config(training, GrpoArguments(**options))
+    assert {name: getattr(config, name) for name in options if name != "reward"} == {
+        name: value for name, value in options.items() if name != "reward"
+    }
 
 
 def test_format_reward_is_1_only_for_a_completion_that_ends_its_turn(tiny_model_dir):
@@ -263,11 +291,26 @@ def test_image_token_marks_line_up_with_left_padded_prompts_of_different_lengths
             assert torch.allclose(batched[j], alone[0], atol=1e-5)
 
 
+# The image inputs of TRL's batches (trl 1.16, `GRPOTrainer._generate_and_score_completions`' output).
+IMAGE_INPUTS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "num_tiles",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
 def _completion_log_probs(trainer, batch) -> torch.Tensor:
     """TRL's per-token log-probabilities of a batch's completions (its own training forward)."""
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "num_images", "mm_token_type_ids")}
+    images = {k: batch[k] for k in IMAGE_INPUTS if k in batch}
     logps, _, _ = trainer._get_per_token_logps_and_entropies(
         trainer.model, ids, mask, batch["completion_ids"].size(1), batch_size=len(ids), **images
     )
@@ -327,3 +370,49 @@ def test_a_training_step_makes_answers_above_their_group_mean_more_likely(tiny_m
             p -= 0.05 * p.grad / p.grad.norm()
         gained = _completion_log_probs(trainer, batch).mul(batch["completion_mask"]).sum(1) - before
     assert gained[advantages > 0].mean() > gained[advantages < 0].mean()
+
+
+@pytest.mark.parametrize("family", list(RECIPES))
+def test_every_family_samples_answers_and_trains_on_them_with_the_images(family, tiny_model_dir, tmp_path, capsys):
+    """For each family: TRL samples answers to prompts with images, and its training forward scores them with
+    those images (other pixels change the answers' log-probabilities) to a finite loss. A family whose processor
+    returns inputs TRL's GRPO drops before that forward (Mllama's aspect ratios and cross-attention mask) is
+    refused with the reason before its weights load, not failed after the first generation."""
+    files = write_shapes_dataset(tmp_path, n_train=4, n_eval=0, seed=0)
+    if family == "mllama":
+        argv = ["grpo", "--model_name_or_path", tiny_model_dir(family), "--dataset_name", str(files["train"]), *RUN]
+        code, err = cli_error([*argv, *GRPO, "--output_dir", str(tmp_path / "o")], capsys)
+        assert code == 2 and "returns aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask" in err
+        assert "vlmtune dpo and vlmtune kto can" in err and not (tmp_path / "o" / "adapter_model.safetensors").exists()
+        return
+    loaded = load_model(tiny_model_dir(family))
+    model = apply_finetuning(loaded.model, loaded.spec, FinetuneArguments(lora_dropout=0.0))
+    data = DataArguments(dataset_name=str(files["train"]), val_split_ratio=0.0)
+    splits = build_splits(data, loaded.spec.encoding, processor=loaded.processor)
+    training = VlmTrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
+    config = grpo_config(training, GrpoArguments(num_generations=2, max_completion_length=3))
+    trainer = grpo_trainer(
+        model, build_rewards(["exact_match"], []), config, splits, loaded.processor, ModelArguments(), []
+    )
+    rows = trainer.train_dataset
+    batch = trainer._generate_and_score_completions([rows[0], rows[0], rows[1], rows[1]])
+    assert batch["completion_ids"].shape[0] == 4 and batch["pixel_values"].shape[0] > 0
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop, which this stands in for
+    with torch.no_grad():
+        assert torch.isfinite(trainer.compute_loss(model.train(), batch))
+        model.eval()
+        scored = _completion_log_probs(trainer, batch) * batch["completion_mask"]
+        # Other pictures: every pixel shifted (zeros would read as padding images to Idefics3 and SmolVLM).
+        other = _completion_log_probs(trainer, dict(batch, pixel_values=batch["pixel_values"] + 1))
+    assert not torch.allclose(scored, other * batch["completion_mask"], atol=1e-4)
+
+
+def test_continuing_an_adapter_reads_the_base_model_it_records(tiny_model_dir, shapes_data, tmp_path):
+    """`vlmtune grpo --adapter_name_or_path SFT` without `--model_name_or_path`, as `vlmtune dpo`, `kto` and
+    `predict` take it: the base model is the one the adapter was trained on."""
+    sft = short_run(tiny_model_dir("qwen2_vl"), shapes_data, tmp_path / "sft", max_steps=1).output_dir
+    args = ["--dataset_name", str(shapes_data["train"]), *RUN, *GRPO, "--max_steps", "1", "--max_train_samples", "4"]
+    main(["grpo", "--adapter_name_or_path", str(sft), *args, "--output_dir", str(tmp_path / "g")])
+    resolved = json.loads((tmp_path / "g" / "vlmtune_config.json").read_text())
+    assert resolved["model_name_or_path"] == tiny_model_dir("qwen2_vl")
+    assert (tmp_path / "g" / "adapter_model.safetensors").is_file()

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForImageTextToText, TrainerCallback
+from transformers import AutoModelForImageTextToText
 
-from tests.helpers import cli_error, train_args
+from tests.helpers import MODELS_IN_MEMORY, cli_error, models_in_memory, train_args
 from vlmtune.cli import main
 from vlmtune.config import DataArguments, FinetuneArguments, KtoArguments, VlmTrainingArguments
 from vlmtune.data.collate import SEQUENCE_KEYS
@@ -25,6 +25,7 @@ from vlmtune.data.encode import IGNORE_INDEX, token_ids
 from vlmtune.data.kto import KtoCollator, build_kto_splits
 from vlmtune.data.preference import PreferenceCollator, build_preference_splits
 from vlmtune.data.synthetic import write_preference_dataset
+from vlmtune.eval.plots import REWARD_PLOT, TRAINING_PLOT
 from vlmtune.models.loading import apply_finetuning, load_model, load_processing
 from vlmtune.models.loss import labelled_nll_per_row
 from vlmtune.models.tiny import RECIPES
@@ -74,6 +75,7 @@ def test_kto_after_sft_moves_held_out_preferences_the_right_way(runs):
     assert first["step"] == 1 and first["loss"] == pytest.approx(HALF, abs=1e-6)
     assert first["rewards/chosen"] == first["rewards/rejected"] == first["kl"] == 0.0
     assert (runs["kto"] / "adapter_model.safetensors").is_file() and not (runs["kto"] / "ref").exists()
+    assert all((runs["kto"] / name).is_file() for name in (TRAINING_PLOT, REWARD_PLOT))  # as train plots its runs
 
 
 def test_adapter_reloads_in_plain_peft_with_the_reported_preferences(runs, tiny_model_dir, pairs):
@@ -121,6 +123,10 @@ def test_step_zero_loss_is_one_half(tiny_model_dir, pairs, tmp_path, request, re
     assert first["loss"] == pytest.approx(HALF, abs=1e-6)
     assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0
     assert not (tmp_path / "ref").exists()
+    assert models_in_memory(result.trainer) == MODELS_IN_MEMORY[reference]
+    if reference.startswith("full"):  # the whole model saved, loading in plain transformers
+        assert not (tmp_path / "adapter_model.safetensors").exists()
+        assert AutoModelForImageTextToText.from_pretrained(tmp_path).config.model_type == "qwen2_vl"
 
 
 # --- what is scored --------------------------------------------------------------------------------
@@ -406,23 +412,4 @@ def test_dpo_loss_type_kto_points_to_vlmtune_kto(tiny_model_dir, pairs, tmp_path
     assert code == 2 and "--loss_type kto is not supported" in err and "run `vlmtune kto` with the same data" in err
 
 
-class _CountSteps(TrainerCallback):
-    def __init__(self):
-        self.steps = 0
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.steps += 1
-
-
-def test_kto_resumes_from_its_latest_checkpoint(tiny_model_dir, pairs, tmp_path):
-    model, data = tiny_model_dir("qwen2_vl"), str(pairs["train"])
-    args = dict(max_train_samples=8, per_device_train_batch_size=4, val_split_ratio=0.0, report_to="none")
-    args.update(save_strategy="steps", save_steps=1, max_steps=2, logging_steps=1)
-    run_kto(*train_args(model, data, str(tmp_path), **args), KtoArguments())
-    assert (tmp_path / "checkpoint-2" / "adapter_model.safetensors").is_file()
-    assert not (tmp_path / "checkpoint-2" / "ref").exists()
-    counter = _CountSteps()
-    again = train_args(model, data, str(tmp_path), **dict(args, max_steps=3, resume_from_checkpoint="latest"))
-    result = run_kto(*again, KtoArguments(), callbacks=[counter])
-    steps = [entry["step"] for entry in result.trainer.state.log_history if "loss" in entry]
-    assert counter.steps == 1 and steps == [1, 2, 3]  # one more step, on top of the checkpoint's two
+# Checkpoint/resume, QLoRA and a config file in other tools' names: tests/test_dpo.py, parametrized over dpo and kto.

@@ -21,6 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import trl
 from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer
 
@@ -36,7 +37,7 @@ from .checkpoints import CompleteCheckpoints, remove_deletion_leftovers, resolve
 from .distributed import shards_parameters
 from .fsdp import default_fsdp_wrap
 from .guard import NonFiniteGuard, StopOnSignal, parse_signals
-from .preference import ExpertCountForTrl, load_policy, save_outputs
+from .preference import ExpertCountForTrl, check_model_and_output, load_policy, save_outputs
 from .reference import ReferenceAdapter
 from .run import check_output_dir, start_job
 from .vision_step import run_vision_every_step
@@ -49,6 +50,22 @@ _NOT_YET = {
     "max_seq_length": "a prompt is never cut; bound the completions with --max_completion_length",
     "cache_vision_features": "each generation runs the vision tower on its prompt's images",
 }
+# The processor outputs TRL (1.16, `GRPOTrainer._generate_and_score_completions`) carries from generation to its
+# training forward, and PaliGemma's `labels`, which GRPO has no use for. TRL drops any other (Mllama's aspect
+# ratios and cross-attention mask), and that forward fails without them.
+_TRL_TAKES = (
+    "labels",
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
 # GrpoArguments fields that are GRPOConfig fields of the same name.
 _PASSED = (
     "num_generations",
@@ -120,8 +137,7 @@ def run_grpo(model_args, data_args, finetune_args, training_args, grpo_args, cal
     """Train with rewards as the arguments say; save the adapter (or model), processor, metrics and plots in
     `--output_dir`; return the final metrics (held-out exact match before and after among them)."""
     check_supported(data_args, training_args, grpo_args)
-    if not model_args.model_name_or_path:
-        raise UsageError("vlmtune grpo: --model_name_or_path is required (the base model)")
+    check_model_and_output(model_args, training_args, "grpo")
     out = check_output_dir(training_args)
     signals = parse_signals(training_args.save_on_signal)
     _, holding = start_job(training_args, out, signals)
@@ -144,6 +160,7 @@ def _run(model_args, data_args, finetune_args, training_args, grpo_args, callbac
     stop_ids = end_of_turn_ids(processor, spec.encoding)
     rewards = build_rewards(grpo_args.reward, stop_ids)
     splits = build_splits(data_args, spec.encoding, seed=training_args.seed, processor=processor)
+    check_inputs_carried(prompt_rows(splits.train, splits.preparer, processor), processor)
     config = grpo_config(training_args, grpo_args)
     set_seed(training_args.seed)
     loaded, model = load_policy(model_args, finetune_args, training_args, (processor, spec))
@@ -174,6 +191,22 @@ def _run(model_args, data_args, finetune_args, training_args, grpo_args, callbac
         metrics.update({f"eval_{k}": v for k, v in after.metrics.items()})
     trainer.save_metrics("all", metrics)
     return GrpoResult(output_dir=out, metrics=metrics, trainer=trainer)
+
+
+def check_inputs_carried(rows, processor, looked_at: int = 16) -> None:
+    """Refuse a model whose processor returns image inputs TRL's GRPOTrainer drops before its training forward:
+    the run would fail after its first generation, with TRL's or the model's error instead of the reason."""
+    row = next((row for row in rows.select(range(min(looked_at, len(rows)))) if row["images"]), None)
+    if row is None:  # text-only prompts: the processor returns the token ids and mask only
+        return
+    text = processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    dropped = sorted(set(processor(images=[row["images"]], text=[text], return_tensors="pt")) - set(_TRL_TAKES))
+    if dropped:
+        raise UsageError(
+            f"vlmtune grpo: this model's processor returns {', '.join(dropped)} with its images, which TRL's "
+            f"GRPOTrainer (trl {trl.__version__}) does not pass to its training forward, so it cannot train this "
+            "model yet; vlmtune dpo and vlmtune kto can"
+        )
 
 
 def grpo_trainer(model, rewards, config, splits: Splits, processor, model_args, callbacks) -> VlmGrpoTrainer:
