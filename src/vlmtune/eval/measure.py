@@ -67,7 +67,7 @@ class Measured:
 
     model_type: str
     outcome: str
-    template: str  # "real" (its recipe's), "stand-in" (the generic builder's) or "-" (never built)
+    template: str  # "real" (its recipe's), "GLM-4.1V's" (a relative's), "stand-in" (the generic builder's), "-"
     detail: str
 
 
@@ -194,7 +194,8 @@ def _built(model_type: str) -> tuple[PretrainedConfig, object, str]:
     if recipe is not None:
         config, processor = recipe.build()
         # As loading does: the registry's template where the checkpoints ship none (PaliGemma's).
-        return config, with_chat_template(processor, default_chat_template(config.model_type)), "real"
+        template = "real" if recipe.template_of is None else f"{recipe.template_of}'s"
+        return config, with_chat_template(processor, default_chat_template(config.model_type)), template
     return (*generic_build(model_type), "stand-in")
 
 

@@ -68,6 +68,7 @@ class TinyRecipe:
     extra_tokens: tuple[str, ...] = ()  # further tokens that must never split (image, turn markers)
     named_tokens: Mapping[str, str] = field(default_factory=dict)  # read by the processor as tokenizer attributes
     chat_template: str | None = None  # None: the checkpoints ship none either (the registry supplies one)
+    template_of: str | None = None  # whose template `chat_template` is, where not the family's own (not found)
     processor_kwargs: Mapping = field(default_factory=dict)
     text_config: Mapping = field(default_factory=dict)  # on top of TEXT
     vision_config: Mapping = field(default_factory=dict)

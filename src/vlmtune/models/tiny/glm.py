@@ -71,6 +71,7 @@ RECIPES = {
 RECIPES["glm4v_moe"] = replace(
     RECIPES["glm4v"],
     config_cls=Glm4vMoeConfig,
+    template_of="GLM-4.1V",
     text_config=dict(
         rope_parameters=_ROPE,
         n_routed_experts=4,
