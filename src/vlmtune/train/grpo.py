@@ -32,14 +32,13 @@ from ..errors import UsageError
 from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..eval.rewards import build_rewards
 from ..models.generation import end_of_turn_ids, full_parameters_for_generation, stop_at_end_of_turn
-from ..models.loading import load_processing, processor_source, trainable_table
-from .checkpoints import CompleteCheckpoints, remove_deletion_leftovers, resolve_resume
+from ..models.loading import trainable_table
+from .checkpoints import CompleteCheckpoints
 from .distributed import shards_parameters
 from .fsdp import default_fsdp_wrap
-from .guard import NonFiniteGuard, StopOnSignal, parse_signals
-from .preference import ExpertCountForTrl, check_model_and_output, load_policy, save_outputs
+from .guard import NonFiniteGuard, StopOnSignal
+from .preference import ExpertCountForTrl, checked_processing, load_policy, run_job, save_outputs
 from .reference import ReferenceAdapter
-from .run import check_output_dir, start_job
 from .vision_step import run_vision_every_step
 
 # What vlmtune grpo does not do yet, with the reason (each is a flag `vlmtune train` takes).
@@ -137,26 +136,12 @@ def run_grpo(model_args, data_args, finetune_args, training_args, grpo_args, cal
     """Train with rewards as the arguments say; save the adapter (or model), processor, metrics and plots in
     `--output_dir`; return the final metrics (held-out exact match before and after among them)."""
     check_supported(data_args, training_args, grpo_args)
-    check_model_and_output(model_args, training_args, "grpo")
-    out = check_output_dir(training_args)
-    signals = parse_signals(training_args.save_on_signal)
-    _, holding = start_job(training_args, out, signals)
-    with holding:
-        return _run(model_args, data_args, finetune_args, training_args, grpo_args, callbacks, out, signals)
+    return run_job("grpo", _run, (model_args, data_args, finetune_args, training_args, grpo_args), callbacks)
 
 
 def _run(model_args, data_args, finetune_args, training_args, grpo_args, callbacks, out, signals) -> GrpoResult:
     main_process = training_args.process_index == 0
-    resume = resolve_resume(training_args.resume_from_checkpoint, out)
-    if training_args.should_save:
-        remove_deletion_leftovers(out)
-    # Rewards and rows are checked before the weights load: a typo costs seconds, not a model load.
-    processor, spec = load_processing(
-        model_args.model_name_or_path,
-        processor_source(model_args.adapter_name_or_path),
-        model_args.trust_remote_code,
-        model_args.family(),
-    )
+    resume, processor, spec = checked_processing(model_args, training_args, out)
     stop_ids = end_of_turn_ids(processor, spec.encoding)
     rewards = build_rewards(grpo_args.reward, stop_ids)
     splits = build_splits(data_args, spec.encoding, seed=training_args.seed, processor=processor)

@@ -26,21 +26,21 @@ from ..data.preference import SIDES, PreferenceCollator
 from ..errors import UsageError
 from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..models.generation import full_parameters_for_generation
-from ..models.loading import load_processing, processor_source, trainable_table
-from .checkpoints import CompleteCheckpoints, remove_deletion_leftovers, resolve_resume
+from ..models.loading import trainable_table
+from .checkpoints import CompleteCheckpoints
 from .distributed import shards_parameters
 from .fsdp import default_fsdp_wrap
-from .guard import NonFiniteGuard, StopOnSignal, parse_signals
+from .guard import NonFiniteGuard, StopOnSignal
 from .preference import (
     ExpertCountForTrl,
-    check_model_and_output,
+    checked_processing,
     load_policy,
     load_reference,
     preference_accuracy,
+    run_job,
     save_outputs,
 )
 from .reference import ReferenceAdapter
-from .run import check_output_dir, start_job
 from .vision_step import run_vision_every_step
 
 # What vlmtune kto does not do yet, with the reason (each is a flag `vlmtune train` takes).
@@ -126,26 +126,12 @@ def run_kto(model_args, data_args, finetune_args, training_args, kto_args, callb
     """Train on labelled completions as the arguments say; save the adapter (or model), processor, metrics and
     plots in `--output_dir`; return the final metrics."""
     check_supported(data_args, training_args, kto_args)
-    check_model_and_output(model_args, training_args, "kto")
-    out = check_output_dir(training_args)
-    signals = parse_signals(training_args.save_on_signal)
-    _, holding = start_job(training_args, out, signals)
-    with holding:
-        return _run(model_args, data_args, finetune_args, training_args, kto_args, callbacks, out, signals)
+    return run_job("kto", _run, (model_args, data_args, finetune_args, training_args, kto_args), callbacks)
 
 
 def _run(model_args, data_args, finetune_args, training_args, kto_args, callbacks, out, signals) -> KtoResult:
     main_process = training_args.process_index == 0
-    resume = resolve_resume(training_args.resume_from_checkpoint, out)
-    if training_args.should_save:
-        remove_deletion_leftovers(out)
-    # Every row is checked before the weights load: a bad row costs seconds, not a model load.
-    processor, spec = load_processing(
-        model_args.model_name_or_path,
-        processor_source(model_args.adapter_name_or_path),
-        model_args.trust_remote_code,
-        model_args.family(),
-    )
+    resume, processor, spec = checked_processing(model_args, training_args, out)
     splits = build_kto_splits(data_args, spec.encoding, processor, kto_args, training_args.seed)
     if splits.eval is None and training_args.eval_strategy != "no":
         raise UsageError("--eval_strategy needs evaluation rows: add --eval_dataset_name or --val_split_ratio")

@@ -176,30 +176,44 @@ def check_model_and_output(model_args, training_args, command: str) -> None:
         )
 
 
-def run_dpo(model_args, data_args, finetune_args, training_args, dpo_args, callbacks=None) -> DpoResult:
-    """Train on preference pairs as the arguments say; save the adapter (or model), processor, metrics and
-    plots in `--output_dir`; return the final metrics."""
-    check_supported(data_args, training_args)
-    check_model_and_output(model_args, training_args, "dpo")
+def run_job(command: str, run, args: tuple, callbacks):
+    """The start dpo, kto and grpo share: the model and output folder checked (said with the command's name),
+    the folder held for this job (stop signals, one writer), then `run(*args, callbacks, out, signals)`;
+    `args` are (model, data, finetune, training, method) arguments."""
+    model_args, training_args = args[0], args[3]
+    check_model_and_output(model_args, training_args, command)
     out = check_output_dir(training_args)
     signals = parse_signals(training_args.save_on_signal)
     _, holding = start_job(training_args, out, signals)
     with holding:
-        return _run(model_args, data_args, finetune_args, training_args, dpo_args, callbacks, out, signals)
+        return run(*args, callbacks, out, signals)
 
 
-def _run(model_args, data_args, finetune_args, training_args, dpo_args, callbacks, out, signals) -> DpoResult:
-    main_process = training_args.process_index == 0
+def checked_processing(model_args, training_args, out: Path) -> tuple:
+    """(the checkpoint to resume from, processor, spec), before any weights load, so that each row can be
+    checked first: a bad row costs seconds, not a model load."""
     resume = resolve_resume(training_args.resume_from_checkpoint, out)
     if training_args.should_save:
         remove_deletion_leftovers(out)
-    # Every pair is checked before the weights load: a bad row costs seconds, not a model load.
     processor, spec = load_processing(
         model_args.model_name_or_path,
         processor_source(model_args.adapter_name_or_path),
         model_args.trust_remote_code,
         model_args.family(),
     )
+    return resume, processor, spec
+
+
+def run_dpo(model_args, data_args, finetune_args, training_args, dpo_args, callbacks=None) -> DpoResult:
+    """Train on preference pairs as the arguments say; save the adapter (or model), processor, metrics and
+    plots in `--output_dir`; return the final metrics."""
+    check_supported(data_args, training_args)
+    return run_job("dpo", _run, (model_args, data_args, finetune_args, training_args, dpo_args), callbacks)
+
+
+def _run(model_args, data_args, finetune_args, training_args, dpo_args, callbacks, out, signals) -> DpoResult:
+    main_process = training_args.process_index == 0
+    resume, processor, spec = checked_processing(model_args, training_args, out)
     splits = build_preference_splits(
         data_args, spec.encoding, processor, dpo_args.chosen_column, dpo_args.rejected_column, training_args.seed
     )
