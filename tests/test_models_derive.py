@@ -92,6 +92,13 @@ EXPECTED = {
         vision_layer="CLIPEncoderLayer",
         multi_image=False,
     ),
+    "llava_onevision": _LLAVA
+    | dict(
+        projector_keys={"model.multi_modal_projector", "model.image_newline"},
+        turn_end=("<|im_end|>",),
+        decoder_layers=("Qwen2DecoderLayer",),
+        vision_layer="SiglipEncoderLayer",
+    ),
     "gemma3": _LLAVA
     | dict(
         image_token="<image_soft_token>",

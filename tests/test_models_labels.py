@@ -28,6 +28,7 @@ MARKERS = {
     # Mistral Small 3.1's real template: the answer follows [/INST] directly and ends with </s>.
     "mistral3": ("[/INST]", "</s>"),
     "internvl": ("<|im_start|>assistant\n", "<|im_end|>"),
+    "llava_onevision": ("<|im_start|>assistant\n", "<|im_end|>"),
     # GLM-4.1V's real template closes no turn: the next turn's <|user|> closes an answer (the generation
     # config stops on it), the tokenizer's EOS is appended to the last.
     "glm4v": ("<|assistant|>\n", ("<|user|>", "<|endoftext|>")),

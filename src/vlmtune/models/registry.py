@@ -170,6 +170,17 @@ _entry(
     packing_positions="text",
 )
 _entry(
+    "llava_onevision",
+    "packing: positions restart per sample and causal attention keeps samples apart; each sample's image count "
+    "(batch_num_images: one image is tiled, several are not) stays its own (parity-tested)",
+    (
+        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+        "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+        "llava-hf/llava-onevision-qwen2-72b-ov-hf",
+    ),
+    packing_positions="text",
+)
+_entry(
     "gemma3",
     "packing: image tokens attend both ways within their image, which the model's own mask would let cross "
     "packed samples, so vlmtune builds the packed masks (parity-tested)",
