@@ -48,6 +48,7 @@ REAL = {
     "glm4v_moe": ("glm4v", "", ("<|user|>", "<|endoftext|>"), False),
     "gemma3": ("gemma3", "", "<end_of_turn>", True),
     "mllama": ("mllama", "", "<|eot_id|>", False),
+    "idefics2": ("idefics2", " ", "<end_of_utterance>", False),
     "idefics3": ("idefics3", " ", "<end_of_utterance>", False),
     "smolvlm": ("smolvlm", " ", "<end_of_utterance>", False),
     # Qwen3.5 trims answers; its empty think block before the last answers is input, not trained.

@@ -162,6 +162,12 @@ EXPECTED = {
         decoder_layers=("Glm4vMoeTextDecoderLayer",),
         vision_layer="Glm4vMoeVisionBlock",
     ),
+    "idefics2": _IDEFICS
+    | dict(
+        image_extra_tokens={"<fake_token_around_image>"},
+        decoder_layers=("MistralDecoderLayer",),
+        vision_layer="Idefics2EncoderLayer",
+    ),
     "idefics3": _IDEFICS | dict(vision_layer="Idefics3EncoderLayer"),
     "smolvlm": _IDEFICS | dict(vision_layer="SmolVLMEncoderLayer"),
 }

@@ -35,6 +35,7 @@ MARKERS = {
     "glm4v_moe": ("<|assistant|>\n", ("<|user|>", "<|endoftext|>")),  # ships GLM-4.1V's template (see the recipe)
     "gemma3": ("<start_of_turn>model\n", "<end_of_turn>"),
     "mllama": ("<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
+    "idefics2": ("Assistant:", "<end_of_utterance>"),
     "idefics3": ("Assistant:", "<end_of_utterance>"),
     "smolvlm": ("Assistant:", "<end_of_utterance>"),
     # Prefix-LM: the answer (suffix) follows the prefix's closing newline and ends with EOS.

@@ -24,7 +24,8 @@ GLM4V_MOE = pytest.param("glm4v_moe", {}, marks=pytest.mark.xfail(strict=True, r
 # image positions, patch-merging projector) on Mistral Small 3.1's template; InternVL (image tiles, pixel
 # shuffle) on its -hf checkpoints' template; GLM-4.1V (Qwen2-VL-like tower, partial multimodal rotary
 # positions, fused gate_up_proj) on its own template; LLaVA-OneVision (anyres crops of a SigLIP tower, a Qwen2
-# language model) on its llava-hf template. Qwen2-VL's run is in test_train.py.
+# language model) on its llava-hf template; Idefics2 (a perceiver resampler) on its own template. Qwen2-VL's
+# run is in test_train.py.
 @pytest.mark.parametrize(
     ("family", "settings"),
     [
@@ -32,7 +33,7 @@ GLM4V_MOE = pytest.param("glm4v_moe", {}, marks=pytest.mark.xfail(strict=True, r
             (family, {})
             for family in (
                 *("llava_siglip", "llava_onevision", "gemma3", "mllama", "paligemma", "qwen3_5", "mistral3"),
-                *("internvl", "glm4v"),
+                *("internvl", "glm4v", "idefics2"),
             )
         ],
         ("qwen3_vl_moe", {"lora_target_experts": True}),

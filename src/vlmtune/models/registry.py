@@ -199,6 +199,13 @@ _entry(
     "to its own sample's image, which vlmtune does not do",
 )
 _entry(
+    "idefics2",
+    "packing: positions restart per sample and causal attention keeps samples apart; each image's perceiver "
+    "latents are its own (parity-tested)",
+    ("HuggingFaceM4/idefics2-8b", "HuggingFaceM4/idefics2-8b-chatty"),
+    packing_positions="text",
+)
+_entry(
     "idefics3",
     "packing: positions restart per sample and causal attention keeps samples apart (parity-tested)",
     ("HuggingFaceM4/Idefics3-8B-Llama3",),
