@@ -40,6 +40,7 @@ REAL = {
     "llava_siglip": ("llava_1_5", " ", "</s>", False),
     "llava_next": ("llava_v1_6_mistral", "", "</s>", False),
     "mistral3": ("mistral3", "", "</s>", False),
+    "llava_onevision": ("llava_onevision", "", "<|im_end|>", False),
     "internvl": ("internvl", "", "<|im_end|>", False),
     # GLM-4.1V's template closes no turn: the next <|user|> closes an answer, EOS is appended to the last.
     "glm4v": ("glm4v", "", ("<|user|>", "<|endoftext|>"), False),
@@ -47,6 +48,7 @@ REAL = {
     "glm4v_moe": ("glm4v", "", ("<|user|>", "<|endoftext|>"), False),
     "gemma3": ("gemma3", "", "<end_of_turn>", True),
     "mllama": ("mllama", "", "<|eot_id|>", False),
+    "idefics2": ("idefics2", " ", "<end_of_utterance>", False),
     "idefics3": ("idefics3", " ", "<end_of_utterance>", False),
     "smolvlm": ("smolvlm", " ", "<end_of_utterance>", False),
     # Qwen3.5 trims answers; its empty think block before the last answers is input, not trained.
@@ -141,7 +143,7 @@ def test_real_templates_train_each_answer_as_written_then_its_turn_end(family, t
         if system:
             text = encoded.rendered.text
             assert "Be brief." in text and "'type'" not in text, "the system text reaches the model as written"
-        if REAL[family][0].startswith("llava"):  # EOS appended (LLaVA-1.5) or written by the template (1.6)
+        if REAL[family][0] in ("llava_1_5", "llava_v1_6_mistral"):  # EOS appended (1.5) or by the template (1.6)
             assert encoded.input_ids.count(eos_id) == len(ANSWERS), "one EOS per answer, never doubled"
 
 

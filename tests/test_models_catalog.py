@@ -37,7 +37,7 @@ def test_checked_means_a_tiny_model_that_the_suite_builds_and_trains():
     checked = {t for t, a in _by_type().items() if a.status == "checked"}
     assert checked == tiny_types
     families = {"qwen2_vl", "llava", "gemma3", "paligemma", "qwen3_5", "gemma4", "qwen3_vl_moe", "mistral3"}
-    assert families | {"internvl", "glm4v", "glm4v_moe"} <= checked
+    assert families | {"internvl", "glm4v", "glm4v_moe", "llava_onevision", "idefics2"} <= checked
     assert set(OVERRIDES) <= checked, "every registry entry has a tiny model"
 
 

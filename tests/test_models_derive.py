@@ -92,6 +92,13 @@ EXPECTED = {
         vision_layer="CLIPEncoderLayer",
         multi_image=False,
     ),
+    "llava_onevision": _LLAVA
+    | dict(
+        projector_keys={"model.multi_modal_projector", "model.image_newline"},
+        turn_end=("<|im_end|>",),
+        decoder_layers=("Qwen2DecoderLayer",),
+        vision_layer="SiglipEncoderLayer",
+    ),
     "gemma3": _LLAVA
     | dict(
         image_token="<image_soft_token>",
@@ -154,6 +161,12 @@ EXPECTED = {
         turn_end=(),
         decoder_layers=("Glm4vMoeTextDecoderLayer",),
         vision_layer="Glm4vMoeVisionBlock",
+    ),
+    "idefics2": _IDEFICS
+    | dict(
+        image_extra_tokens={"<fake_token_around_image>"},
+        decoder_layers=("MistralDecoderLayer",),
+        vision_layer="Idefics2EncoderLayer",
     ),
     "idefics3": _IDEFICS | dict(vision_layer="Idefics3EncoderLayer"),
     "smolvlm": _IDEFICS | dict(vision_layer="SmolVLMEncoderLayer"),
@@ -398,6 +411,27 @@ def test_internvl_3_5_with_a_qwen3_language_model_gets_its_own_blocks_and_full_l
     pattern = language_lora_targets(model, spec)
     adapted = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(pattern, n)}
     assert adapted == set(linear_modules(model, spec, "language_model")) - {"lm_head"}
+
+
+def test_llava_onevision_tiles_a_lone_image_and_takes_several_at_their_base_view(tiny_model_dir):
+    """OneVision's processor tiles one image per sample (its 32-pixel base view: 16 tokens, plus a 2x2 grid of
+    crops: 8x8 tokens and a newline per row) but takes each of several images at its base view only (16 and a
+    newline), saying so per row in `batch_num_images`; the model must fill exactly those tokens in both cases."""
+    from transformers import AutoModelForImageTextToText
+
+    folder = tiny_model_dir("llava_onevision")
+    processor, model = load_processor(folder), AutoModelForImageTextToText.from_pretrained(folder)
+    red, blue = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    for text, images, crops, tokens in (
+        ("<image>\nA", [red], 5, 16 + 64 + 8),
+        ("<image>\n<image>\nA", [red, blue], 1, 2 * 17),
+    ):
+        batch = processor(text=[text], images=[images], return_tensors="pt")
+        assert batch["pixel_values"].shape[:2] == (len(images), crops)
+        assert batch["batch_num_images"].tolist() == [len(images)]
+        assert (batch["input_ids"] == image_id).sum() == tokens
+        assert model(**batch).logits.shape[:2] == batch["input_ids"].shape
 
 
 def test_gemma4_vision_lora_reaches_the_linears_inside_its_clipping_wrappers(tiny_model_dir):

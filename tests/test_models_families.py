@@ -125,12 +125,14 @@ def test_models_docs_list_every_family_and_checkpoint():
     assert "docs/models.md" in (Path(__file__).parents[1] / "README.md").read_text()
 
 
-@pytest.mark.parametrize("family", ["mllama", "idefics3", "qwen2_vl", "internvl", "glm4v"])
+@pytest.mark.parametrize(
+    "family", ["mllama", "idefics3", "idefics2", "qwen2_vl", "internvl", "glm4v", "llava_onevision"]
+)
 def test_a_text_only_row_trains_in_a_batch_with_image_rows_as_it_would_alone(family, tiny_model_dir):
     """Mixed data (some rows without an image) batches with per-row image inputs too (Mllama's pixel_values
-    and cross-attention mask, Idefics3's pixel_values) and with per-image ones (Qwen2-VL's and GLM-4.1V's
-    patches and 3-D positions, InternVL's tiles): the text-only row's loss in the batch is its loss alone,
-    and the image rows' are theirs."""
+    and cross-attention mask, Idefics2's and Idefics3's pixel_values, LLaVA-OneVision's image count per row)
+    and with per-image ones (Qwen2-VL's and GLM-4.1V's patches and 3-D positions, InternVL's tiles): the
+    text-only row's loss in the batch is its loss alone, and the image rows' are theirs."""
     base = load_model(tiny_model_dir(family))
     model, collate = (
         base.model.eval(),

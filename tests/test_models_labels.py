@@ -28,12 +28,14 @@ MARKERS = {
     # Mistral Small 3.1's real template: the answer follows [/INST] directly and ends with </s>.
     "mistral3": ("[/INST]", "</s>"),
     "internvl": ("<|im_start|>assistant\n", "<|im_end|>"),
+    "llava_onevision": ("<|im_start|>assistant\n", "<|im_end|>"),
     # GLM-4.1V's real template closes no turn: the next turn's <|user|> closes an answer (the generation
     # config stops on it), the tokenizer's EOS is appended to the last.
     "glm4v": ("<|assistant|>\n", ("<|user|>", "<|endoftext|>")),
     "glm4v_moe": ("<|assistant|>\n", ("<|user|>", "<|endoftext|>")),  # ships GLM-4.1V's template (see the recipe)
     "gemma3": ("<start_of_turn>model\n", "<end_of_turn>"),
     "mllama": ("<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
+    "idefics2": ("Assistant:", "<end_of_utterance>"),
     "idefics3": ("Assistant:", "<end_of_utterance>"),
     "smolvlm": ("Assistant:", "<end_of_utterance>"),
     # Prefix-LM: the answer (suffix) follows the prefix's closing newline and ends with EOS.

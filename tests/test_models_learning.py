@@ -20,15 +20,17 @@ GLM4V_MOE = pytest.param("glm4v_moe", {}, marks=pytest.mark.xfail(strict=True, r
 # (thinking channel, per-layer input embeddings, pooled vision tower); Mistral 3 (Pixtral tower, 2-D rotary
 # image positions, patch-merging projector) on Mistral Small 3.1's template; InternVL (image tiles, pixel
 # shuffle) on its -hf checkpoints' template; GLM-4.1V (Qwen2-VL-like tower, partial multimodal rotary
-# positions, fused gate_up_proj) on its own template. Qwen2-VL's run is in test_train.py.
+# positions, fused gate_up_proj) on its own template; LLaVA-OneVision (anyres crops of a SigLIP tower, a Qwen2
+# language model) on its llava-hf template; Idefics2 (a perceiver resampler) on its own template. Qwen2-VL's
+# run is in test_train.py.
 @pytest.mark.parametrize(
     ("family", "settings"),
     [
         *[
             (family, {})
             for family in (
-                *("llava_siglip", "gemma3", "mllama", "paligemma", "qwen3_5", "mistral3", "internvl", "glm4v"),
-                "gemma4",
+                *("llava_siglip", "llava_onevision", "gemma3", "mllama", "paligemma", "qwen3_5", "mistral3"),
+                *("internvl", "glm4v", "idefics2", "gemma4"),
             )
         ],
         ("qwen3_vl_moe", {"lora_target_experts": True}),

@@ -65,8 +65,8 @@ def test_docs_list_every_architecture_with_the_outcome_measured_now(measured):
 def test_models_command_says_what_was_measured_for_derived_architectures(measured):
     """`vlmtune models` tells a user whose architecture is derived whether its tiny model trained."""
     verdicts = {a.model_type: a for a in catalog.architectures()}
-    assert measured["idefics2"].outcome == "trains" and verdicts["idefics2"].status == "derived"
-    assert "stand-in chat template trains with exact labels" in verdicts["idefics2"].reason
+    assert measured["janus"].outcome == "trains" and verdicts["janus"].status == "derived"
+    assert "stand-in chat template trains with exact labels" in verdicts["janus"].reason
     assert "derivation refuses it" in verdicts["blip-2"].reason
 
 
@@ -77,7 +77,7 @@ def test_outcomes_users_rely_on(measured):
     llama4 = measured["llama4"]
     assert llama4.outcome == "not buildable here" and "torchvision" in llama4.detail and "untested" in llama4.detail
     assert measured["gemma3n"].outcome == "not buildable here" and "timm" in measured["gemma3n"].detail
-    assert measured["idefics2"] == measure.Measured("idefics2", "trains", "stand-in", measured["idefics2"].detail)
+    assert measured["janus"] == measure.Measured("janus", "trains", "stand-in", measured["janus"].detail)
     assert measured["blip-2"].outcome == "refused" and "image token" in measured["blip-2"].detail
     # Families users fine-tune whose tiny models need the checkpoints' geometry (InternVL's and Aya's pixel
     # shuffle, GLM's and ERNIE's rotary sections, OneVision's token count, VipLLaVA's five feature layers), and

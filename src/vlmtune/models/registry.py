@@ -170,6 +170,17 @@ _entry(
     packing_positions="text",
 )
 _entry(
+    "llava_onevision",
+    "packing: positions restart per sample and causal attention keeps samples apart; each sample's image count "
+    "(batch_num_images: one image is tiled, several are not) stays its own (parity-tested)",
+    (
+        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+        "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+        "llava-hf/llava-onevision-qwen2-72b-ov-hf",
+    ),
+    packing_positions="text",
+)
+_entry(
     "gemma3",
     "packing: image tokens attend both ways within their image, which the model's own mask would let cross "
     "packed samples, so vlmtune builds the packed masks (parity-tested)",
@@ -186,6 +197,13 @@ _entry(
     "per row (pixel_values: batch x images x tiles; cross_attention_mask: batch x tokens x images x tiles), "
     "so packed samples' images would have to share one row's image slots with every token's mask re-pointed "
     "to its own sample's image, which vlmtune does not do",
+)
+_entry(
+    "idefics2",
+    "packing: positions restart per sample and causal attention keeps samples apart; each image's perceiver "
+    "latents are its own (parity-tested)",
+    ("HuggingFaceM4/idefics2-8b", "HuggingFaceM4/idefics2-8b-chatty"),
+    packing_positions="text",
 )
 _entry(
     "idefics3",

@@ -7,9 +7,9 @@ demo and `vlmtune tiny-model` use these; users can use them to try vlmtune witho
 
 Layout: `common.py` holds what all families share (the tiny sizes, the `TinyRecipe` record and how it is
 built, opening zero-initialised image paths, saving); one file per lineage holds its families' recipes
-and chat templates: `qwen.py` (Qwen-VL), `llava.py`, `gemma.py` (Gemma 3, PaliGemma), `idefics.py`
-(Idefics3, SmolVLM), `llama.py` (Mllama), `mistral.py` (Mistral 3), `internvl.py` (InternVL),
-`glm.py` (GLM-4.1V, GLM-4.5V).
+and chat templates: `qwen.py` (Qwen-VL), `llava.py` (LLaVA-1.5, LLaVA-Next, LLaVA-OneVision), `gemma.py`
+(Gemma 3, PaliGemma), `idefics.py` (Idefics2, Idefics3, SmolVLM), `llama.py` (Mllama), `mistral.py` (Mistral 3),
+`internvl.py` (InternVL), `glm.py` (GLM-4.1V, GLM-4.5V).
 
 Adding a family: add one `TinyRecipe` to the `RECIPES` dict of its lineage's file, written out or as
 `dataclasses.replace` of a relative's recipe. Give the transformers classes, the special tokens and the
@@ -19,7 +19,8 @@ say goes in a short function beside the recipe, named by its `finish` field. A n
 with a `RECIPES` dict, listed in `_LINEAGES` below. Its facts are derived from the built checkpoint
 (`models/derive.py`); a registry entry (`models/registry.py`) only where derivation gets one wrong, and a
 line in docs/models.md; the tests then build, train and reload it. A real template too long to inline
-lives in `templates/` (Qwen3.5's, Qwen3-VL-Instruct's, Gemma 4's, Mistral 3's, InternVL's, GLM-4.1V's).
+lives in `templates/` (Qwen3.5's, Qwen3-VL-Instruct's, Gemma 4's, Mistral 3's, InternVL's, GLM-4.1V's,
+LLaVA-OneVision's, Idefics2's).
 
 An architecture with no recipe gets a generic tiny model (`generic.py`: its default config shrunk by
 `shrink.py`, its real processor, a stand-in chat template), used by the measurement of every architecture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from transformers import (
     CLIPImageProcessorPil,
@@ -10,11 +11,14 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionImageProcessorPil,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     SiglipImageProcessorPil,
 )
 
-from .common import VISION, TinyRecipe
+from .common import INIT_RANGE, VISION, TinyRecipe
 
 # LLaVA-1.5 ("USER: <image>\n... ASSISTANT: ...") as llava-hf ships it: images first, no end-of-turn
 # token after the answer (vlmtune appends EOS to trained turns when a template has none).
@@ -69,6 +73,15 @@ LLAVA = TinyRecipe(
 # LLaVA-Next: the grid pinpoints must be the same in processor and config.
 _PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
+# LLaVA-OneVision's template, as transformers' conversion script writes it into the llava-hf checkpoints;
+# its source: tests/fixtures/chat_templates.
+LLAVA_ONEVISION_TEMPLATE = (Path(__file__).parent / "templates" / "llava_onevision.jinja").read_text()
+
+# OneVision counts a base image's tokens as `num_image_tokens` = (tower side / patch)^2 (SigLIP: no CLS
+# token, every patch kept): a 32-pixel tower of 8-pixel patches gives 16; a 64-pixel image then adds its
+# 2x2 grid of 32-pixel crops (unpadded, a newline per row), as the real anyres processor does.
+_OV_SIDE, _OV_PATCH = 32, 8
+
 RECIPES = {
     "llava": LLAVA,
     # The LLaVA-1.5 layout with a SigLIP tower: no CLS token, so every patch feature is kept ("full"),
@@ -94,5 +107,29 @@ RECIPES = {
         text_config=dict(model_type="mistral"),
         vision_config=dict(model_type="clip_vision_model", image_size=32, patch_size=16, projection_dim=32, **VISION),
         config_kwargs=dict(_CLS_KEPT_OUT, image_grid_pinpoints=_PINPOINTS),
+    ),    "llava_onevision": replace(
+        LLAVA,
+        config_cls=LlavaOnevisionConfig,
+        processor_cls=LlavaOnevisionProcessor,
+        image_processor_cls=LlavaOnevisionImageProcessorPil,
+        image_processor_kwargs=dict(size={"height": _OV_SIDE, "width": _OV_SIDE}, image_grid_pinpoints=_PINPOINTS),
+        special_tokens={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},  # no BOS (a Qwen2 tokenizer)
+        extra_tokens=("<|im_start|>", "<|im_end|>", "<image>", "<video>"),
+        chat_template=LLAVA_ONEVISION_TEMPLATE,
+        processor_kwargs=dict(num_image_tokens=(_OV_SIDE // _OV_PATCH) ** 2, vision_feature_select_strategy="full"),
+        text_config=dict(model_type="qwen2"),
+        vision_config=dict(
+            VISION,
+            model_type="siglip_vision_model",
+            image_size=_OV_SIDE,
+            patch_size=_OV_PATCH,
+            vision_use_head=False,
+            # As the text side's: with the default 0.02 a random tower's features barely vary with the image.
+            initializer_range=INIT_RANGE,
+        ),
+        config_kwargs=dict(
+            vision_feature_select_strategy="full", vision_feature_layer=-1, image_grid_pinpoints=_PINPOINTS
+        ),
+        ids=dict(image_token_id="<image>", video_token_id="<video>"),
     ),
 }
