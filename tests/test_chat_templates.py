@@ -3,6 +3,7 @@ README), and `data inspect` showing exactly what training trains, for every regi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -305,3 +306,14 @@ def test_a_system_message_for_a_template_without_a_system_turn_is_folded_into_th
     qwen = real_processor("qwen2_vl")  # a template with a system turn renders it there, unfolded
     text = prompt_text(qwen, [messages[0], messages[1]])
     assert "<|im_start|>system\nAnswer in one word.<|im_end|>" in text and "Answer in one word.\n\nWhat" not in text
+
+
+def test_each_fixture_is_the_copy_its_source_row_records():
+    """Every template here is a recorded public copy: its size and SHA-256 stand in its README row, so an
+    edit (to a fixture, or to a tiny model's template that a fixture links to) cannot pass unnoticed."""
+    readme = (TEMPLATES / "README.md").read_text().splitlines()
+    for path in sorted(TEMPLATES.glob("*.jinja")):
+        row = next((line for line in readme if line.startswith(f"| `{path.name}`")), None)
+        assert row is not None, f"{path.name} has no row in the fixtures README"
+        data = path.read_bytes()
+        assert hashlib.sha256(data).hexdigest() in row and f"{len(data)} bytes" in row, path.name
