@@ -258,6 +258,16 @@ def test_option_mistakes_are_messages(tiny_model_dir, shapes_data, tmp_path, cap
     assert message in capsys.readouterr().err
 
 
+def test_evaluation_without_rows_is_a_message_before_the_weights_load(tiny_model_dir, shapes_data, tmp_path, capsys):
+    model, train = tiny_model_dir("qwen2_vl"), str(shapes_data["train"])
+    args = ["--model_name_or_path", model, "--dataset_name", train, *RUN, *GRPO]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["grpo", *args, "--val_split_ratio", "0", "--eval_strategy", "steps", "--output_dir", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and "--eval_strategy needs evaluation rows" in err
+    assert "trainable" not in out.lower()  # (the parameter table is printed once the model is loaded)
+
+
 def test_image_token_marks_line_up_with_left_padded_prompts_of_different_lengths(tiny_model_dir, tmp_path):
     """TRL left-pads the prompts; the processor's per-token image marks (Qwen's mm_token_type_ids, which its
     3-D positions are computed from) must be padded the same way, or a shorter prompt's image is misplaced."""

@@ -146,6 +146,8 @@ def _run(model_args, data_args, finetune_args, training_args, grpo_args, callbac
     rewards = build_rewards(grpo_args.reward, stop_ids)
     splits = build_splits(data_args, spec.encoding, seed=training_args.seed, processor=processor)
     check_inputs_carried(prompt_rows(splits.train, splits.preparer, processor), processor)
+    if splits.eval is None and training_args.eval_strategy != "no":
+        raise UsageError("--eval_strategy needs evaluation rows: add --eval_dataset_name or --val_split_ratio")
     config = grpo_config(training_args, grpo_args)
     set_seed(training_args.seed)
     loaded, model = load_policy(model_args, finetune_args, training_args, (processor, spec))
@@ -157,8 +159,6 @@ def _run(model_args, data_args, finetune_args, training_args, grpo_args, callbac
         print(splits.schema.describe())
         print(splits.summary())
         print(trainable_table(model, loaded.spec))
-    if splits.eval is None and training_args.eval_strategy != "no":
-        raise UsageError("--eval_strategy needs evaluation rows: add --eval_dataset_name or --val_split_ratio")
     stop_on_signal = StopOnSignal(signals)
     trainer = grpo_trainer(
         model, rewards, config, splits, loaded.processor, model_args, [stop_on_signal, *(callbacks or [])]
