@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -166,3 +167,16 @@ def test_a_text_only_row_trains_in_a_batch_with_image_rows_as_it_would_alone(fam
 
 def _answer(text: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def test_generation_stops_at_the_templates_end_of_turn_where_the_checkpoint_names_only_eos(tiny_model_dir, tmp_path):
+    """A checkpoint whose generation_config.json names only the tokenizer's EOS (Idefics2's turns end with
+    `<end_of_utterance>`) still stops answering where its template ends an assistant turn: evaluation and
+    `vlmtune predict` answers would otherwise run on past the turn."""
+    model_dir = tmp_path / "idefics2"
+    shutil.copytree(tiny_model_dir("idefics2"), model_dir)
+    config_file = model_dir / "generation_config.json"
+    loaded = load_model(str(model_dir))
+    eos, turn_end = loaded.processor.tokenizer.convert_tokens_to_ids(["</s>", "<end_of_utterance>"])
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "eos_token_id": eos}))
+    assert turn_end in load_model(str(model_dir)).model.generation_config.eos_token_id

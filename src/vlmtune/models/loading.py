@@ -29,6 +29,7 @@ from .checkpoint import (
     model_errors,
 )
 from .derive import family_for
+from .generation import end_of_turn_ids, stop_at_end_of_turn
 from .processors import load_processor
 from .registry import FamilySpec, default_chat_template
 
@@ -312,6 +313,9 @@ def load_model(
             trust_remote_code=trust_remote_code,
             **kwargs,
         )
+    # Generation stops where the template ends an assistant turn, even where the checkpoint's generation
+    # config names only the tokenizer's EOS (evaluation, predict and grpo's samples would run past it).
+    stop_at_end_of_turn(model, end_of_turn_ids(processor, spec.encoding))
     return Loaded(model=model, processor=processor, spec=spec)
 
 

@@ -31,7 +31,7 @@ from ..data.splits import Splits, build_splits
 from ..errors import UsageError
 from ..eval.evaluate import DEFAULT_METRICS, evaluate_generation
 from ..eval.rewards import build_rewards
-from ..models.generation import end_of_turn_ids, full_parameters_for_generation, stop_at_end_of_turn
+from ..models.generation import end_of_turn_ids, full_parameters_for_generation
 from ..models.loading import trainable_table
 from .checkpoints import CompleteCheckpoints
 from .distributed import shards_parameters
@@ -151,7 +151,6 @@ def _run(model_args, data_args, finetune_args, training_args, grpo_args, callbac
     config = grpo_config(training_args, grpo_args)
     set_seed(training_args.seed)
     loaded, model = load_policy(model_args, finetune_args, training_args, (processor, spec))
-    stop_at_end_of_turn(model, stop_ids)
     default_fsdp_wrap(training_args, loaded.model, loaded.spec)
     if shards_parameters(training_args):  # ZeRO-3/FSDP: a text-only prompt must still run the vision tower
         run_vision_every_step(model, loaded.processor)
