@@ -315,12 +315,14 @@ def generation_eos(processor, source: str | None) -> tuple[str, ...]:
 
 def turn_end(processor, model_type: str, declared: tuple[str, ...], source: str | None) -> tuple[str, ...]:
     """`declared` (a registry entry's, or the template's own marker) plus the generation config's stop tokens
-    (what the checkpoint itself says ends a turn); warns when generation would not stop at the marker."""
+    (what the checkpoint itself says ends a turn); says so when the generation config does not stop at the
+    marker (loading adds it to the stops: `loading.load_model`)."""
     stops = generation_eos(processor, source)
     known = (*declared, processor.tokenizer.eos_token)
     if stops and declared and not set(declared) & {*stops, processor.tokenizer.eos_token}:
-        logger.warning(
-            "%s: the chat template closes answers with %s but generation stops at %s: generated answers may run on.",
+        logger.info(
+            "%s: the chat template closes answers with %s, the generation config stops only at %s: generation "
+            "stops at both.",
             model_type,
             ", ".join(declared),
             ", ".join(stops),
