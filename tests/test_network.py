@@ -57,6 +57,24 @@ def _online(tmp_path, endpoint: str, token: str | None) -> dict:
     return env
 
 
+@pytest.fixture
+def online_user(online, monkeypatch, tmp_path):
+    """`online_user(endpoint, token)`: this process as `_online`'s user (huggingface_hub's endpoint and token
+    as HF_ENDPOINT, HF_TOKEN and an empty HF_HOME set them at import), for checks made before any model
+    loads: the same run as a `vlmtune` process's, without its seconds of imports."""
+    from huggingface_hub import constants
+
+    def become(endpoint: str, token: str | None) -> None:
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+            monkeypatch.delenv(name, raising=False)
+        if token:
+            monkeypatch.setenv("HF_TOKEN", token)
+
+    return become
+
+
 def _vlmtune(argv: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "vlmtune.cli", *argv], env=env, capture_output=True, text=True, timeout=600
@@ -92,18 +110,20 @@ def _closed_port() -> int:
     ids=["no token", "no network", "refused token", "read-only token", "foreign namespace"],
 )
 def test_an_upload_that_cannot_work_is_refused_before_the_model_loads(
-    tiny_model_dir, shapes_data, tmp_path, token, repo, reachable, says
+    tiny_model_dir, shapes_data, tmp_path, online_user, capsys, token, repo, reachable, says
 ):
     out = tmp_path / "run"
     argv = _train_argv(tiny_model_dir("qwen2_vl"), shapes_data, out, "--push_to_hub", "true", "--hub_model_id", repo)
     with FakeHub() as hub:
-        endpoint = hub.url if reachable else f"http://127.0.0.1:{_closed_port()}"
-        done = _vlmtune(argv, _online(tmp_path, endpoint, token))
-    assert done.returncode == 1, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr and f"--push_to_hub to {repo}" in done.stderr
+        online_user(hub.url if reachable else f"http://127.0.0.1:{_closed_port()}", token)
+        with pytest.raises(SystemExit) as refused:
+            main(argv)
+    err = capsys.readouterr().err
+    assert refused.value.code == 1, err[-2000:]
+    assert "Traceback" not in err and f"--push_to_hub to {repo}" in err
     for text in says:
-        assert text in done.stderr, (text, done.stderr[-2000:])
-    assert "Loading weights" not in done.stderr and not out.exists(), "refused before any work"
+        assert text in err, (text, err[-2000:])
+    assert "Loading weights" not in err and not out.exists(), "refused before any work"
     assert not hub.repos, "nothing was created on the hub"
 
 
