@@ -128,7 +128,7 @@ def test_an_upload_that_cannot_work_is_refused_before_the_model_loads(
 
 
 def test_a_failed_upload_at_the_end_keeps_the_model_and_vlmtune_push_uploads_it_later(
-    tiny_model_dir, shapes_data, tmp_path
+    tiny_model_dir, shapes_data, tmp_path, online_user, capsys
 ):
     out = tmp_path / "run"
     with FakeHub() as hub:
@@ -147,9 +147,9 @@ def test_a_failed_upload_at_the_end_keeps_the_model_and_vlmtune_push_uploads_it_
         assert not hub.repos["tester/my-adapter"], "the repository was created, nothing was uploaded"
 
         hub.uploads_fail = False
-        pushed = _vlmtune(command.split()[1:], env)
-        assert pushed.returncode == 0, pushed.stderr[-3000:]
-        assert f"Uploaded {out} to {hub.url}/tester/my-adapter" in pushed.stdout
+        online_user(hub.url, "hf_write")  # the same user, later: `vlmtune push` (in this process)
+        main(command.split()[1:])
+        assert f"Uploaded {out} to {hub.url}/tester/my-adapter" in capsys.readouterr().out
     uploaded = hub.repos["tester/my-adapter"]
     local = {p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("_")}
     assert set(uploaded) == local and "adapter_model.safetensors" in uploaded and "README.md" in uploaded
