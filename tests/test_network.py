@@ -225,14 +225,19 @@ def test_a_hub_dataset_offline_says_what_why_and_how_to_bring_it(tiny_model_dir,
     assert "--dataset_name ChartQA" in err and "unset HF_HUB_OFFLINE" in err
 
 
-def test_a_hub_dataset_without_a_network_says_so(tiny_model_dir, tmp_path):
-    env = _online(tmp_path, f"http://127.0.0.1:{_closed_port()}", None)
-    env["HF_DATASETS_OFFLINE"] = "0"
-    done = _vlmtune(_inspect(tiny_model_dir, "HuggingFaceM4/ChartQA"), env)
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert "HuggingFaceM4/ChartQA: no such local file or folder" in done.stderr
-    assert "no network connection to http://127.0.0.1:" in done.stderr and "save_to_disk" in done.stderr
-    assert "Retrying in" not in done.stderr, "one refused connection says so, without 23 s of retries"
+def test_a_hub_dataset_without_a_network_says_so(tiny_model_dir, online_user, monkeypatch, capsys, caplog):
+    import datasets
+
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    online_user(endpoint, None)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", endpoint)
+    with pytest.raises(SystemExit) as refused:
+        main(_inspect(tiny_model_dir, "HuggingFaceM4/ChartQA"))
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "Traceback" not in err, err[-2000:]
+    assert "HuggingFaceM4/ChartQA: no such local file or folder" in err
+    assert "no network connection to http://127.0.0.1:" in err and "save_to_disk" in err
+    assert "Retrying in" not in caplog.text + err, "one refused connection says so, without 23 s of retries"
 
 
 def test_an_image_url_in_a_row_offline_names_the_row_the_url_and_the_fix(tiny_model_dir, tmp_path, capsys):
