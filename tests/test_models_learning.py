@@ -25,8 +25,8 @@ GLM4V_MOE = pytest.param("glm4v_moe", {}, marks=pytest.mark.xfail(strict=True, r
     ("family", "settings"),
     [
         *[(family, {}) for family in ("mllama", "qwen3_5", "glm4v")],
-        # No more steps than needed: 95-100% held out at these counts on seeds 0-1 (120 steps) or 0-2 (Mistral 3
-        # and Gemma 4, the slowest steps; Mistral 3 scores 77-80% at 120).
+        # No more steps than needed: 95-100% held out at these counts on seeds 0-2 (Mistral 3 scores 77-80% at
+        # 120 steps; Gemma 4 and it have the slowest steps).
         *[(family, {"max_steps": 120}) for family in ("llava_siglip", "gemma3", "paligemma", "internvl")],
         ("mistral3", {"max_steps": 160}),
         ("gemma4", {"max_steps": 80}),
