@@ -26,13 +26,12 @@ GLM4V_MOE = pytest.param("glm4v_moe", {}, marks=pytest.mark.xfail(strict=True, r
 @pytest.mark.parametrize(
     ("family", "settings"),
     [
-        *[
-            (family, {})
-            for family in (
-                *("llava_siglip", "llava_onevision", "gemma3", "mllama", "paligemma", "qwen3_5", "mistral3"),
-                *("internvl", "glm4v", "idefics2", "gemma4"),
-            )
-        ],
+        *[(family, {}) for family in ("mllama", "qwen3_5", "glm4v", "llava_onevision", "idefics2")],
+        # No more steps than needed: 95-100% held out at these counts on seeds 0-2 (Mistral 3 scores 77-80% at
+        # 120 steps; Gemma 4 and it have the slowest steps).
+        *[(family, {"max_steps": 120}) for family in ("llava_siglip", "gemma3", "paligemma", "internvl")],
+        ("mistral3", {"max_steps": 160}),
+        ("gemma4", {"max_steps": 80}),
         ("qwen3_vl_moe", {"lora_target_experts": True}),
         GLM4V_MOE,
     ],
@@ -43,12 +42,8 @@ def test_lora_learns_the_colour_from_the_image(family, settings, tiny_model_dir,
         str(shapes_data["train"]),
         str(tmp_path / family),
         str(shapes_data["validation"]),
-        max_steps=200,
-        per_device_train_batch_size=8,
-        lr_scheduler_type="cosine",
-        warmup_steps=10,
+        **(dict(max_steps=200, per_device_train_batch_size=8, lr_scheduler_type="cosine", warmup_steps=10) | settings),
         max_new_tokens=8,
-        **settings,
     )
     result = run_training(*args)
     # 6 colours: chance is 17%, and a model that ignores the image cannot beat it.

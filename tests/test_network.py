@@ -57,6 +57,24 @@ def _online(tmp_path, endpoint: str, token: str | None) -> dict:
     return env
 
 
+@pytest.fixture
+def online_user(online, monkeypatch, tmp_path):
+    """`online_user(endpoint, token)`: this process as `_online`'s user (huggingface_hub's endpoint and token
+    as HF_ENDPOINT, HF_TOKEN and an empty HF_HOME set them at import), for checks made before any model
+    loads: the same run as a `vlmtune` process's, without its seconds of imports."""
+    from huggingface_hub import constants
+
+    def become(endpoint: str, token: str | None) -> None:
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+            monkeypatch.delenv(name, raising=False)
+        if token:
+            monkeypatch.setenv("HF_TOKEN", token)
+
+    return become
+
+
 def _vlmtune(argv: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "vlmtune.cli", *argv], env=env, capture_output=True, text=True, timeout=600
@@ -92,23 +110,25 @@ def _closed_port() -> int:
     ids=["no token", "no network", "refused token", "read-only token", "foreign namespace"],
 )
 def test_an_upload_that_cannot_work_is_refused_before_the_model_loads(
-    tiny_model_dir, shapes_data, tmp_path, token, repo, reachable, says
+    tiny_model_dir, shapes_data, tmp_path, online_user, capsys, token, repo, reachable, says
 ):
     out = tmp_path / "run"
     argv = _train_argv(tiny_model_dir("qwen2_vl"), shapes_data, out, "--push_to_hub", "true", "--hub_model_id", repo)
     with FakeHub() as hub:
-        endpoint = hub.url if reachable else f"http://127.0.0.1:{_closed_port()}"
-        done = _vlmtune(argv, _online(tmp_path, endpoint, token))
-    assert done.returncode == 1, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr and f"--push_to_hub to {repo}" in done.stderr
+        online_user(hub.url if reachable else f"http://127.0.0.1:{_closed_port()}", token)
+        with pytest.raises(SystemExit) as refused:
+            main(argv)
+    err = capsys.readouterr().err
+    assert refused.value.code == 1, err[-2000:]
+    assert "Traceback" not in err and f"--push_to_hub to {repo}" in err
     for text in says:
-        assert text in done.stderr, (text, done.stderr[-2000:])
-    assert "Loading weights" not in done.stderr and not out.exists(), "refused before any work"
+        assert text in err, (text, err[-2000:])
+    assert "Loading weights" not in err and not out.exists(), "refused before any work"
     assert not hub.repos, "nothing was created on the hub"
 
 
 def test_a_failed_upload_at_the_end_keeps_the_model_and_vlmtune_push_uploads_it_later(
-    tiny_model_dir, shapes_data, tmp_path
+    tiny_model_dir, shapes_data, tmp_path, online_user, capsys
 ):
     out = tmp_path / "run"
     with FakeHub() as hub:
@@ -127,9 +147,9 @@ def test_a_failed_upload_at_the_end_keeps_the_model_and_vlmtune_push_uploads_it_
         assert not hub.repos["tester/my-adapter"], "the repository was created, nothing was uploaded"
 
         hub.uploads_fail = False
-        pushed = _vlmtune(command.split()[1:], env)
-        assert pushed.returncode == 0, pushed.stderr[-3000:]
-        assert f"Uploaded {out} to {hub.url}/tester/my-adapter" in pushed.stdout
+        online_user(hub.url, "hf_write")  # the same user, later: `vlmtune push` (in this process)
+        main(command.split()[1:])
+        assert f"Uploaded {out} to {hub.url}/tester/my-adapter" in capsys.readouterr().out
     uploaded = hub.repos["tester/my-adapter"]
     local = {p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("_")}
     assert set(uploaded) == local and "adapter_model.safetensors" in uploaded and "README.md" in uploaded
@@ -205,13 +225,19 @@ def test_a_hub_dataset_offline_says_what_why_and_how_to_bring_it(tiny_model_dir,
     assert "--dataset_name ChartQA" in err and "unset HF_HUB_OFFLINE" in err
 
 
-def test_a_hub_dataset_without_a_network_says_so(tiny_model_dir, tmp_path):
-    env = _online(tmp_path, f"http://127.0.0.1:{_closed_port()}", None)
-    env["HF_DATASETS_OFFLINE"] = "0"
-    done = _vlmtune(_inspect(tiny_model_dir, "HuggingFaceM4/ChartQA"), env)
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert "HuggingFaceM4/ChartQA: no such local file or folder" in done.stderr
-    assert "no network connection to http://127.0.0.1:" in done.stderr and "save_to_disk" in done.stderr
+def test_a_hub_dataset_without_a_network_says_so(tiny_model_dir, online_user, monkeypatch, capsys, caplog):
+    import datasets
+
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    online_user(endpoint, None)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", endpoint)
+    with pytest.raises(SystemExit) as refused:
+        main(_inspect(tiny_model_dir, "HuggingFaceM4/ChartQA"))
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "Traceback" not in err, err[-2000:]
+    assert "HuggingFaceM4/ChartQA: no such local file or folder" in err
+    assert "no network connection to http://127.0.0.1:" in err and "save_to_disk" in err
+    assert "Retrying in" not in caplog.text + err, "one refused connection says so, without 23 s of retries"
 
 
 def test_an_image_url_in_a_row_offline_names_the_row_the_url_and_the_fix(tiny_model_dir, tmp_path, capsys):

@@ -20,14 +20,15 @@ from vlmtune.train.run import run_training
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, shapes_data, tmp_path_factory):
-    """One LoRA run on the shapes task, shared by the tests below (about 15 s on 2 cores)."""
+    """One LoRA run on the shapes task, shared by the tests below (about 15 s on 2 cores). 400 steps: 95-98%
+    held out on seeds 0-2 (88% on seed 1 at 350)."""
     out = tmp_path_factory.mktemp("lora_run")
     args = train_args(
         tiny_model_dir("qwen2_vl"),
         str(shapes_data["train"]),
         str(out),
         str(shapes_data["validation"]),
-        max_steps=500,
+        max_steps=400,
         per_device_train_batch_size=8,
         lr_scheduler_type="cosine",
         warmup_steps=10,
@@ -59,7 +60,7 @@ def test_output_dir_holds_what_users_need(lora_run):
         assert (out / name).is_file(), name
     assert "<|im_start|>" in (out / "chat_template.jinja").read_text()
     config = json.loads((out / "vlmtune_config.json").read_text())
-    assert config["max_steps"] == 500 and config["lora_r"] == 16 and config["finetuning_type"] == "lora"
+    assert config["max_steps"] == 400 and config["lora_r"] == 16 and config["finetuning_type"] == "lora"
 
 
 def test_lora_targets_only_the_language_model_and_vision_is_untouched(lora_run, tiny_model_dir):

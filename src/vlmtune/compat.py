@@ -59,6 +59,14 @@ def offline_reason(for_datasets: bool = False) -> str | None:
     return f"offline mode is on ({', '.join(f'{v}={os.environ.get(v, 1)}' for v in variables)})"
 
 
+def is_network_error(err: BaseException) -> bool:
+    """A connection that could not be made or timed out (the HTTP client's own types, whatever it is)."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    names = {cls.__name__ for cls in type(err).__mro__}
+    return bool(names & {"TransportError", "ConnectError", "ConnectTimeout", "ReadTimeout", "Timeout"})
+
+
 def _say(message: str) -> None:
     print(f"vlmtune: {message}")
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compat import offline_reason
+from .compat import is_network_error, offline_reason
 from .config import arg
 from .errors import HubError, UsageError
 
@@ -30,14 +30,6 @@ logger = logging.getLogger(__name__)
 # What `Trainer.push_to_hub` leaves out of an upload: private files and checkpoints.
 IGNORE_PATTERNS = ["_*", "checkpoint-*"]
 _LATER = "or pass --push_to_hub false and upload the result later, where there is a network, with `vlmtune push`"
-
-
-def _is_network_error(err: BaseException) -> bool:
-    """A connection that could not be made or timed out (the HTTP client's own types, whatever it is)."""
-    if isinstance(err, (ConnectionError, TimeoutError)):
-        return True
-    names = {cls.__name__ for cls in type(err).__mro__}
-    return bool(names & {"TransportError", "ConnectError", "ConnectTimeout", "ReadTimeout", "Timeout"})
 
 
 def describe(err: BaseException) -> str | None:
@@ -55,7 +47,7 @@ def describe(err: BaseException) -> str | None:
             return "the token may not write there (403); use a token with write access to that namespace"
         server = " ".join(str(err).split())[:300]
         return f"the hub answered {status}: {server}"
-    if _is_network_error(err):
+    if is_network_error(err):
         return f"no network connection to {constants.ENDPOINT} ({type(err).__name__}: {err})"
     cause = err.__cause__ or err.__context__
     return describe(cause) if cause is not None else None

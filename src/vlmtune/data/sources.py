@@ -29,7 +29,7 @@ import datasets
 import pyarrow as pa
 from datasets.features.features import generate_from_arrow_type
 
-from ..compat import offline_reason, offline_variables
+from ..compat import is_network_error, offline_reason, offline_variables
 from ..errors import UsageError
 from .schema import DataError
 
@@ -408,6 +408,8 @@ def _load_saved(path: Path, streaming: bool) -> Loaded:
 
 def load_hub(name: str, config: str | None = None, streaming: bool = False) -> Loaded:
     """A dataset `datasets.load_dataset` understands by name (hub id, or a local dataset folder)."""
+    if not _hub_reachable(name):
+        raise _unreachable(name, config)
     try:
         loaded = datasets.load_dataset(name, config, streaming=streaming)
     except ConnectionError as err:  # datasets' "Couldn't reach ... on the Hub": offline mode or no network
@@ -418,6 +420,21 @@ def load_hub(name: str, config: str | None = None, streaming: bool = False) -> L
             f"({type(_root_cause(err)).__name__}: {_root_cause(err)})"
         ) from err
     return Loaded({split: _labelled(rows, f"{name} [{split}]") for split, rows in dict(loaded).items()})
+
+
+def _hub_reachable(name: str) -> bool:
+    """False only when one request for `name`'s metadata cannot connect. Without it a user with no network
+    waits 23 s while huggingface_hub retries the download five times (with a warning each) before
+    `datasets` gives up; any other answer (found, not found, gated) is left to `load_dataset` to report."""
+    from huggingface_hub import HfApi, constants
+
+    if offline_variables(for_datasets=True):
+        return True  # offline mode: `load_dataset` refuses at once, without a request
+    try:
+        HfApi().dataset_info(name, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as err:  # the HTTP client's and the hub's own error types
+        return not is_network_error(err)
+    return True
 
 
 def _unreachable(name: str, config: str | None) -> UsageError:
