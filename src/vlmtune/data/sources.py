@@ -408,7 +408,7 @@ def _load_saved(path: Path, streaming: bool) -> Loaded:
 
 def load_hub(name: str, config: str | None = None, streaming: bool = False) -> Loaded:
     """A dataset `datasets.load_dataset` understands by name (hub id, or a local dataset folder)."""
-    if not _hub_reachable(name):
+    if not _hub_reachable(name) and not _cached(name):
         raise _unreachable(name, config)
     try:
         loaded = datasets.load_dataset(name, config, streaming=streaming)
@@ -435,6 +435,12 @@ def _hub_reachable(name: str) -> bool:
     except Exception as err:  # the HTTP client's and the hub's own error types
         return not is_network_error(err)
     return True
+
+
+def _cached(name: str) -> bool:
+    """Whether `datasets` holds a prepared copy of hub dataset `name` (its cache's `namespace___name` folder):
+    with no network, `load_dataset` falls back to it, after its retries."""
+    return (Path(datasets.config.HF_DATASETS_CACHE).expanduser() / name.replace("/", "___")).is_dir()
 
 
 def _unreachable(name: str, config: str | None) -> UsageError:
