@@ -127,10 +127,18 @@ def test_over_long_samples_lose_prompt_text_never_image_tokens_or_answer(tmp_pat
     assert text.count("background") < 12  # cut from the start of the prompt
 
 
+# Families whose processor arithmetic (transformers' `_get_num_multimodal_tokens`) overcounts some rows: safe
+# for --max_seq_length (the row is then measured exactly), but packing and length grouping see it longer.
+OVERCOUNTS = {
+    "llava_onevision": "the arithmetic tiles every image; with several images the processor takes each at base size",
+}
+
+
 @pytest.mark.parametrize("family", sorted(OVERRIDES))
 def test_the_fast_length_estimate_never_undercounts_by_more_than_its_margin(tiny_model_dir, family):
     """Rows are kept on the header-only estimate when it is clearly within --max_seq_length: the exact
-    length (full processor) may exceed it by at most the margin, for every family."""
+    length (full processor) may exceed it by at most the margin, for every family; and it is not shorter
+    than the estimate, except where the processor's arithmetic is known to overcount (`OVERCOUNTS`)."""
     processor, spec = load_processing(tiny_model_dir(family))
     facts = spec.encoding
     sizes = [(64, 64), (96, 40)][: 2 if facts.multi_image else 1]
@@ -143,7 +151,8 @@ def test_the_fast_length_estimate_never_undercounts_by_more_than_its_margin(tiny
     estimate = checker.estimate(conv, sizes)
     exact = encode(processor, conv, conv.images, facts).length
     if getattr(processor, "_get_num_multimodal_tokens", None) is not None:
-        assert 0 <= exact - estimate <= ESTIMATE_MARGIN[0] * len(sizes) + ESTIMATE_MARGIN[1]
+        assert exact - estimate <= ESTIMATE_MARGIN[0] * len(sizes) + ESTIMATE_MARGIN[1]
+        assert exact >= estimate or (family in OVERCOUNTS and len(sizes) > 1), (exact, estimate)
     else:  # without the processor's arithmetic the estimate is not trusted with --max_seq_length
         assert not Checker(checker.preparer, processor, max_seq_length=10**6)._surely_fits(estimate, len(sizes))
 
