@@ -37,7 +37,14 @@ from .checkpoints import CompleteCheckpoints
 from .distributed import shards_parameters
 from .fsdp import default_fsdp_wrap
 from .guard import NonFiniteGuard, StopOnSignal
-from .preference import ExpertCountForTrl, checked_processing, load_policy, run_job, save_outputs
+from .preference import (
+    ExpertCountForTrl,
+    checked_processing,
+    load_policy,
+    refuse_not_yet,
+    run_job,
+    train_and_save,
+)
 from .reference import ReferenceAdapter
 from .vision_step import run_vision_every_step
 
@@ -120,10 +127,7 @@ def grpo_config(training_args, grpo_args) -> GrpoConfig:
 
 def check_supported(data_args, training_args, grpo_args) -> None:
     """Refuse what `vlmtune grpo` does not support yet, naming the flag."""
-    for name, why in _NOT_YET.items():
-        owner = data_args if hasattr(data_args, name) else training_args
-        if getattr(owner, name):
-            raise UsageError(f"vlmtune grpo: --{name} is not supported yet: {why}")
+    refuse_not_yet("grpo", _NOT_YET, data_args, training_args)
     weights = grpo_args.reward_weights
     if weights is not None and len(weights) != len(grpo_args.reward):
         raise UsageError(
@@ -163,10 +167,8 @@ def _run(model_args, data_args, finetune_args, training_args, grpo_args, callbac
         model, rewards, config, splits, loaded.processor, model_args, [stop_on_signal, *(callbacks or [])]
     )
     before = _answer_eval_rows(trainer, loaded, splits, finetune_args, training_args)
-    with stop_on_signal.installed():
-        metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
-    stop_on_signal.raise_if_stopped_early(trainer)
-    save_outputs(trainer, loaded, out, (model_args, data_args, finetune_args, training_args, grpo_args), main_process)
+    all_args = (model_args, data_args, finetune_args, training_args, grpo_args)
+    metrics = train_and_save(trainer, stop_on_signal, resume, loaded, out, all_args, main_process)
     after = _answer_eval_rows(trainer, loaded, splits, finetune_args, training_args)
     if after is not None:
         if main_process:

@@ -37,8 +37,9 @@ from .preference import (
     load_policy,
     load_reference,
     preference_accuracy,
+    refuse_not_yet,
     run_job,
-    save_outputs,
+    train_and_save,
 )
 from .reference import ReferenceAdapter
 from .vision_step import run_vision_every_step
@@ -106,10 +107,7 @@ def kto_config(training_args, kto_args) -> KtoConfig:
 
 def check_supported(data_args, training_args, kto_args) -> None:
     """Refuse the `vlmtune train` options `vlmtune kto` does not support yet, naming the flag."""
-    for name, why in _NOT_YET.items():
-        owner = data_args if hasattr(data_args, name) else training_args
-        if getattr(owner, name):
-            raise UsageError(f"vlmtune kto: --{name} is not supported yet: {why}")
+    refuse_not_yet("kto", _NOT_YET, data_args, training_args)
     if training_args.train_sampling_strategy == "group_by_length":
         raise UsageError(
             "vlmtune kto: --train_sampling_strategy group_by_length is not supported: KTO's KL estimate pairs each "
@@ -157,10 +155,8 @@ def _run(model_args, data_args, finetune_args, training_args, kto_args, callback
         new_adapter=not model_args.adapter_name_or_path,
     )
     before = _preference_accuracy(trainer, splits)
-    with stop_on_signal.installed():
-        metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
-    stop_on_signal.raise_if_stopped_early(trainer)
-    save_outputs(trainer, loaded, out, (model_args, data_args, finetune_args, training_args, kto_args), main_process)
+    all_args = (model_args, data_args, finetune_args, training_args, kto_args)
+    metrics = train_and_save(trainer, stop_on_signal, resume, loaded, out, all_args, main_process)
     if splits.eval is not None:
         metrics.update(trainer.evaluate())
         if before is not None:

@@ -121,10 +121,25 @@ def dpo_config(training_args, dpo_args) -> DpoConfig:
 
 def check_supported(data_args, training_args) -> None:
     """Refuse the `vlmtune train` options `vlmtune dpo` does not support yet, naming the flag."""
-    for name, why in _NOT_YET.items():
+    refuse_not_yet("dpo", _NOT_YET, data_args, training_args)
+
+
+def refuse_not_yet(command: str, not_yet: dict[str, str], data_args, training_args) -> None:
+    """A `vlmtune train` option the command does not support yet (`not_yet`: flag -> why), given: refused,
+    naming the flag and why."""
+    for name, why in not_yet.items():
         owner = data_args if hasattr(data_args, name) else training_args
         if getattr(owner, name):
-            raise UsageError(f"vlmtune dpo: --{name} is not supported yet: {why}")
+            raise UsageError(f"vlmtune {command}: --{name} is not supported yet: {why}")
+
+
+def train_and_save(trainer, stop_on_signal: StopOnSignal, resume, loaded, out: Path, all_args: tuple, main: bool):
+    """Train (stopping cleanly on a signal), then save the outputs; the training metrics."""
+    with stop_on_signal.installed():
+        metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
+    stop_on_signal.raise_if_stopped_early(trainer)
+    save_outputs(trainer, loaded, out, all_args, main)
+    return metrics
 
 
 def load_policy(model_args, finetune_args, training_args, processing: tuple | None = None):
@@ -242,10 +257,8 @@ def _run(model_args, data_args, finetune_args, training_args, dpo_args, callback
         new_adapter=not model_args.adapter_name_or_path,
     )
     before = _preference_accuracy(trainer, splits)
-    with stop_on_signal.installed():
-        metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
-    stop_on_signal.raise_if_stopped_early(trainer)
-    save_outputs(trainer, loaded, out, (model_args, data_args, finetune_args, training_args, dpo_args), main_process)
+    all_args = (model_args, data_args, finetune_args, training_args, dpo_args)
+    metrics = train_and_save(trainer, stop_on_signal, resume, loaded, out, all_args, main_process)
     if splits.eval is not None:
         metrics.update(trainer.evaluate())
         metrics.update(
