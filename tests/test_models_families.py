@@ -176,7 +176,7 @@ def test_generation_stops_at_the_templates_end_of_turn_where_the_checkpoint_name
     model_dir = tmp_path / "idefics2"
     shutil.copytree(tiny_model_dir("idefics2"), model_dir)
     config_file = model_dir / "generation_config.json"
-    loaded = load_model(str(model_dir))
-    eos, turn_end = loaded.processor.tokenizer.convert_tokens_to_ids(["</s>", "<end_of_utterance>"])
+    processor, _ = load_processing(str(model_dir))
+    eos, turn_end = processor.tokenizer.convert_tokens_to_ids(["</s>", "<end_of_utterance>"])
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "eos_token_id": eos}))
     assert turn_end in load_model(str(model_dir)).model.generation_config.eos_token_id

@@ -250,8 +250,8 @@ def _explain(name: str, flag: str, err: Exception) -> str | None:
         )
     if "does not recognize this architecture" in text or "Unrecognized model" in text:
         return _unknown_model_type(name, flag, text)
-    if missing := re.search(r"Missing optional dependencies: (\w+)|requires the (\w+) library", text):
-        return _missing_library(name, flag, (missing[1] or missing[2]).lower())
+    if library := missing_library(text):
+        return _missing_library(name, flag, library)
     if "Unrecognized configuration class" in text:
         return f"{flag} {name} is not a vision-language model that vlmtune can fine-tune; `vlmtune models` lists them"
     fix = ADAPTER_FIX if flag == "--adapter" else f"download it again (hf download {name} --force-download)"
@@ -274,6 +274,12 @@ def _explain(name: str, flag: str, err: Exception) -> str | None:
         f"{flag} {name}: not found on the Hugging Face hub (check the spelling; a private or gated model "
         "needs `hf auth login`), and no such local folder"
     )
+
+
+def missing_library(text: str) -> str | None:
+    """The library an import failure of transformers says is missing ("torchvision", "timm"), or None."""
+    found = re.search(r"Missing optional dependencies: (\w+)|requires the (\w+) library", text)
+    return (found[1] or found[2]).lower() if found else None
 
 
 def _missing_library(name: str, flag: str, library: str) -> str:

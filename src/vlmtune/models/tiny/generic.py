@@ -23,6 +23,7 @@ from transformers import CONFIG_MAPPING, PretrainedConfig, ProcessorMixin
 from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
 
+from ..checkpoint import missing_library
 from ..processors import image_only, image_processor_names, torchvision_free
 from ..tokenizer import build_tokenizer
 from .shrink import shrink
@@ -152,8 +153,7 @@ def _processor_class(model_type: str) -> type[ProcessorMixin]:
 
 def _needs(err: ImportError) -> str:
     """'needs torchvision' (or the library the import error names)."""
-    found = re.search(r"requires the (\w+) library", str(err))
-    return f"needs {found.group(1).lower() if found else 'a library not installed here'}"
+    return f"needs {missing_library(str(err)) or 'a library not installed here'}"
 
 
 def _image_processor(model_type: str, processor_cls: type, kwargs: dict):

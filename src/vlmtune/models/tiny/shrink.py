@@ -65,8 +65,8 @@ def shrink(config: PretrainedConfig, overrides: dict | None = None) -> Pretraine
     """Shrink `config` and every config inside it in place (see the module docstring); `overrides` maps a
     dotted field path (``"vision_config.patch_size"``) to the value an architecture needs instead."""
     for sub in _configs(config):
-        multi_head = _heads(sub, "num_key_value_heads") == _heads(sub, "num_attention_heads") is not None
-        rope_head = _heads(sub, "head_dim") == _heads(sub, "qk_rope_head_dim") is not None  # MLA's rotary size
+        multi_head = _int_field(sub, "num_key_value_heads") == _int_field(sub, "num_attention_heads") is not None
+        rope_head = _int_field(sub, "head_dim") == _int_field(sub, "qk_rope_head_dim") is not None  # MLA's rotary size
         for name, tiny in SIZES.items():
             value = getattr(sub, name, None)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:  # 0: "derive it", kept
@@ -103,7 +103,7 @@ def shrink(config: PretrainedConfig, overrides: dict | None = None) -> Pretraine
     return config
 
 
-def _heads(config: PretrainedConfig, name: str) -> int | None:
+def _int_field(config: PretrainedConfig, name: str) -> int | None:
     value = vars(config).get(name)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
